@@ -1,0 +1,1786 @@
+"""eam-golf: an Elastic Associative Memory language model for Parameter Golf.
+
+The pipeline, in the order this file reads:
+  1. settings      one frozen Hyperparameters from environment variables (PROFILE picks presets)
+  2. runtime       torchrun or single process, NCCL on CUDA, gloo on CPU, one log function
+  3. data          challenge-format shards, each rank its own part, bits-per-byte tables
+  4. teacher       a modern GPT trained with DDP + Muon inside its share of the time budget
+  5. memory        teacher hidden states -> keys/values -> Elastic Associative Memory (EAM)
+  6. distillation  encoder (tokens -> memory keys) and decoder (readout -> logits)
+  7. packing       int8 + zstandard artifact that fits 16,000,000 bytes with this file counted
+  8. evaluation    from the artifact bytes alone: sliding windows and a score-first kNN store
+
+Run `PROFILE=cpu_smoke python train_gpt.py` on a laptop or
+`torchrun --standalone --nproc_per_node=8 train_gpt.py` on 8xH100. Nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import json
+import math
+import os
+import platform
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -------------------------------------------------------------------------------------------------
+# 1. Settings
+#
+# Every knob is a field of one frozen dataclass, read from the environment variable of the same
+# name in upper case (the challenge's names where they exist). PROFILE selects a preset of
+# defaults; any single value can still be overridden. Bad values fail early, naming the variable.
+# -------------------------------------------------------------------------------------------------
+
+DEMO_DATA = "./data/demo_sp1024"
+PROFILES: dict[str, dict[str, object]] = {
+    # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
+    "competition": {},
+    # The whole pipeline in about a minute on 2 CPU cores: proves it runs, not that it is good.
+    "cpu_smoke": dict(
+        data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model",
+        max_wallclock_seconds=30.0, teacher_time_frac=0.5, eam_time_frac=0.15,
+        distill_time_frac=0.35, val_tokens=65536, compile=False, teacher_reference=True,
+        num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2,
+        train_seq_len=128, train_batch_tokens=4096, grad_accum_world=2, warmup_steps=5,
+        xsa_layers=2, rope_dims=16,
+        eam_locations=1024, eam_key_dim=32, eam_organize_tokens=16384, eam_batch=1024,
+        eam_split_count=512.0, eam_read_k=16,
+        enc_layers=2, dec_hidden=256, distill_batch_tokens=4096,
+        eval_seq_len=128, eval_batch_windows=64, knn_chunk_tokens=4096,
+    ),
+    # The fixed benchmark for comparing changes (about 8-10 minutes on 2 CPU cores).
+    "cpu_proxy": dict(
+        data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model",
+        max_wallclock_seconds=420.0, teacher_time_frac=0.55, eam_time_frac=0.10,
+        distill_time_frac=0.35, val_tokens=65536, compile=False, teacher_reference=True,
+        num_layers=4, model_dim=192, num_heads=6, num_kv_heads=2, mlp_mult=3,
+        train_seq_len=256, train_batch_tokens=8192, grad_accum_world=2, warmup_steps=10,
+        xsa_layers=4, rope_dims=16,
+        eam_locations=4096, eam_key_dim=64, eam_organize_tokens=65536, eam_batch=2048,
+        eam_split_count=2048.0, eam_read_k=16,
+        enc_layers=4, dec_hidden=512, distill_batch_tokens=8192,
+        eval_seq_len=256, eval_batch_windows=32, knn_chunk_tokens=4096,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # Run and data.
+    profile: str = "competition"
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    seed: int = 1337
+    run_id: str = ""
+    val_tokens: int = 0
+    artifact_path: str = "final_model.eam"
+    eval_only: bool = False
+    compile: bool = True
+    # Time: the training stages share MAX_WALLCLOCK_SECONDS through these fractions.
+    max_wallclock_seconds: float = 600.0
+    teacher_time_frac: float = 0.62
+    eam_time_frac: float = 0.06
+    distill_time_frac: float = 0.32
+    # Teacher.
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    mlp_leaky_slope: float = 0.5
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    rope_dims: int = 16
+    qk_gain_init: float = 4.0
+    ln_scale: bool = True
+    xsa_layers: int = 11
+    ema_decay: float = 0.997
+    train_seq_len: int = 1024
+    train_batch_tokens: int = 524288
+    grad_accum_world: int = 8
+    iterations: int = 20000
+    warmup_steps: int = 20
+    warmdown_frac: float = 0.35
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    embed_lr: float = 0.05
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 300
+    muon_weight_decay: float = 0.0
+    muon_row_norm: bool = True
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    train_log_every: int = 50
+    # Elastic Associative Memory.
+    eam_locations: int = 8192
+    eam_key_dim: int = 128
+    eam_key_layer: int = -1
+    eam_write_k: int = 20
+    eam_read_k: int = 32
+    eam_read_beta: float = 20.0
+    eam_count_prior: float = 0.0
+    eam_gamma: float = 0.3
+    eam_eta: float = 0.5
+    eam_eta_floor: float = 0.02
+    eam_eta_decay: float = 0.99999
+    eam_tau: float = 50.0
+    eam_novelty: float = 0.5
+    eam_split_count: float = 4096.0
+    eam_merge_threshold: float = 0.97
+    eam_organize_tokens: int = 262144
+    eam_write_tokens: int = 0
+    eam_batch: int = 8192
+    eam_read_steps: int = 1
+    eam_read_damping: float = 0.5
+    # Distillation.
+    enc_layers: int = 5
+    enc_init_from_teacher: bool = True
+    dec_hidden: int = 1024
+    dec_sees_encoder: bool = True
+    distill_key_frac: float = 0.15
+    distill_lr_scale: float = 0.5
+    distill_batch_tokens: int = 262144
+    distill_kl_weight: float = 0.5
+    distill_temperature: float = 1.0
+    distill_iterations: int = 0
+    distill_key_iterations: int = 0
+    # Packing.
+    quant_bits: int = 6
+    size_limit: int = 16_000_000
+    zstd_level: int = 22
+    # Evaluation.
+    eval_seq_len: int = 1024
+    eval_stride: int = 64
+    eval_batch_windows: int = 32
+    knn_k: int = 32
+    knn_beta: float = 20.0
+    knn_lambda: float = 0.15
+    knn_chunk_tokens: int = 65536
+    knn_capacity: int = 4_000_000
+    teacher_reference: bool = False
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Hyperparameters:
+        environ = dict(os.environ if environ is None else environ)
+        profile = environ.get("PROFILE", "competition")
+        if profile not in PROFILES:
+            raise ValueError(f"PROFILE={profile!r}: expected one of {sorted(PROFILES)}")
+        values: dict[str, object] = {"profile": profile, **PROFILES[profile]}
+        for field in dataclasses.fields(cls):
+            name = field.name.upper()
+            if field.name != "profile" and name in environ:
+                values[field.name] = _parse_setting(name, environ[name], field.type)
+        if not values.get("run_id"):
+            values["run_id"] = f"{profile}_seed{values.get('seed', cls.seed)}"
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            signed = field.name == "eam_key_layer"
+            if field.type in ("int", "float") and value < 0 and not signed:
+                raise ValueError(f"{field.name.upper()}={value}: must not be negative")
+        positive = ["vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_layers",
+                    "train_seq_len", "train_batch_tokens", "grad_accum_world", "eam_locations",
+                    "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "enc_layers",
+                    "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k",
+                    "knn_chunk_tokens", "max_wallclock_seconds", "eam_read_steps"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
+        fractions = ["teacher_time_frac", "eam_time_frac", "distill_time_frac", "warmdown_frac",
+                     "distill_key_frac", "ema_decay", "eam_eta_decay", "eam_read_damping"]
+        for name in fractions:
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name.upper()}={getattr(self, name)}: must lie in [0, 1]")
+        if self.teacher_time_frac + self.eam_time_frac + self.distill_time_frac > 1 + 1e-9:
+            raise ValueError("TEACHER_TIME_FRAC + EAM_TIME_FRAC + DISTILL_TIME_FRAC must be <= 1")
+        if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("MODEL_DIM must divide by NUM_HEADS, NUM_HEADS by NUM_KV_HEADS")
+        head_dim = self.model_dim // self.num_heads
+        if self.rope_dims % 2 or self.rope_dims > head_dim:
+            raise ValueError(f"ROPE_DIMS={self.rope_dims}: must be even and <= head dim {head_dim}")
+        if self.enc_layers > self.num_layers:
+            raise ValueError(f"ENC_LAYERS={self.enc_layers}: must be <= NUM_LAYERS")
+        if self.eam_key_layer not in (-1, *range(1, self.num_layers + 1)):
+            raise ValueError(f"EAM_KEY_LAYER={self.eam_key_layer}: -1 (final) or 1..NUM_LAYERS")
+        if not 0 <= self.knn_lambda < 1:
+            raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
+        if self.quant_bits not in (6, 8):
+            raise ValueError(f"QUANT_BITS={self.quant_bits}: must be 6 or 8")
+        if self.eval_stride > self.eval_seq_len:
+            raise ValueError("EVAL_STRIDE must be <= EVAL_SEQ_LEN")
+
+
+def _parse_setting(name: str, raw: str, type_name: str) -> object:
+    try:
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered not in ("0", "1", "true", "false", "yes", "no"):
+                raise ValueError
+            return lowered in ("1", "true", "yes")
+        if type_name == "int":
+            return int(raw.replace("_", ""))
+        if type_name == "float":
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a value of type {type_name}") from None
+
+
+# -------------------------------------------------------------------------------------------------
+# 2. Runtime
+#
+# One code path for a laptop and for 8 GPUs: torchrun sets RANK/WORLD_SIZE, NCCL serves CUDA and
+# gloo serves CPU. Only rank 0 logs (stdout + logs/RUN_ID.txt); the header records everything
+# needed to reproduce the run.
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    log_path: Path | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    def log(self, message: str) -> None:
+        if not self.master:
+            return
+        print(message, flush=True)
+        if self.log_path is not None:
+            with self.log_path.open("a", encoding="utf-8") as handle:
+                handle.write(message + "\n")
+
+
+def init_runtime(args: Hyperparameters) -> Runtime:
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+        # Two processes on two cores must not each spawn a thread per core.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
+                                device if device.type == "cuda" else None)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    log_path = None
+    if rank == 0:
+        Path("logs").mkdir(exist_ok=True)
+        log_path = Path("logs") / f"{args.run_id}.txt"
+        log_path.write_text("", encoding="utf-8")
+    return Runtime(rank, world_size, local_rank, device, log_path)
+
+
+def log_header(runtime: Runtime, args: Hyperparameters) -> None:
+    code = Path(__file__).read_bytes()
+    runtime.log(f"run_id:{args.run_id} profile:{args.profile} code_sha256:"
+                f"{hashlib.sha256(code).hexdigest()} code_bytes:{len(code)}")
+    device_name = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
+                   else platform.processor() or platform.machine())
+    runtime.log(f"python:{platform.python_version()} torch:{torch.__version__} "
+                f"device:{runtime.device.type} device_name:{device_name.replace(' ', '_')} "
+                f"world_size:{runtime.world_size} threads:{torch.get_num_threads()} "
+                f"attention:{attention_backend(runtime.device)}")
+    for field in dataclasses.fields(args):
+        runtime.log(f"setting {field.name.upper()}={getattr(args, field.name)}")
+
+
+def parse_log(text: str) -> dict[str, dict[str, str]]:
+    """The log contract read back: one record per line kind, `key:value` fields as strings.
+
+    'stage:NAME k:v ...' -> record 'stage:NAME'; 'NAME k:v ...' -> record 'NAME';
+    'setting NAME=value' -> record 'settings'; later lines of a kind update earlier ones.
+    """
+    records: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "setting" and len(words) == 2 and "=" in words[1]:
+            name, _, value = words[1].partition("=")
+            records.setdefault("settings", {})[name] = value
+            continue
+        kind, fields = words[0], words[1:]
+        if ":" in kind and not kind.startswith("stage:"):
+            kind, fields = "header", words
+        record = records.setdefault(kind, {})
+        for word in fields:
+            key, separator, value = word.partition(":")
+            if separator:
+                record[key] = value
+    return records
+
+
+def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA; CPU runs stay in float32 (bf16 is slower there, not faster)."""
+    if runtime.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_rows(rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Concatenate each rank's rows in rank order; counts[r] is rank r's row count."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return rows
+    padded = rows.new_zeros((max(counts), *rows.shape[1:]))
+    padded[: rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([part[:count] for part, count in zip(gathered, counts, strict=True)])
+
+
+def assert_replicas_identical(runtime: Runtime, name: str, tensors: list[torch.Tensor]) -> str:
+    """Hash the tensors on every rank and fail loudly if any rank differs."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    words = torch.tensor(np.frombuffer(digest.digest()[:16], dtype=np.int64).copy(),
+                         device=runtime.device)
+    if runtime.distributed:
+        gathered = [torch.empty_like(words) for _ in range(runtime.world_size)]
+        dist.all_gather(gathered, words)
+        if any(not torch.equal(words, other) for other in gathered):
+            raise RuntimeError(f"replicas differ across ranks: {name}")
+    hexdigest = digest.hexdigest()[:16]
+    runtime.log(f"replicas {name}:identical ranks:{runtime.world_size} digest:{hexdigest}")
+    return hexdigest
+
+
+# -------------------------------------------------------------------------------------------------
+# 3. Data
+#
+# The challenge's shards: 256 int32 header words (magic, version, token count) then uint16 tokens.
+# Training batches are cut so each rank reads its own disjoint slice of every global batch.
+# Bits per byte need the byte length of every target token, which depends on the token before it
+# (a leading "▁" is a space unless it follows a boundary token): three lookup tables carry that.
+# -------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_WORDS = 256
+
+
+def read_shard(path: Path) -> np.ndarray:
+    raw = Path(path).read_bytes()
+    if len(raw) < HEADER_WORDS * 4:
+        raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
+    header = np.frombuffer(raw, dtype="<i4", count=HEADER_WORDS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"{path}: wrong magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    declared = int(header[2])
+    actual = (len(raw) - HEADER_WORDS * 4) // 2
+    if actual != declared or (len(raw) - HEADER_WORDS * 4) % 2:
+        raise ValueError(f"{path}: header declares {declared} tokens but file holds {actual}")
+    return np.frombuffer(raw, dtype="<u2", offset=HEADER_WORDS * 4)
+
+
+def shard_paths(data_path: str, split: str) -> list[Path]:
+    pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
+    paths = sorted(Path(p) for p in glob.glob(pattern))
+    if not paths:
+        hint = " (run: python tools/make_demo_data.py)" if "demo" in data_path else ""
+        raise FileNotFoundError(f"DATA_PATH={data_path!r}: no files match {pattern}{hint}")
+    return paths
+
+
+class TokenStream:
+    """Endless sequential reader over the training shards (wraps around at the end)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+        self.shard_index = 0
+        self.tokens = read_shard(paths[0])
+        self.position = 0
+
+    def take(self, count: int) -> np.ndarray:
+        parts = []
+        while count > 0:
+            if self.position >= len(self.tokens):
+                self.shard_index = (self.shard_index + 1) % len(self.paths)
+                self.tokens = read_shard(self.paths[self.shard_index])
+                self.position = 0
+            part = self.tokens[self.position: self.position + count]
+            parts.append(part)
+            self.position += len(part)
+            count -= len(part)
+        return np.concatenate(parts)
+
+
+class DistributedTokenLoader:
+    """Each call reads one global slice and hands this rank its own disjoint part of it."""
+
+    def __init__(self, paths: list[Path], runtime: Runtime):
+        self.stream = TokenStream(paths)
+        self.runtime = runtime
+
+    def next_batch(self, rank_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = rank_tokens + 1
+        chunk = self.stream.take(span * self.runtime.world_size)
+        local = torch.from_numpy(chunk[self.runtime.rank * span:][:span].astype(np.int64))
+        local = local.to(self.runtime.device, non_blocking=True)
+        return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+
+def load_validation_tokens(data_path: str, limit: int) -> torch.Tensor:
+    tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
+    if limit:
+        tokens = tokens[:limit]
+    if len(tokens) < 2:
+        raise ValueError(f"DATA_PATH={data_path!r}: validation split has fewer than 2 tokens")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+@dataclass(frozen=True)
+class ByteTables:
+    base_bytes: torch.Tensor  # [V] int32: UTF-8 bytes of the piece without its leading "▁"
+    leading_space: torch.Tensor  # [V] bool: the piece starts with "▁"
+    is_boundary: torch.Tensor  # [V] bool: control/unknown pieces (BOS) after which no space counts
+
+    def target_bytes(self, previous: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        space = self.leading_space[target] & ~self.is_boundary[previous]
+        return self.base_bytes[target] + space.to(torch.int32)
+
+
+def build_byte_tables(tokenizer_path: str, vocab_size: int) -> ByteTables:
+    import sentencepiece as spm
+
+    if not Path(tokenizer_path).is_file():
+        raise FileNotFoundError(f"TOKENIZER_PATH={tokenizer_path!r}: no such file")
+    processor = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    if processor.vocab_size() != vocab_size:
+        raise ValueError(f"VOCAB_SIZE={vocab_size} but {tokenizer_path} has "
+                         f"{processor.vocab_size()} pieces")
+    base = torch.zeros(vocab_size, dtype=torch.int32)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    for token in range(vocab_size):
+        if processor.is_control(token) or processor.is_unknown(token) or processor.is_unused(token):
+            boundary[token] = True
+        elif processor.is_byte(token):
+            base[token] = 1
+        else:
+            piece = processor.id_to_piece(token)
+            if piece.startswith("\u2581"):
+                space[token] = True
+                piece = piece[1:]
+            base[token] = len(piece.encode("utf-8"))
+    return ByteTables(base, space, boundary)
+
+
+# -------------------------------------------------------------------------------------------------
+# 4. Teacher
+#
+# A GPT in the style of the challenge's records: RMSNorm, partial RoPE, grouped-query attention
+# with QK-norm and a learned QK gain, exclusive self-attention (XSA) in the last layers, a
+# LeakyReLU(0.5)^2 MLP, layer-norm scaling by depth, tied embeddings with a logit soft-cap. Muon
+# (Newton-Schulz orthogonalized momentum) trains the matrices, Adam the rest; the schedule warms
+# up by steps and warms down by wall clock so the run always ends inside its budget.
+# -------------------------------------------------------------------------------------------------
+
+ATTENTION_BACKENDS: dict[str, str] = {}
+
+
+def attention_backend(device: torch.device) -> str:
+    """flash-attn 3, else flash-attn 2, else PyTorch SDPA; decided once per device type."""
+    if device.type not in ATTENTION_BACKENDS:
+        backend = "sdpa"
+        if device.type == "cuda":
+            for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+                try:
+                    __import__(module)
+                    backend = name
+                    break
+                except ImportError:
+                    continue
+        ATTENTION_BACKENDS[device.type] = backend
+    return ATTENTION_BACKENDS[device.type]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: [B, T, H, Dh], k/v: [B, T, Hkv, Dh] -> [B, T, H, Dh], causal, grouped-query."""
+    backend = attention_backend(q.device)
+    if backend in ("fa3", "fa2"):
+        module = __import__("flash_attn_interface" if backend == "fa3" else "flash_attn")
+        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
+        out = module.flash_attn_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return out.transpose(1, 2)
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: remove from each head's output its component along the token's own value vector.
+
+    y: [B, T, H, Dh], v: [B, T, Hkv, Dh]. The token's own value is already in the residual
+    stream, so attention is spent on what the other tokens add.
+    """
+    v = v.repeat_interleave(y.size(2) // v.size(2), dim=2)
+    v_unit = F.normalize(v.float(), dim=-1)
+    return (y.float() - (y.float() * v_unit).sum(-1, keepdim=True) * v_unit).to(y.dtype)
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device: torch.device):
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, device=device).float() / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first rope_dims channels of each head (partial RoPE); the rest carry content."""
+    rope_dims = cos.size(-1) * 2
+    rotated, rest = x[..., :rope_dims], x[..., rope_dims:]
+    x1, x2 = rotated.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+    return torch.cat([out, rest], dim=-1)
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    num_layers: int
+    model_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_mult: int
+    mlp_leaky_slope: float
+    logit_softcap: float
+    rope_base: float
+    rope_dims: int
+    qk_gain_init: float
+    ln_scale: bool
+    xsa_layers: int
+
+    @classmethod
+    def from_args(cls, args: Hyperparameters, num_layers: int) -> GPTConfig:
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "num_layers"]
+        return cls(num_layers=num_layers, **{name: getattr(args, name) for name in names})
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig, use_xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = config.model_dim // config.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.q = nn.Linear(config.model_dim, config.model_dim, bias=False)
+        self.k = nn.Linear(config.model_dim, kv_dim, bias=False)
+        self.v = nn.Linear(config.model_dim, kv_dim, bias=False)
+        self.out = nn.Linear(config.model_dim, config.model_dim, bias=False)
+        nn.init.zeros_(self.out.weight)
+        # QK-norm fixes the logit scale; a learned per-head gain then sets the sharpness.
+        self.qk_gain = nn.Parameter(torch.full((self.num_heads,), config.qk_gain_init))
+        self.use_xsa = use_xsa
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(rms_norm(q), cos, sin) * self.qk_gain.view(1, 1, -1, 1).to(q.dtype)
+        k = apply_rotary(rms_norm(k), cos, sin)
+        # SDPA scales by 1/sqrt(Dh); unit-RMS q and k then give logits of order qk_gain.
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v)
+        if self.use_xsa:
+            y = exclusive_self_attention(y, v)
+        return self.out(y.reshape(B, T, -1).to(x.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.model_dim, config.mlp_mult * config.model_dim, bias=False)
+        self.proj = nn.Linear(config.mlp_mult * config.model_dim, config.model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.slope = config.mlp_leaky_slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        use_xsa = layer_index >= config.num_layers - config.xsa_layers
+        self.attn = Attention(config, use_xsa)
+        self.mlp = MLP(config)
+        # Deeper layers see a down-scaled normalized input, which keeps their updates small.
+        self.norm_scale = 1 / math.sqrt(layer_index + 1) if config.ln_scale else 1.0
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(rms_norm(x) * self.norm_scale, cos, sin)
+        return x + self.mlp(rms_norm(x) * self.norm_scale)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.model_dim)
+        nn.init.normal_(self.embed.weight, std=0.005)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+
+    def body(self, idx: torch.Tensor, capture_layer: int = -1):
+        """Normalized final hidden state [B, T, D] and the normalized state after block
+        `capture_layer` (-1: the final one)."""
+        head_dim = self.config.model_dim // self.config.num_heads
+        cos, sin = rotary_tables(idx.size(1), self.config.rope_dims or head_dim,
+                                 self.config.rope_base, idx.device)
+        x = self.embed(idx)
+        captured = None
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin)
+            if index + 1 == capture_layer:
+                captured = rms_norm(x)
+        final = rms_norm(x)
+        return final, final if captured is None else captured
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.embed.weight.to(hidden.dtype)).float()
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.logits(self.body(idx)[0])
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize (U S V^T -> U V^T) with a quintic Newton-Schulz iteration.
+
+    The coefficients maximize the slope at zero, so singular values land near 1 (within about
+    0.3) in few steps rather than converging exactly; that is all Muon needs.
+    """
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x.T if transposed else x).to(matrix.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, row equalization (MuonEq-R), then orthogonalization; ranks share the work.
+
+    Gradients are already averaged across ranks (DDP); rank r orthogonalizes every world-th
+    matrix and one all_reduce hands every rank all the updates.
+    """
+
+    def __init__(self, params, lr: float, momentum: float, weight_decay: float, row_norm: bool):
+        super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum,
+                                      weight_decay=weight_decay, row_norm=row_norm))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+            offset = 0
+            for index, param in enumerate(params):
+                if index % world == rank and param.grad is not None:
+                    buffer = self.state[param].setdefault("momentum", torch.zeros_like(param))
+                    buffer.mul_(group["momentum"]).add_(param.grad)
+                    update = param.grad.add(buffer, alpha=group["momentum"])
+                    if group["row_norm"]:
+                        update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    update = newton_schulz(update)
+                    update = update * max(1.0, update.size(0) / update.size(1)) ** 0.5
+                    flat[offset: offset + param.numel()] = update.flatten().float()
+                offset += param.numel()
+            if distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for param in params:
+                if group["weight_decay"]:
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(flat[offset: offset + param.numel()].view_as(param), alpha=-group["lr"])
+                offset += param.numel()
+
+
+def build_optimizers(model: nn.Module, args: Hyperparameters, lr_scale: float = 1.0):
+    """Muon for the matrices inside blocks and heads; Adam for embeddings, gains and vectors."""
+    matrices, embeddings, others = [], [], []
+    for name, param in model.named_parameters():
+        if "embed" in name:
+            embeddings.append(param)
+        elif param.ndim == 2:
+            matrices.append(param)
+        else:
+            others.append(param)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
+    betas = (args.adam_beta1, args.adam_beta2)
+    adam_groups = [dict(params=embeddings, lr=args.embed_lr * lr_scale),
+                   dict(params=others, lr=args.scalar_lr * lr_scale)]
+    adam_groups = [group | {"base_lr": group["lr"]} for group in adam_groups if group["params"]]
+    adam = torch.optim.Adam(adam_groups, betas=betas, eps=1e-8, **fused)
+    muon = Muon(matrices, args.matrix_lr * lr_scale, args.muon_momentum,
+                args.muon_weight_decay, args.muon_row_norm)
+    return [adam, muon]
+
+
+def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
+    """Linear warm-up over steps, then linear warm-down over the last part of the budget.
+
+    progress in [0, 1] is the larger of the wall-clock share and the step share used.
+    """
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    down = min(1.0, (1.0 - progress) / warmdown_frac) if warmdown_frac else 1.0
+    return warm * max(0.0, down)
+
+
+def maybe_compile(module: nn.Module, args: Hyperparameters, runtime: Runtime) -> nn.Module:
+    """torch.compile on CUDA when asked for and available; the eager module otherwise."""
+    if args.compile and runtime.device.type == "cuda" and hasattr(torch, "compile"):
+        return torch.compile(module)
+    return module
+
+
+class EMA:
+    """Exponential moving average of weights; the averaged weights are the ones kept."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    def current_decay(self) -> float:
+        """The decay, ramped in as (1 + n) / (10 + n) so a short run is not stuck at its init."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        for name, value in model.state_dict().items():
+            self.shadow[name].lerp_(value.float(), 1 - decay)
+        self.updates += 1
+
+    def copy_to(self, model: nn.Module) -> None:
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype)
+                               for k, v in self.shadow.items()})
+
+
+def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, loss_fn,
+                 loader: DistributedTokenLoader, batch_tokens: int, seq_len: int,
+                 budget_s: float, max_steps: int, lr_scale: float, name: str,
+                 ema_decay: float = 0.0) -> dict[str, float]:
+    """The shared training loop: DDP, gradient accumulation, wall-clock stop, schedules.
+
+    loss_fn(ddp_model, x, y) -> scalar loss. The stop decision is all-reduced so every rank
+    takes the same number of steps.
+    """
+    accum = max(1, args.grad_accum_world // runtime.world_size)
+    rank_tokens = batch_tokens // (runtime.world_size * accum)
+    if rank_tokens == 0 or rank_tokens % seq_len:
+        raise ValueError(f"{name}: batch {batch_tokens} tokens does not split into sequences of "
+                         f"{seq_len} over {runtime.world_size} ranks x {accum} micro-steps")
+    wrapped = model
+    if runtime.distributed:
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=True)
+    compiled = maybe_compile(wrapped, args, runtime)
+    optimizers = build_optimizers(model, args, lr_scale)
+    ema = EMA(model, ema_decay) if ema_decay > 0 else None
+    start = time.perf_counter()
+    step, loss_value = 0, float("nan")
+    while True:
+        elapsed = time.perf_counter() - start
+        progress = max(elapsed / budget_s, step / max_steps if max_steps else 0.0)
+        stop = torch.tensor(float(progress >= 1.0), device=runtime.device)
+        if all_reduce_(stop, "max").item() > 0:
+            break
+        multiplier = lr_multiplier(step, progress, args.warmup_steps, args.warmdown_frac)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * multiplier
+        momentum_ramp = min(1.0, step / max(1, args.muon_momentum_warmup_steps))
+        optimizers[1].param_groups[0]["momentum"] = (
+            args.muon_momentum_warmup_start
+            + momentum_ramp * (args.muon_momentum - args.muon_momentum_warmup_start))
+        total = torch.zeros((), device=runtime.device)
+        for micro in range(accum):
+            x, y = loader.next_batch(rank_tokens, seq_len)
+            sync = (contextlib.nullcontext() if micro == accum - 1 or not runtime.distributed
+                    else wrapped.no_sync())
+            with sync, autocast(runtime):
+                loss = loss_fn(compiled, x, y) / accum
+            loss.backward()
+            total += loss.detach()
+        for optimizer in optimizers:
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update(model)
+        step += 1
+        loss_value = all_reduce_(total).item() / runtime.world_size
+        if step == 1 or step % args.train_log_every == 0:
+            runtime.log(f"{name} step:{step} loss:{loss_value:.4f} lr_mult:{multiplier:.3f} "
+                        f"elapsed_ms:{1000 * (time.perf_counter() - start):.0f}")
+    if ema is not None:
+        ema.copy_to(model)
+    elapsed = time.perf_counter() - start
+    return dict(steps=step, loss=loss_value, time_s=elapsed,
+                tokens=step * batch_tokens, step_ms=1000 * elapsed / max(step, 1))
+
+
+def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader) -> GPT:
+    started = time.perf_counter()
+    torch.manual_seed(args.seed)
+    teacher = GPT(GPTConfig.from_args(args, args.num_layers)).to(runtime.device)
+    params = sum(p.numel() for p in teacher.parameters())
+    stats = run_training(runtime, args, teacher, lambda m, x, y: m(x, y), loader,
+                         args.train_batch_tokens, args.train_seq_len,
+                         args.max_wallclock_seconds * args.teacher_time_frac, args.iterations,
+                         1.0, "teacher", args.ema_decay)
+    teacher.eval().requires_grad_(False)
+    assert_replicas_identical(runtime, "teacher", list(teacher.state_dict().values()))
+    runtime.log(f"stage:teacher time_ms:{1000 * (time.perf_counter() - started):.0f} "
+                f"params:{params} steps:{stats['steps']} step_ms:{stats['step_ms']:.1f} "
+                f"tokens:{stats['tokens']} train_loss:{stats['loss']:.4f}")
+    return teacher
+
+
+# -------------------------------------------------------------------------------------------------
+# 5. Memory
+#
+# The Elastic Associative Memory keeps up to M locations, each a unit address in key space, a
+# counter in value space and a write count. Writes go to the top-k nearest addresses with weights
+# sim / best_sim; the conscience-penalized winner (and, ten times slower, its neighbours) moves
+# toward the key. Novel keys found new locations, overloaded locations split, near-duplicates
+# merge. Reads take a softmax over the top-k similarities of the mean patterns counter / count.
+#
+# Keys are a fixed random projection of the teacher's hidden state (layer EAM_KEY_LAYER, the
+# final one by default), normalized; values are the teacher's final normalized hidden state, so a
+# readout lives where the teacher's output head already knows how to read it.
+#
+# Distributed build, identical on every rank: an organize phase learns the addresses on a sample
+# that all ranks share (gathered, each rank running the teacher on its part), then an accumulate
+# phase with frozen addresses in which each rank writes its own data and counters and counts are
+# summed with all_reduce. Counters are additive, so the sum equals a single-process build.
+# -------------------------------------------------------------------------------------------------
+
+
+def key_projection(model_dim: int, key_dim: int, seed: int) -> torch.Tensor:
+    """The fixed random map hidden state -> key space ([D, K]), rebuilt from its seed anywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(model_dim, key_dim, generator=generator) / math.sqrt(model_dim)
+
+
+def topk_write_weights(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k locations per key, weighted max(sim, 0) / best sim (the best gets weight 1)."""
+    top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
+    best = top_sims[:, :1]
+    weights = top_sims.clamp_min(0) / best.clamp_min(1e-6)
+    weights[:, 0] = 1.0
+    return top_index, weights
+
+
+def conscience_winner(sims: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
+    """argmax_j sim_ij - gamma * n_j / mean(n) over the active locations.
+
+    This is the published gamma * n_j / sum(n) rescaled by the number of active locations, so
+    gamma means the same thing whatever the memory's size (over all M slots, or unscaled, the
+    penalty would be ~1/M and do nothing).
+    """
+    penalty = gamma * counts / counts.mean().clamp_min(1e-6)
+    return (sims - penalty).argmax(dim=1)
+
+
+def pull_addresses(addresses: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
+                   rates: torch.Tensor) -> torch.Tensor:
+    """Move addresses[index[i]] toward keys[i] at rates[i], every update counted.
+
+    Several keys that hit one location in a batch pull it toward their rate-weighted mean with
+    the combined rate 1 - prod(1 - rate_i), the rate that applying them one by one would give.
+    Returns the renormalized addresses.
+    """
+    num, dim = addresses.shape
+    rate_sum = torch.zeros(num, device=addresses.device).index_add_(0, index, rates)
+    target = torch.zeros(num, dim, device=addresses.device).index_add_(
+        0, index, keys * rates[:, None])
+    keep = torch.zeros(num, device=addresses.device).index_add_(
+        0, index, torch.log1p(-rates.clamp(max=0.999))).exp()
+    moved = rate_sum > 0
+    mean_target = target[moved] / rate_sum[moved, None]
+    combined = (1 - keep[moved])[:, None]
+    addresses = addresses.clone()
+    addresses[moved] = F.normalize(addresses[moved] + combined * (mean_target - addresses[moved]),
+                                   dim=1)
+    return addresses
+
+
+@dataclass
+class MemoryTables:
+    """What a read needs: the memory as it ships in the artifact."""
+
+    addresses: torch.Tensor  # [M, K] unit vectors
+    patterns: torch.Tensor  # [M, D] mean written value: counter / count
+    log_counts: torch.Tensor  # [M] log of the write count (used only by the count prior)
+
+
+def read_memory(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float,
+                count_prior: float) -> torch.Tensor:
+    """Softmax(beta * sim + prior * log n) over the top-k locations -> weighted mean pattern.
+
+    queries: [N, K] unit vectors -> [N, D]. Differentiable with respect to the queries (through
+    the similarities of the chosen locations). Only non-empty locations exist in the tables.
+    """
+    sims = queries @ tables.addresses.to(queries.dtype).T  # [N, M]
+    top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
+    scores = beta * top_sims.float()
+    if count_prior:
+        scores = scores + count_prior * tables.log_counts[top_index]
+    weights = torch.softmax(scores, dim=1)
+    return F.embedding_bag(top_index, tables.patterns, per_sample_weights=weights, mode="sum")
+
+
+def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projection: torch.Tensor,
+                          args: Hyperparameters) -> tuple[torch.Tensor, list[float]]:
+    """Pattern completion: re-key from the readout, damped, for EAM_READ_STEPS steps.
+
+    Gradients flow through the last step only, so memory use does not grow with the steps.
+    Returns the readout and the relative step-to-step residuals ||dz|| / ||z||.
+    """
+    readout = read_memory(queries, tables, args.eam_read_k, args.eam_read_beta,
+                          args.eam_count_prior)
+    residuals = []
+    for _ in range(args.eam_read_steps - 1):
+        rekey = F.normalize(readout.detach() @ projection.to(readout.dtype), dim=-1)
+        queries = F.normalize(args.eam_read_damping * queries.detach()
+                              + (1 - args.eam_read_damping) * rekey, dim=-1)
+        following = read_memory(queries, tables, args.eam_read_k, args.eam_read_beta,
+                                args.eam_count_prior)
+        residuals.append(((following - readout).norm() / readout.norm().clamp_min(1e-9)).item())
+        readout = following
+    return readout, residuals
+
+
+class ElasticMemory:
+    """The writable memory: organize (addresses learn, regulate) and accumulate (frozen)."""
+
+    def __init__(self, args: Hyperparameters, value_dim: int, device: torch.device):
+        self.args = args
+        capacity = args.eam_locations
+        self.addresses = torch.zeros(capacity, args.eam_key_dim, device=device)
+        self.counters = torch.zeros(capacity, value_dim, device=device)
+        self.counts = torch.zeros(capacity, device=device)
+        self.size = 0
+        self.eta = args.eam_eta
+        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.events = dict(novel=0, splits=0, merges=0)
+
+    # -- organize phase ---------------------------------------------------------------------------
+    def organize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """One batched write with address learning, novelty, overload splits and merges."""
+        keys, values = self._found_novel(keys, values)
+        if keys.numel():
+            active = slice(0, self.size)
+            sims = keys @ self.addresses[active].T
+            top_index, weights = topk_write_weights(sims, self.args.eam_write_k)
+            self._accumulate(top_index, weights, values)
+            winner = conscience_winner(sims, self.counts[active], self.args.eam_gamma)
+            winner_rate = self.eta / (1 + self.counts[winner] / self.args.eam_tau)
+            neighbours = top_index[:, 1:]
+            neighbour_rate = (winner_rate / 10)[:, None].expand_as(neighbours)
+            index = torch.cat([winner, neighbours.flatten()])
+            rates = torch.cat([winner_rate, neighbour_rate.flatten()])
+            repeated = torch.cat([keys, keys.repeat_interleave(neighbours.size(1), dim=0)])
+            self.addresses[active] = pull_addresses(self.addresses[active], index, repeated, rates)
+            self.eta = max(self.args.eam_eta_floor,
+                           self.eta * self.args.eam_eta_decay ** keys.size(0))
+        self._split_overloaded()
+
+    def _found_novel(self, keys: torch.Tensor, values: torch.Tensor):
+        """Keys far from every address found new locations (one per group of similar keys)."""
+        free = self.args.eam_locations - self.size
+        if free == 0:
+            return keys, values
+        if self.size:
+            best = (keys @ self.addresses[: self.size].T).max(dim=1).values
+            novel = (best < self.args.eam_novelty).nonzero().squeeze(1)
+        else:
+            novel = torch.arange(keys.size(0), device=keys.device)
+        if novel.numel() == 0:
+            return keys, values
+        # A novel key close to an earlier novel key of the same batch joins the normal write.
+        pair_sims = keys[novel] @ keys[novel].T
+        shadowed = torch.tril(pair_sims >= self.args.eam_novelty, diagonal=-1).any(dim=1)
+        founders = novel[~shadowed][:free]
+        new = slice(self.size, self.size + founders.numel())
+        self.addresses[new] = keys[founders]
+        self.counters[new] = values[founders]
+        self.counts[new] = 1.0
+        self.size += founders.numel()
+        self.events["novel"] += founders.numel()
+        rest = torch.ones(keys.size(0), dtype=torch.bool, device=keys.device)
+        rest[founders] = False
+        return keys[rest], values[rest]
+
+    def _split_overloaded(self) -> None:
+        """A location written more than EAM_SPLIT_COUNT times gives a jittered child half."""
+        free = self.args.eam_locations - self.size
+        over = (self.counts[: self.size] > self.args.eam_split_count).nonzero().squeeze(1)
+        parents = over[:free]
+        if parents.numel() == 0:
+            return
+        jitter = torch.randn(parents.numel(), self.addresses.size(1), device=parents.device,
+                             generator=self.generator) * 0.05
+        children = slice(self.size, self.size + parents.numel())
+        self.addresses[children] = F.normalize(self.addresses[parents] + jitter, dim=1)
+        self.counters[parents] *= 0.5
+        self.counts[parents] *= 0.5
+        self.counters[children] = self.counters[parents]
+        self.counts[children] = self.counts[parents]
+        self.size += parents.numel()
+        self.events["splits"] += parents.numel()
+
+    def merge_duplicates(self, chunk: int = 4096) -> int:
+        """Mutually nearest address pairs above EAM_MERGE_THRESHOLD become one location.
+
+        The search covers all active locations (in row chunks); the merged address is the
+        count-weighted mean, counters and counts are summed, so mass is conserved.
+        """
+        active = self.addresses[: self.size]
+        nearest_sim = torch.empty(self.size, device=active.device)
+        nearest = torch.empty(self.size, dtype=torch.long, device=active.device)
+        for begin in range(0, self.size, chunk):
+            sims = active[begin: begin + chunk] @ active.T
+            rows = torch.arange(sims.size(0), device=sims.device)
+            sims[rows, rows + begin] = -2.0
+            nearest_sim[begin: begin + chunk], nearest[begin: begin + chunk] = sims.max(dim=1)
+        index = torch.arange(self.size, device=active.device)
+        keep_first = ((nearest[nearest] == index) & (index < nearest)
+                      & (nearest_sim > self.args.eam_merge_threshold))
+        first, second = index[keep_first], nearest[keep_first]
+        if first.numel() == 0:
+            return 0
+        weight_first = self.counts[first].clamp_min(1e-6)[:, None]
+        weight_second = self.counts[second].clamp_min(1e-6)[:, None]
+        self.addresses[first] = F.normalize(weight_first * active[first]
+                                            + weight_second * active[second], dim=1)
+        self.counters[first] += self.counters[second]
+        self.counts[first] += self.counts[second]
+        survivors = torch.ones(self.size, dtype=torch.bool, device=active.device)
+        survivors[second] = False
+        self._compact(survivors)
+        self.events["merges"] += first.numel()
+        return first.numel()
+
+    def _compact(self, survivors: torch.Tensor) -> None:
+        kept = int(survivors.sum())
+        for table in (self.addresses, self.counters, self.counts):
+            table[:kept] = table[: self.size][survivors].clone()
+            table[kept: self.size] = 0
+        self.size = kept
+
+    # -- accumulate phase -------------------------------------------------------------------------
+    def reset_counters(self) -> None:
+        self.counters.zero_()
+        self.counts.zero_()
+
+    def accumulate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Frozen addresses: counters += weight * value, counts += weight (additive, exact)."""
+        sims = keys @ self.addresses[: self.size].T
+        top_index, weights = topk_write_weights(sims, self.args.eam_write_k)
+        self._accumulate(top_index, weights, values)
+
+    def _accumulate(self, top_index: torch.Tensor, weights: torch.Tensor,
+                    values: torch.Tensor) -> None:
+        flat_index = top_index.flatten()
+        self.counts.index_add_(0, flat_index, weights.flatten())
+        # index_add_ aggregates colliding rows, so no update in a batch is lost.
+        weighted = (weights[:, :, None] * values[:, None, :]).flatten(0, 1)
+        self.counters.index_add_(0, flat_index, weighted)
+
+    def tables(self) -> MemoryTables:
+        """Non-empty locations only: empty ones must never dilute a read."""
+        written = self.counts[: self.size] > 0
+        counts = self.counts[: self.size][written]
+        return MemoryTables(self.addresses[: self.size][written].clone(),
+                            self.counters[: self.size][written] / counts[:, None],
+                            counts.log())
+
+
+def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tensor,
+                        args: Hyperparameters, runtime: Runtime):
+    """Teacher forward -> (unit keys [N, K], values [N, D]) for every position of idx [B, T]."""
+    with torch.no_grad(), autocast(runtime):
+        final, keyed = teacher.body(idx, args.eam_key_layer)
+    keys = F.normalize(keyed.float().flatten(0, 1) @ projection, dim=1)
+    return keys, final.float().flatten(0, 1)
+
+
+def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
+                 loader: DistributedTokenLoader) -> ElasticMemory:
+    started = time.perf_counter()
+    budget = args.max_wallclock_seconds * args.eam_time_frac
+    projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
+    memory = ElasticMemory(args, args.model_dim, runtime.device)
+    seq_len = args.train_seq_len
+    rank_tokens = max(seq_len, args.eam_organize_tokens // runtime.world_size // seq_len * seq_len)
+
+    # Organize: every rank runs the teacher on its part, all see the gathered sample.
+    x, _ = loader.next_batch(rank_tokens, seq_len)
+    own_keys, own_values = teacher_keys_values(teacher, x, projection, args, runtime)
+    counts = [own_keys.size(0)] * runtime.world_size
+    keys, values = all_gather_rows(own_keys, counts), all_gather_rows(own_values, counts)
+    batch = args.eam_batch
+    for begin in range(0, keys.size(0), batch):
+        memory.organize(keys[begin: begin + batch], values[begin: begin + batch])
+        if (begin // batch) % 8 == 7:
+            memory.merge_duplicates()
+    memory.merge_duplicates()
+    organize_ms = 1000 * (time.perf_counter() - started)
+
+    # Accumulate: addresses frozen, every rank writes its own share, sums are exact.
+    memory.reset_counters()
+    memory.accumulate(own_keys, own_values)
+    writes, write_seconds = keys.size(0), 0.0
+    rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
+    while True:
+        elapsed = time.perf_counter() - started
+        done = elapsed >= budget or (args.eam_write_tokens and writes >= args.eam_write_tokens)
+        stop = torch.tensor(float(done), device=runtime.device)
+        if all_reduce_(stop, "max").item() > 0:
+            break
+        x, _ = loader.next_batch(rank_batch, seq_len)
+        keys, values = teacher_keys_values(teacher, x, projection, args, runtime)
+        write_started = time.perf_counter()
+        memory.accumulate(keys, values)
+        write_seconds += time.perf_counter() - write_started
+        writes += keys.size(0) * runtime.world_size
+    all_reduce_(memory.counters)
+    all_reduce_(memory.counts)
+    assert_replicas_identical(runtime, "memory", [memory.addresses, memory.counters, memory.counts])
+
+    # Diagnostics on hidden states that were never written.
+    tables = memory.tables()
+    x, _ = loader.next_batch(rank_batch, seq_len)
+    keys, values = teacher_keys_values(teacher, x, projection, args, runtime)
+    readout = read_memory(keys, tables, args.eam_read_k, args.eam_read_beta, args.eam_count_prior)
+    cosine = F.cosine_similarity(readout, values, dim=1).mean().item()
+    used = memory.counts[: memory.size]
+    elapsed_ms = 1000 * (time.perf_counter() - started)
+    runtime.log(f"stage:eam_write time_ms:{elapsed_ms:.0f} writes:{writes} "
+                f"writes_per_s:{writes / (elapsed_ms / 1000):.0f} "
+                f"write_only_per_s:{(writes - keys.size(0)) / max(write_seconds, 1e-9):.0f} "
+                f"locations:{memory.size} organize_ms:{organize_ms:.0f} "
+                f"used_share:{(used > 0).float().mean().item():.4f} "
+                f"median_count:{used.median().item():.1f} max_count:{used.max().item():.1f} "
+                f"novel:{memory.events['novel']} splits:{memory.events['splits']} "
+                f"merges:{memory.events['merges']} recon_cos:{cosine:.4f}")
+    return memory
+
+
+# -------------------------------------------------------------------------------------------------
+# 6. Distillation
+#
+# The shipped model: an encoder (the teacher's width, ENC_LAYERS blocks, started from the
+# teacher's embedding and lowest blocks) maps tokens to unit keys; the memory returns a readout;
+# the decoder adds a zero-initialised MLP correction (seeing the encoder's features too if
+# DEC_SEES_ENCODER) and reads logits with the tied embedding. Phase 1 aligns the keys with the
+# teacher's (cosine); phase 2 trains end to end through the differentiable read on next-token
+# cross-entropy plus KL to the teacher's distribution.
+# -------------------------------------------------------------------------------------------------
+
+
+class Decoder(nn.Module):
+    def __init__(self, model_dim: int, hidden: int, sees_encoder: bool):
+        super().__init__()
+        self.sees_encoder = sees_encoder
+        self.fc = nn.Linear(model_dim * (2 if sees_encoder else 1), hidden, bias=False)
+        self.proj = nn.Linear(hidden, model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, readout: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        inputs = torch.cat([readout, features], dim=-1) if self.sees_encoder else readout
+        hidden = F.leaky_relu(self.fc(rms_norm(inputs)), 0.5).square()
+        return rms_norm(readout + self.proj(hidden))
+
+
+class MemoryLM(nn.Module):
+    """Encoder + memory + decoder: the model the artifact carries."""
+
+    def __init__(self, args: Hyperparameters, tables: MemoryTables):
+        super().__init__()
+        self.args = args
+        self.encoder = GPT(GPTConfig.from_args(args, args.enc_layers))
+        self.key_head = nn.Linear(args.model_dim, args.eam_key_dim, bias=False)
+        self.decoder = Decoder(args.model_dim, args.dec_hidden, args.dec_sees_encoder)
+        self.register_buffer("addresses", tables.addresses)
+        self.register_buffer("patterns", tables.patterns)
+        self.register_buffer("log_counts", tables.log_counts)
+        projection = key_projection(args.model_dim, args.eam_key_dim, args.seed)
+        self.register_buffer("projection", projection, persistent=False)
+
+    @property
+    def tables(self) -> MemoryTables:
+        return MemoryTables(self.addresses, self.patterns, self.log_counts)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.encoder.body(idx)[0]
+
+    def query(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.key_head(features).float(), dim=-1)
+
+    def head(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """features [N, D], unit queries [N, K] -> (soft-capped logits [N, V], final hidden)."""
+        readout, _ = read_memory_iterative(queries, self.tables, self.projection, self.args)
+        hidden = self.decoder(readout.to(features.dtype), features)
+        return self.encoder.logits(hidden), hidden
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor, teacher_keys: torch.Tensor,
+                teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        features = self.features(idx).flatten(0, 1)
+        queries = self.query(features)
+        if teacher_logits is None:  # phase 1: keys only
+            return 1 - (queries * teacher_keys).sum(-1).mean()
+        logits, _ = self.head(features, queries)
+        loss = F.cross_entropy(logits, targets.reshape(-1))
+        if self.args.distill_kl_weight:
+            temperature = self.args.distill_temperature
+            kl = F.kl_div(F.log_softmax(logits / temperature, -1),
+                          F.log_softmax(teacher_logits / temperature, -1),
+                          log_target=True, reduction="batchmean")
+            loss = loss + self.args.distill_kl_weight * temperature**2 * kl
+        return loss
+
+
+def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> MemoryLM:
+    torch.manual_seed(args.seed + 1)
+    student = MemoryLM(args, tables).to(tables.addresses.device)
+    if args.enc_init_from_teacher:
+        student.encoder.embed.load_state_dict(teacher.embed.state_dict())
+        for mine, theirs in zip(student.encoder.blocks, teacher.blocks, strict=False):
+            mine.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        student.key_head.weight.copy_(student.projection.T)
+    return student
+
+
+def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: ElasticMemory,
+            loader: DistributedTokenLoader) -> MemoryLM:
+    started = time.perf_counter()
+    student = init_student(args, teacher, memory.tables())
+    projection = student.projection
+
+    def teacher_targets(x: torch.Tensor, with_logits: bool):
+        with torch.no_grad():
+            final, keyed = teacher.body(x, args.eam_key_layer)
+            keys = F.normalize(keyed.float().flatten(0, 1) @ projection, dim=-1)
+            logits = teacher.logits(final.flatten(0, 1)) if with_logits else None
+        return keys, logits
+
+    def key_loss(model, x, y):
+        return model(x, y, teacher_targets(x, False)[0], None)
+
+    def lm_loss(model, x, y):
+        return model(x, y, *teacher_targets(x, True))
+
+    budget = args.max_wallclock_seconds * args.distill_time_frac
+    phases = [("distill_keys", key_loss, budget * args.distill_key_frac,
+               args.distill_key_iterations),
+              ("distill_lm", lm_loss, budget * (1 - args.distill_key_frac),
+               args.distill_iterations)]
+    results = {}
+    for name, loss_fn, phase_budget, max_steps in phases:
+        if phase_budget <= 0:
+            continue
+        results[name] = run_training(runtime, args, student, loss_fn, loader,
+                                     args.distill_batch_tokens, args.train_seq_len, phase_budget,
+                                     max_steps, args.distill_lr_scale, name)
+    student.eval().requires_grad_(False)
+    assert_replicas_identical(runtime, "student", list(student.state_dict().values()))
+    summary = " ".join(f"{name}_steps:{stats['steps']} {name}_loss:{stats['loss']:.4f}"
+                       for name, stats in results.items())
+    params = sum(p.numel() for p in student.parameters())
+    runtime.log(f"stage:distill time_ms:{1000 * (time.perf_counter() - started):.0f} "
+                f"params:{params} dec_sees_encoder:{int(args.dec_sees_encoder)} {summary}")
+    return student
+
+
+# -------------------------------------------------------------------------------------------------
+# 7. Packing
+#
+# Matrices go per row to int8 (int6 values in int8 containers when QUANT_BITS=6, which zstd packs
+# tighter), small tensors to fp16; memory addresses are int8 unit vectors and patterns per-row
+# int8. One JSON header names every tensor; the payload is zstd-compressed and the file carries a
+# magic, a version and a sha256. If code + artifact exceed the limit, the least-written memory
+# locations are dropped and the artifact re-packed until it fits.
+# -------------------------------------------------------------------------------------------------
+
+ARTIFACT_MAGIC = b"EAMGOLF\x00"
+ARTIFACT_VERSION = 1
+ARTIFACT_PREFIX = struct.Struct("<8sI32s")
+# The shapes the evaluation needs to rebuild the model; everything else stays behind.
+MODEL_SETTINGS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                  "mlp_leaky_slope", "logit_softcap", "rope_base", "rope_dims", "qk_gain_init",
+                  "ln_scale", "xsa_layers", "eam_key_dim", "eam_read_k", "eam_read_beta",
+                  "eam_count_prior", "eam_read_steps", "eam_read_damping", "enc_layers",
+                  "dec_hidden", "dec_sees_encoder", "seed")
+
+
+def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row quantization: int8 codes in [-(2^(b-1)-1), 2^(b-1)-1], fp16 scales."""
+    levels = 2 ** (bits - 1) - 1
+    weight = weight.detach().float().cpu()
+    scale = (weight.abs().amax(dim=1) / levels).clamp_min(1e-12).half()
+    codes = torch.round(weight / scale.float()[:, None]).clamp(-levels, levels).to(torch.int8)
+    return codes, scale
+
+
+def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.float() * scale.float()[:, None]
+
+
+def pack_tensors(student_state: dict[str, torch.Tensor], tables: MemoryTables,
+                 args: Hyperparameters) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """(header entries, raw arrays) for everything the evaluation reads, nothing more."""
+    entries: dict[str, dict] = {}
+    arrays: dict[str, np.ndarray] = {}
+
+    def add(name: str, tensor: torch.Tensor, bits: int | None) -> None:
+        if bits is None:
+            arrays[name] = tensor.detach().cpu().half().numpy()
+            entries[name] = dict(kind="fp16", shape=list(tensor.shape))
+            return
+        codes, scale = quantize_rows(tensor, bits)
+        arrays[name + ".q"] = codes.numpy()
+        arrays[name + ".scale"] = scale.numpy()
+        entries[name] = dict(kind="int8_rows", shape=list(tensor.shape))
+
+    for name, tensor in student_state.items():
+        if name in ("addresses", "patterns", "log_counts"):
+            continue
+        is_matrix = tensor.ndim == 2 and tensor.numel() >= 4096
+        bits = (8 if "embed" in name else args.quant_bits) if is_matrix else None
+        add(name, tensor, bits)
+    add("addresses", tables.addresses, 8)
+    add("patterns", tables.patterns, 8)
+    if args.eam_count_prior:
+        add("log_counts", tables.log_counts, None)
+    return entries, arrays
+
+
+def serialize(entries: dict[str, dict], arrays: dict[str, np.ndarray], settings: dict) -> bytes:
+    """Header JSON (length-prefixed) + the arrays' bytes, grouped by dtype for zstd."""
+    layout, offset, chunks = [], 0, []
+    for name in sorted(arrays, key=lambda n: (arrays[n].dtype.str, n)):
+        data = np.ascontiguousarray(arrays[name]).tobytes()
+        layout.append(dict(name=name, dtype=arrays[name].dtype.str,
+                           shape=list(arrays[name].shape), offset=offset))
+        chunks.append(data)
+        offset += len(data)
+    header = json.dumps(dict(settings=settings, tensors=entries, layout=layout),
+                        sort_keys=True).encode()
+    return struct.pack("<I", len(header)) + header + b"".join(chunks)
+
+
+def deserialize(payload: bytes) -> tuple[dict, dict[str, dict], dict[str, np.ndarray]]:
+    (header_len,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4: 4 + header_len])
+    body = memoryview(payload)[4 + header_len:]
+    arrays = {}
+    for item in header["layout"]:
+        dtype = np.dtype(item["dtype"])
+        count = int(np.prod(item["shape"]))
+        arrays[item["name"]] = np.frombuffer(body, dtype=dtype, count=count,
+                                             offset=item["offset"]).reshape(item["shape"])
+    return header["settings"], header["tensors"], arrays
+
+
+def compress(payload: bytes, level: int) -> bytes:
+    import zstandard
+
+    return zstandard.ZstdCompressor(level=level).compress(payload)
+
+
+def build_artifact(student_state: dict[str, torch.Tensor], tables: MemoryTables,
+                   args: Hyperparameters) -> bytes:
+    entries, arrays = pack_tensors(student_state, tables, args)
+    settings = {name: getattr(args, name) for name in MODEL_SETTINGS}
+    blob = compress(serialize(entries, arrays, settings), args.zstd_level)
+    return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION,
+                                hashlib.sha256(blob).digest()) + blob
+
+
+def read_artifact(path: Path) -> tuple[dict, dict[str, dict], dict[str, np.ndarray]]:
+    import zstandard
+
+    raw = Path(path).read_bytes()
+    if len(raw) < ARTIFACT_PREFIX.size:
+        raise ValueError(f"{path}: truncated artifact ({len(raw)} bytes)")
+    magic, version, checksum = ARTIFACT_PREFIX.unpack_from(raw)
+    if magic != ARTIFACT_MAGIC:
+        raise ValueError(f"{path}: not an eam-golf artifact (magic {magic!r})")
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"{path}: artifact version {version}, expected {ARTIFACT_VERSION}")
+    blob = raw[ARTIFACT_PREFIX.size:]
+    if hashlib.sha256(blob).digest() != checksum:
+        raise ValueError(f"{path}: checksum mismatch (corrupted or truncated artifact)")
+    return deserialize(zstandard.ZstdDecompressor().decompress(blob))
+
+
+def artifact_accounting(code_path: Path, artifact_path: Path, limit: int) -> dict[str, int]:
+    """The one size rule: real bytes of the code file plus real bytes of the artifact."""
+    code_bytes = Path(code_path).stat().st_size
+    model_bytes = Path(artifact_path).stat().st_size
+    total = code_bytes + model_bytes
+    return dict(code_bytes=code_bytes, model_bytes=model_bytes, total_bytes=total, limit=limit,
+                margin=limit - total)
+
+
+def component_sizes(arrays: dict[str, np.ndarray], level: int) -> dict[str, tuple[int, int]]:
+    """(raw, compressed-alone) bytes per component group: encoder, key head, decoder, memory."""
+    groups: dict[str, list[bytes]] = {}
+    for name in sorted(arrays):
+        group = name.split(".")[0]
+        group = {"addresses": "memory.addresses", "patterns": "memory.patterns",
+                 "log_counts": "memory.log_counts"}.get(group, group)
+        groups.setdefault(group, []).append(np.ascontiguousarray(arrays[name]).tobytes())
+    return {group: (sum(map(len, parts)), len(compress(b"".join(parts), level)))
+            for group, parts in groups.items()}
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+def fit_artifact(student_state: dict[str, torch.Tensor], tables: MemoryTables,
+                 args: Hyperparameters, code_bytes: int) -> tuple[bytes, int]:
+    """Pack; while code + artifact > SIZE_LIMIT, drop the least-written locations and re-pack.
+
+    Returns (artifact bytes, locations dropped).
+    """
+    locations = tables.addresses.size(0)
+    order = torch.argsort(tables.log_counts, descending=True, stable=True)
+    keep = locations
+    while True:
+        chosen = order[:keep].sort().values
+        kept = MemoryTables(tables.addresses[chosen], tables.patterns[chosen],
+                            tables.log_counts[chosen])
+        artifact = build_artifact(student_state, kept, args)
+        excess = code_bytes + len(artifact) - args.size_limit
+        if excess <= 0:
+            return artifact, locations - keep
+        empty = build_artifact(student_state, MemoryTables(
+            tables.addresses[:1], tables.patterns[:1], tables.log_counts[:1]), args)
+        per_location = max(1.0, (len(artifact) - len(empty)) / max(keep - 1, 1))
+        if keep <= 1 or code_bytes + len(empty) > args.size_limit:
+            raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not fit")
+        keep = max(1, keep - math.ceil(1.02 * excess / per_location) - 1)
+
+
+def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> Path:
+    started = time.perf_counter()
+    path = Path(args.artifact_path)
+    code_bytes = Path(__file__).stat().st_size
+    if runtime.master:
+        state = {k: v for k, v in student.state_dict().items()}
+        artifact, dropped = fit_artifact(state, student.tables, args, code_bytes)
+        write_atomically(path, artifact)
+        _, _, arrays = read_artifact(path)
+        for group, (raw, packed) in component_sizes(arrays, args.zstd_level).items():
+            runtime.log(f"artifact_component name:{group} raw_bytes:{raw} zstd_bytes:{packed}")
+        runtime.log(f"artifact_fit dropped_locations:{dropped} "
+                    f"kept_locations:{student.addresses.size(0) - dropped}")
+        sizes = artifact_accounting(Path(__file__), path, args.size_limit)
+        runtime.log(f"artifact code_bytes:{sizes['code_bytes']} model_bytes:{sizes['model_bytes']}"
+                    f" total_bytes:{sizes['total_bytes']} limit:{sizes['limit']}")
+    if runtime.distributed:
+        dist.barrier()
+    runtime.log(f"stage:pack time_ms:{1000 * (time.perf_counter() - started):.0f}")
+    return path
+
+
+def load_artifact(path: Path, device: torch.device) -> MemoryLM:
+    """Rebuild encoder + memory + decoder from the artifact bytes alone."""
+    settings, entries, arrays = read_artifact(path)
+    args = Hyperparameters(**{**settings, "eam_locations": 1})
+    tensors = {}
+    for name, entry in entries.items():
+        if entry["kind"] == "fp16":
+            tensors[name] = torch.from_numpy(arrays[name].astype(np.float32))
+        else:
+            tensors[name] = dequantize_rows(torch.from_numpy(arrays[name + ".q"].copy()),
+                                            torch.from_numpy(arrays[name + ".scale"].copy()))
+    addresses = F.normalize(tensors.pop("addresses"), dim=1)
+    patterns = tensors.pop("patterns")
+    log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
+    model = MemoryLM(args, MemoryTables(addresses, patterns, log_counts))
+    model.load_state_dict({**tensors, "addresses": addresses, "patterns": patterns,
+                           "log_counts": log_counts})
+    return model.to(device).eval().requires_grad_(False)
+
+
+# -------------------------------------------------------------------------------------------------
+# 8. Evaluation
+#
+# Sliding windows: the first window scores all its targets, every later window only the targets
+# past the previous window's end, so each validation target is scored exactly once with at least
+# EVAL_SEQ_LEN - EVAL_STRIDE tokens of context. Windows are processed in fixed chunks in global
+# order; ranks share a chunk's windows, and the kNN store (key, target) grows only after the
+# chunk is scored, identically on every rank, so the result does not depend on the world size.
+# The kNN mixture p = (1 - lambda) p_model + lambda p_knn is normalized over the vocabulary and
+# lambda depends on the neighbours' similarities alone, never on the target.
+# -------------------------------------------------------------------------------------------------
+
+
+def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
+    """[W, 3] rows (start, score_from, score_to) over target indices 0..num_tokens-2.
+
+    Target j is token j + 1 predicted from tokens <= j. Window w feeds tokens
+    [start, start + seq_len) and scores targets [score_from, score_to).
+    """
+    targets = num_tokens - 1
+    first_end = min(seq_len, targets)
+    ends = torch.cat([torch.tensor([first_end]),
+                      torch.arange(first_end + stride, targets + stride, stride).clamp(
+                          max=targets)]).unique_consecutive()
+    starts = (ends - seq_len).clamp(min=0)
+    score_from = torch.cat([torch.tensor([0]), ends[:-1]])
+    return torch.stack([starts, score_from, ends], dim=1)
+
+
+def knn_mix(model_log_probs: torch.Tensor, neighbour_sims: torch.Tensor,
+            neighbour_targets: torch.Tensor, beta: float, lam: torch.Tensor) -> torch.Tensor:
+    """log of (1 - lam) p_model + lam p_knn, a full distribution over the vocabulary.
+
+    model_log_probs [N, V]; neighbour_sims [N, k] (-inf marks a missing neighbour);
+    neighbour_targets [N, k]; lam [N] in [0, 1). The target is not an argument: it cannot be.
+    """
+    weights = torch.softmax(beta * neighbour_sims, dim=1).nan_to_num(0.0)
+    p_knn = torch.zeros_like(model_log_probs).scatter_add_(1, neighbour_targets, weights)
+    lam = lam[:, None]
+    return torch.log((1 - lam) * model_log_probs.exp() + lam * p_knn)
+
+
+def knn_lambda(neighbour_sims: torch.Tensor, base_lambda: float) -> torch.Tensor:
+    """Mixture weight from the prefix only: base lambda scaled by the best neighbour's
+    similarity (a close neighbour is trusted more), zero when there is no neighbour."""
+    best = neighbour_sims[:, 0].nan_to_num(neginf=0.0).clamp(0, 1)
+    return base_lambda * best
+
+
+class KnnStore:
+    """Exact nearest neighbours among (key, target) entries of already scored tokens."""
+
+    def __init__(self, capacity: int, dim: int, device: torch.device):
+        self.keys = torch.zeros(capacity, dim, device=device, dtype=torch.float16
+                                if device.type == "cuda" else torch.float32)
+        self.targets = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.size = 0
+        self.next_slot = 0
+
+    def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
+        """Append in order; when full, the oldest entries are overwritten (a ring buffer)."""
+        capacity = self.keys.size(0)
+        keys, targets = keys[-capacity:], targets[-capacity:]
+        slots = (self.next_slot + torch.arange(keys.size(0), device=keys.device)) % capacity
+        self.keys[slots] = keys.to(self.keys.dtype)
+        self.targets[slots] = targets
+        self.next_slot = int((self.next_slot + keys.size(0)) % capacity)
+        self.size = min(capacity, self.size + keys.size(0))
+
+    def search(self, queries: torch.Tensor, k: int, chunk: int = 262144):
+        """Top-k (sims [N, k], targets [N, k]) over the store; -inf sims where there are none."""
+        best_sims = torch.full((queries.size(0), k), -math.inf, device=queries.device)
+        best_index = torch.zeros(queries.size(0), k, dtype=torch.long, device=queries.device)
+        for begin in range(0, self.size, chunk):
+            end = min(begin + chunk, self.size)
+            sims = (queries.to(self.keys.dtype) @ self.keys[begin:end].T).float()
+            top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
+            merged_sims = torch.cat([best_sims, top_sims], dim=1)
+            merged_index = torch.cat([best_index, top_index + begin], dim=1)
+            best_sims, order = merged_sims.topk(k, dim=1)
+            best_index = merged_index.gather(1, order)
+        return best_sims, self.targets[best_index]
+
+
+@dataclass
+class ScoreTotals:
+    nll: float = 0.0
+    bytes: float = 0.0
+    count: int = 0
+
+    def add(self, nll: torch.Tensor, target_bytes: torch.Tensor) -> None:
+        self.nll += nll.double().sum().item()
+        self.bytes += target_bytes.double().sum().item()
+        self.count += nll.numel()
+
+    def reduced(self, runtime: Runtime) -> tuple[float, float, int]:
+        """(val_loss in nats per token, val_bpb, tokens) summed over ranks."""
+        totals = torch.tensor([self.nll, self.bytes, float(self.count)], dtype=torch.float64,
+                              device=runtime.device)
+        nll, byte_count, count = all_reduce_(totals).tolist()
+        return nll / count, nll / math.log(2) / byte_count, int(count)
+
+
+def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch.Tensor,
+             tables: ByteTables, use_knn: bool) -> dict[str, tuple[float, float, int]]:
+    """Score every validation target once; with use_knn also the mixture, in the same pass.
+
+    score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], knn keys [N, K] or None)
+    for the masked positions in row-major order.
+    """
+    windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
+    chunk_windows = max(1, args.knn_chunk_tokens // args.eval_stride)
+    store = KnnStore(args.knn_capacity, args.eam_key_dim, runtime.device) if use_knn else None
+    totals = {"model": ScoreTotals(), "knn": ScoreTotals()}
+    offsets = torch.arange(args.eval_seq_len)
+    for chunk_begin in range(0, windows.size(0), chunk_windows):
+        chunk = windows[chunk_begin: chunk_begin + chunk_windows]
+        shares = torch.tensor_split(torch.arange(chunk.size(0)), runtime.world_size)
+        mine = chunk[shares[runtime.rank]]
+        new_keys, new_targets = [], []
+        for begin in range(0, mine.size(0), args.eval_batch_windows):
+            batch = mine[begin: begin + args.eval_batch_windows]
+            positions = (batch[:, :1] + offsets).clamp(max=tokens.numel() - 2)  # [B, L]
+            mask = (positions >= batch[:, 1:2]) & (positions < batch[:, 2:3])
+            # The right edge clamps only in a short first window, whose tail is masked out.
+            inputs = tokens[positions].to(runtime.device)
+            targets = tokens[positions + 1][mask].to(runtime.device)
+            previous = tokens[positions][mask]
+            with torch.no_grad(), autocast(runtime):
+                log_probs, keys = score_batch(inputs, mask.to(runtime.device))
+            log_probs = log_probs.float()
+            target_bytes = tables.target_bytes(previous, targets.cpu())
+            totals["model"].add(-log_probs.gather(1, targets[:, None]), target_bytes)
+            if store is not None:
+                sims, neighbour_targets = store.search(keys, args.knn_k)
+                mixed = knn_mix(log_probs, sims, neighbour_targets, args.knn_beta,
+                                knn_lambda(sims, args.knn_lambda))
+                totals["knn"].add(-mixed.gather(1, targets[:, None]), target_bytes)
+                new_keys.append(keys.float())
+                new_targets.append(targets)
+        if store is not None:
+            # Score first, then learn: the chunk's entries join the store only now, in order.
+            counts = [int((chunk[s, 2] - chunk[s, 1]).sum()) for s in shares]
+            empty_keys = torch.zeros(0, args.eam_key_dim, device=runtime.device)
+            empty_targets = torch.zeros(0, dtype=torch.long, device=runtime.device)
+            keys = all_gather_rows(torch.cat([empty_keys, *new_keys]), counts)
+            targets = all_gather_rows(torch.cat([empty_targets, *new_targets]), counts)
+            store.add(keys, targets)
+    results = {"model": totals["model"].reduced(runtime)}
+    if store is not None:
+        results["knn"] = totals["knn"].reduced(runtime)
+    return results
+
+
+def student_scorer(model: MemoryLM):
+    def score(inputs: torch.Tensor, mask: torch.Tensor):
+        features = model.features(inputs)[mask]
+        queries = model.query(features)
+        logits, _ = model.head(features, queries)
+        return F.log_softmax(logits.float(), dim=-1), queries
+    return score
+
+
+def teacher_scorer(teacher: GPT):
+    def score(inputs: torch.Tensor, mask: torch.Tensor):
+        logits = teacher.logits(teacher.body(inputs)[0][mask])
+        return F.log_softmax(logits.float(), dim=-1), None
+    return score
+
+
+def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
+                      teacher: GPT | None) -> None:
+    tokens = load_validation_tokens(args.data_path, args.val_tokens)
+    tables = build_byte_tables(args.tokenizer_path, args.vocab_size)
+    if teacher is not None and args.teacher_reference:
+        started = time.perf_counter()
+        loss, bpb, count = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables,
+                                    False)["model"]
+        runtime.log(f"teacher_reference_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+                    f"tokens:{count} eval_time_ms:{1000 * (time.perf_counter() - started):.0f}")
+    started = time.perf_counter()
+    model = load_artifact(path, runtime.device)
+    use_knn = args.knn_lambda > 0
+    results = evaluate(runtime, args, student_scorer(model), tokens, tables, use_knn)
+    elapsed_ms = 1000 * (time.perf_counter() - started)
+    loss, bpb, count = results["model"]
+    runtime.log(f"final_eam_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{count}")
+    if use_knn:
+        loss, bpb, count = results["knn"]
+        runtime.log(f"final_eam_knn_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+                    f"eval_time_ms:{elapsed_ms:.0f}")
+    runtime.log(f"stage:eval time_ms:{elapsed_ms:.0f} tokens:{count} "
+                f"tokens_per_s:{count / (elapsed_ms / 1000):.0f} knn:{int(use_knn)}")
+
+
+# -------------------------------------------------------------------------------------------------
+# main: the table of contents
+# -------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    args = Hyperparameters.from_env()                                  # 1. settings
+    runtime = init_runtime(args)                                       # 2. runtime
+    log_header(runtime, args)
+    teacher = None
+    if not args.eval_only:
+        loader = DistributedTokenLoader(shard_paths(args.data_path, "train"), runtime)  # 3. data
+        teacher = train_teacher(runtime, args, loader)                 # 4. teacher
+        memory = write_memory(runtime, args, teacher, loader)          # 5. memory
+        student = distill(runtime, args, teacher, memory, loader)      # 6. distillation
+        pack(runtime, args, student)                                   # 7. packing
+    evaluate_artifact(runtime, args, Path(args.artifact_path), teacher)  # 8. evaluation
+    if runtime.distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
