@@ -191,7 +191,7 @@ class Hyperparameters:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            signed = field.name == "eam_key_layer"
+            signed = field.name in ("eam_key_layer", "eam_novelty", "eam_merge_threshold")
             if field.type in ("int", "float") and value < 0 and not signed:
                 raise ValueError(f"{field.name.upper()}={value}: must not be negative")
         positive = ["vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_layers",
@@ -1039,7 +1039,7 @@ class ElasticMemory:
             self.addresses[active] = pull_addresses(self.addresses[active], index, repeated, rates)
             self.eta = max(self.args.eam_eta_floor,
                            self.eta * self.args.eam_eta_decay ** keys.size(0))
-        self._split_overloaded()
+        self.split_overloaded()
 
     def _found_novel(self, keys: torch.Tensor, values: torch.Tensor):
         """Keys far from every address found new locations (one per group of similar keys)."""
@@ -1067,7 +1067,7 @@ class ElasticMemory:
         rest[founders] = False
         return keys[rest], values[rest]
 
-    def _split_overloaded(self) -> None:
+    def split_overloaded(self) -> None:
         """A location written more than EAM_SPLIT_COUNT times gives a jittered child half."""
         free = self.args.eam_locations - self.size
         over = (self.counts[: self.size] > self.args.eam_split_count).nonzero().squeeze(1)
@@ -1655,11 +1655,14 @@ class ScoreTotals:
     nll: float = 0.0
     bytes: float = 0.0
     count: int = 0
+    token_nll: list[torch.Tensor] | None = None  # this rank's per-target NLLs, if kept
 
     def add(self, nll: torch.Tensor, target_bytes: torch.Tensor) -> None:
         self.nll += nll.double().sum().item()
         self.bytes += target_bytes.double().sum().item()
         self.count += nll.numel()
+        if self.token_nll is not None:
+            self.token_nll.append(nll.flatten().double().cpu())
 
     def reduced(self, runtime: Runtime) -> tuple[float, float, int]:
         """(val_loss in nats per token, val_bpb, tokens) summed over ranks."""
@@ -1670,16 +1673,19 @@ class ScoreTotals:
 
 
 def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch.Tensor,
-             tables: ByteTables, use_knn: bool) -> dict[str, tuple[float, float, int]]:
+             tables: ByteTables, use_knn: bool, keep_token_nll: bool = False
+             ) -> dict[str, ScoreTotals]:
     """Score every validation target once; with use_knn also the mixture, in the same pass.
 
     score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], knn keys [N, K] or None)
-    for the masked positions in row-major order.
+    for the masked positions in row-major order. Returns this rank's totals ('model', and
+    'knn' with use_knn); .reduced(runtime) sums them over ranks.
     """
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
     chunk_windows = max(1, args.knn_chunk_tokens // args.eval_stride)
     store = KnnStore(args.knn_capacity, args.eam_key_dim, runtime.device) if use_knn else None
-    totals = {"model": ScoreTotals(), "knn": ScoreTotals()}
+    totals = {name: ScoreTotals(token_nll=[] if keep_token_nll else None)
+              for name in (("model", "knn") if use_knn else ("model",))}
     offsets = torch.arange(args.eval_seq_len)
     for chunk_begin in range(0, windows.size(0), chunk_windows):
         chunk = windows[chunk_begin: chunk_begin + chunk_windows]
@@ -1714,10 +1720,7 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
             keys = all_gather_rows(torch.cat([empty_keys, *new_keys]), counts)
             targets = all_gather_rows(torch.cat([empty_targets, *new_targets]), counts)
             store.add(keys, targets)
-    results = {"model": totals["model"].reduced(runtime)}
-    if store is not None:
-        results["knn"] = totals["knn"].reduced(runtime)
-    return results
+    return totals
 
 
 def student_scorer(model: MemoryLM):
@@ -1742,8 +1745,8 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
     tables = build_byte_tables(args.tokenizer_path, args.vocab_size)
     if teacher is not None and args.teacher_reference:
         started = time.perf_counter()
-        loss, bpb, count = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables,
-                                    False)["model"]
+        totals = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables, False)
+        loss, bpb, count = totals["model"].reduced(runtime)
         runtime.log(f"teacher_reference_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                     f"tokens:{count} eval_time_ms:{1000 * (time.perf_counter() - started):.0f}")
     started = time.perf_counter()
@@ -1751,10 +1754,10 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
     use_knn = args.knn_lambda > 0
     results = evaluate(runtime, args, student_scorer(model), tokens, tables, use_knn)
     elapsed_ms = 1000 * (time.perf_counter() - started)
-    loss, bpb, count = results["model"]
+    loss, bpb, count = results["model"].reduced(runtime)
     runtime.log(f"final_eam_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{count}")
     if use_knn:
-        loss, bpb, count = results["knn"]
+        loss, bpb, count = results["knn"].reduced(runtime)
         runtime.log(f"final_eam_knn_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                     f"eval_time_ms:{elapsed_ms:.0f}")
     runtime.log(f"stage:eval time_ms:{elapsed_ms:.0f} tokens:{count} "

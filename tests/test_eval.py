@@ -1,0 +1,107 @@
+import inspect
+
+import pytest
+import torch
+from conftest import tiny_args, train_gpt
+from test_packing import tiny_student
+
+CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
+
+
+def unit_byte_tables(vocab: int) -> train_gpt.ByteTables:
+    return train_gpt.ByteTables(torch.ones(vocab, dtype=torch.int32),
+                                torch.zeros(vocab, dtype=torch.bool),
+                                torch.zeros(vocab, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("num_tokens, seq_len, stride", [
+    (1000, 64, 16), (65, 64, 16), (30, 64, 16), (1000, 64, 64), (777, 100, 7), (2, 8, 4)])
+def test_windows_score_every_target_exactly_once_with_full_context(num_tokens, seq_len, stride):
+    windows = train_gpt.sliding_windows(num_tokens, seq_len, stride)
+    scored = torch.cat([torch.arange(f, t) for _, f, t in windows.tolist()])
+    assert torch.equal(scored, torch.arange(num_tokens - 1))
+    starts, score_from, score_to = windows.T
+    assert ((score_to - starts) <= seq_len).all() and (score_from >= starts).all()
+    if num_tokens - 1 >= seq_len:
+        assert ((score_from[1:] - starts[1:]) >= seq_len - stride).all()
+
+
+def run_eval(tokens: torch.Tensor, **overrides):
+    args, student = tiny_student(**overrides)
+    student.eval()
+    totals = train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
+                                unit_byte_tables(256), use_knn=True, keep_token_nll=True)
+    return {name: torch.cat(total.token_nll) for name, total in totals.items()}, totals
+
+
+def test_changing_future_tokens_leaves_earlier_scores_unchanged():
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 256, (300,))
+    changed = tokens.clone()
+    changed[150:] = torch.randint(0, 256, (150,))
+    first, _ = run_eval(tokens)
+    second, _ = run_eval(changed)
+    for name in ("model", "knn"):
+        # Target j is token j + 1, so targets 0..148 only see tokens 0..149.
+        assert torch.equal(first[name][:149], second[name][:149]), name
+        assert not torch.equal(first[name][149:], second[name][149:]), name
+
+
+def test_every_target_is_scored_once():
+    tokens = torch.randint(0, 256, (257,))
+    per_token, totals = run_eval(tokens)
+    for name in ("model", "knn"):
+        assert per_token[name].numel() == 256
+        assert totals[name].reduced(CPU)[2] == 256
+
+
+def test_lambda_zero_reproduces_the_memory_only_score():
+    tokens = torch.randint(0, 256, (200,))
+    per_token, _ = run_eval(tokens, knn_lambda=0.0)
+    torch.testing.assert_close(per_token["knn"], per_token["model"], atol=1e-6, rtol=0)
+
+
+def test_knn_helps_on_repeated_text():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (100,)).repeat(4)
+    per_token, _ = run_eval(tokens, knn_lambda=0.5)
+    assert per_token["knn"][200:].mean() < per_token["model"][200:].mean()
+
+
+def test_mixture_is_a_normalized_distribution():
+    torch.manual_seed(0)
+    log_probs = torch.log_softmax(torch.randn(6, 50), dim=-1)
+    sims = torch.rand(6, 4).sort(dim=1, descending=True).values
+    sims[0] = -float("inf")  # no neighbours yet
+    sims[1, 2:] = -float("inf")
+    targets = torch.randint(0, 50, (6, 4))
+    lam = train_gpt.knn_lambda(sims, 0.9)
+    mixed = train_gpt.knn_mix(log_probs, sims, targets, 10.0, lam)
+    torch.testing.assert_close(mixed.exp().sum(-1), torch.ones(6), atol=1e-5, rtol=0)
+    assert lam[0] == 0 and (lam < 1).all()
+
+
+def test_the_mixture_cannot_receive_the_target():
+    for function in (train_gpt.knn_mix, train_gpt.knn_lambda):
+        assert not any("target" == name for name in inspect.signature(function).parameters)
+
+
+def test_knn_store_finds_exact_neighbours_and_ignores_empty_slots():
+    store = train_gpt.KnnStore(10, 4, torch.device("cpu"))
+    keys = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)
+    store.add(keys, torch.arange(6))
+    sims, targets = store.search(keys[2:3], 3, chunk=4)
+    assert targets[0, 0] == 2 and sims[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert (targets[0] < 6).all()
+
+
+def test_knn_store_overwrites_the_oldest_entries_when_full():
+    store = train_gpt.KnnStore(4, 2, torch.device("cpu"))
+    store.add(torch.ones(3, 2), torch.tensor([0, 1, 2]))
+    store.add(torch.ones(3, 2), torch.tensor([3, 4, 5]))
+    assert store.size == 4 and sorted(store.targets.tolist()) == [2, 3, 4, 5]
+
+
+def test_eval_arguments_are_validated():
+    with pytest.raises(ValueError, match="EVAL_STRIDE"):
+        tiny_args(eval_stride=64, eval_seq_len=32)

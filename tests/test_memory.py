@@ -1,0 +1,113 @@
+import math
+
+import torch
+import torch.nn.functional as F
+from conftest import tiny_args, train_gpt
+
+
+def memory_with_addresses(addresses: torch.Tensor, value_dim: int = 6, **overrides):
+    args = tiny_args(eam_locations=max(64, addresses.size(0)), eam_key_dim=addresses.size(1),
+                     **overrides)
+    memory = train_gpt.ElasticMemory(args, value_dim, torch.device("cpu"))
+    memory.addresses[: addresses.size(0)] = addresses
+    memory.size = addresses.size(0)
+    return memory
+
+
+def test_writes_in_one_region_leave_other_locations_untouched():
+    memory = memory_with_addresses(torch.eye(8))
+    memory.accumulate(torch.eye(8)[:2], torch.randn(2, 6))
+    before = memory.counters.clone()
+    query = torch.eye(8)[:1]
+    read_before = train_gpt.read_memory(query, memory.tables(), 4, 20.0, 0.0)
+    memory.accumulate(torch.eye(8)[5:7], torch.randn(2, 6))
+    assert torch.equal(memory.counters[:5], before[:5])
+    assert torch.equal(memory.counters[7:8], before[7:8])
+    read_after = train_gpt.read_memory(query, memory.tables(), 4, 20.0, 0.0)
+    torch.testing.assert_close(read_after, read_before, atol=1e-6, rtol=0)
+
+
+def test_memories_from_two_halves_sum_to_the_whole():
+    torch.manual_seed(0)
+    addresses = F.normalize(torch.randn(32, 8), dim=1)
+    keys, values = F.normalize(torch.randn(500, 8), dim=1), torch.randn(500, 6)
+    whole, first, second = (memory_with_addresses(addresses) for _ in range(3))
+    whole.accumulate(keys, values)
+    first.accumulate(keys[:250], values[:250])
+    second.accumulate(keys[250:], values[250:])
+    torch.testing.assert_close(first.counters + second.counters, whole.counters)
+    torch.testing.assert_close(first.counts + second.counts, whole.counts)
+
+
+def test_splits_and_merges_conserve_mass():
+    torch.manual_seed(0)
+    memory = memory_with_addresses(F.normalize(torch.randn(4, 8), dim=1), eam_split_count=5.0,
+                                   eam_merge_threshold=0.5)
+    memory.accumulate(F.normalize(torch.randn(200, 8), dim=1), torch.randn(200, 6))
+    mass = (memory.counts.sum(), memory.counters.sum(0))
+    memory.split_overloaded()
+    assert memory.events["splits"] > 0
+    torch.testing.assert_close((memory.counts.sum(), memory.counters.sum(0)), mass)
+    merged = memory.merge_duplicates()
+    assert merged > 0
+    torch.testing.assert_close((memory.counts.sum(), memory.counters.sum(0)), mass)
+
+
+def test_a_single_stored_key_reads_back_its_exact_pattern():
+    memory = train_gpt.ElasticMemory(tiny_args(), 6, torch.device("cpu"))
+    key, value = F.normalize(torch.randn(1, 8), dim=1), torch.randn(1, 6)
+    memory.organize(key, value)
+    assert memory.size == 1
+    readout = train_gpt.read_memory(key, memory.tables(), 4, 20.0, 0.0)
+    torch.testing.assert_close(readout, value)
+
+
+def test_empty_locations_never_contribute_to_a_read():
+    memory = memory_with_addresses(torch.eye(8))
+    memory.accumulate(torch.eye(8)[:1], torch.ones(1, 6))
+    tables = memory.tables()
+    assert tables.addresses.size(0) == 1
+    # The query sits on an empty location; the only written pattern must come back undiluted.
+    readout = train_gpt.read_memory(torch.eye(8)[3:4], tables, 4, 20.0, 0.0)
+    torch.testing.assert_close(readout, torch.ones(1, 6))
+
+
+def test_read_is_differentiable_with_respect_to_the_query():
+    torch.manual_seed(0)
+    memory = memory_with_addresses(F.normalize(torch.randn(16, 8), dim=1))
+    memory.accumulate(F.normalize(torch.randn(100, 8), dim=1), torch.randn(100, 6))
+    query = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
+    train_gpt.read_memory(query, memory.tables(), 4, 20.0, 0.0).square().sum().backward()
+    assert query.grad is not None and query.grad.abs().sum() > 0
+
+
+def test_colliding_pulls_compose_like_sequential_updates():
+    address = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
+    key = torch.tensor([0.0, 1.0])
+    rates = torch.tensor([0.3, 0.5])
+    pulled = train_gpt.pull_addresses(address, torch.tensor([0, 0]), key.expand(2, 2), rates)
+    sequential = address[0]
+    for rate in rates:
+        sequential = sequential + rate * (key - sequential)
+    torch.testing.assert_close(pulled[0], F.normalize(sequential, dim=0))
+
+
+def usage_entropy(gamma: float) -> float:
+    torch.manual_seed(0)
+    centers = F.normalize(torch.randn(4, 16), dim=1)
+    keys = F.normalize(centers.repeat(300, 1) + 0.05 * torch.randn(1200, 16), dim=1)
+    keys = keys[torch.randperm(1200)]
+    memory = memory_with_addresses(F.normalize(torch.randn(32, 16), dim=1), eam_gamma=gamma,
+                                   eam_novelty=-1.0, eam_write_k=1, eam_split_count=1e9,
+                                   eam_eta=0.5, eam_tau=5.0)
+    for begin in range(0, 1200, 50):
+        memory.organize(keys[begin: begin + 50], torch.zeros(50, 6))
+    memory.reset_counters()
+    memory.accumulate(keys, torch.zeros(1200, 6))
+    share = memory.counts[: memory.size] / memory.counts.sum()
+    share = share[share > 0]
+    return -(share * share.log()).sum().item() / math.log(memory.size)
+
+
+def test_conscience_spreads_writes_on_clustered_data():
+    assert usage_entropy(gamma=1.0) > usage_entropy(gamma=0.0) + 0.05

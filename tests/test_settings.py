@@ -1,0 +1,51 @@
+import pytest
+from conftest import train_gpt
+
+Hyperparameters = train_gpt.Hyperparameters
+
+
+def test_competition_defaults_and_run_id():
+    args = Hyperparameters.from_env({})
+    assert args.profile == "competition"
+    assert args.max_wallclock_seconds == 600.0
+    assert args.val_tokens == 0
+    assert args.size_limit == 16_000_000
+    assert args.run_id == "competition_seed1337"
+
+
+@pytest.mark.parametrize("profile", ["cpu_smoke", "cpu_proxy"])
+def test_cpu_profiles_use_demo_data_and_cap_validation(profile):
+    args = Hyperparameters.from_env({"PROFILE": profile})
+    assert args.data_path == train_gpt.DEMO_DATA
+    assert args.val_tokens == 65536
+    assert args.compile is False
+
+
+def test_any_setting_overrides_the_profile():
+    args = Hyperparameters.from_env({"PROFILE": "cpu_smoke", "MODEL_DIM": "64", "SEED": "7",
+                                     "DEC_SEES_ENCODER": "false", "KNN_LAMBDA": "0.25"})
+    assert (args.model_dim, args.seed, args.dec_sees_encoder, args.knn_lambda) == (64, 7, False,
+                                                                                   0.25)
+    assert args.run_id == "cpu_smoke_seed7"
+
+
+@pytest.mark.parametrize("environ, variable", [
+    ({"PROFILE": "gpu_huge"}, "PROFILE"),
+    ({"MODEL_DIM": "wide"}, "MODEL_DIM"),
+    ({"COMPILE": "maybe"}, "COMPILE"),
+    ({"VAL_TOKENS": "-5"}, "VAL_TOKENS"),
+    ({"KNN_LAMBDA": "1.0"}, "KNN_LAMBDA"),
+    ({"EVAL_STRIDE": "0"}, "EVAL_STRIDE"),
+    ({"ENC_LAYERS": "99"}, "ENC_LAYERS"),
+    ({"QUANT_BITS": "4"}, "QUANT_BITS"),
+    ({"TEACHER_TIME_FRAC": "0.9"}, "TEACHER_TIME_FRAC"),
+])
+def test_bad_values_name_the_variable(environ, variable):
+    with pytest.raises(ValueError, match=variable):
+        Hyperparameters.from_env(environ)
+
+
+def test_settings_are_frozen():
+    args = Hyperparameters.from_env({})
+    with pytest.raises(AttributeError):
+        args.seed = 3
