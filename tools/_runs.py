@@ -1,0 +1,255 @@
+"""Shared helpers for tools/seed_sweep.py and tools/ablate.py: launch a training run, read its log.
+
+Both tools do the same two things around `train_gpt.py`: start it with some environment variables
+(one process or torchrun) while keeping its output, and read its log back through
+`train_gpt.parse_log` (the one log parser). Keeping that here means the two tools cannot drift
+apart in how a run is started, where its log is looked for, or when a run counts as finished.
+Nothing runs at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import train_gpt  # noqa: E402  (the repo root has to be on sys.path first)
+
+TRAIN_SCRIPT = REPO_ROOT / "train_gpt.py"
+# Directory (relative to the working directory of the run) where train_gpt.py writes RUN_ID.txt.
+TRAIN_LOG_DIR = Path("logs")
+# The stages that read training data: their time counts against the training budget.
+TRAIN_STAGES = ("teacher", "eam_write", "distill")
+STAGES = ("teacher", "eam_write", "distill", "pack", "eval")
+# Settings that set the budget: an ablation variant changing them is not a like-for-like run.
+BUDGET_SETTINGS = ("MAX_WALLCLOCK_SECONDS", "TEACHER_TIME_FRAC", "EAM_TIME_FRAC",
+                   "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS",
+                   "DISTILL_KEY_ITERATIONS", "VAL_TOKENS")
+SCORE_RECORD = "final_eam_knn_roundtrip_exact"
+MEMORY_RECORD = "final_eam_roundtrip_exact"
+TEACHER_RECORD = "teacher_reference_exact"
+
+
+@dataclass
+class Run:
+    """One training run, launched here or read back from its log."""
+
+    label: str
+    log_path: Path | None
+    returncode: int | None = None  # None when the log was only collected, not run here
+    records: dict[str, dict[str, str]] = field(default_factory=dict)
+    status: str = "ok"  # ok | failed | incomplete | missing
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_env_pairs(pairs: Iterable[str] | None, option: str = "--env") -> dict[str, str]:
+    """['KEY=VALUE', ...] -> {KEY: VALUE}; a malformed pair raises ValueError naming it."""
+    env: dict[str, str] = {}
+    for pair in pairs or ():
+        key, separator, value = pair.partition("=")
+        key = key.strip()
+        if not separator or not key.isidentifier():
+            raise ValueError(f"{option} {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def training_command(nproc: int, override: str | None = None,
+                     script: Path = TRAIN_SCRIPT) -> list[str]:
+    """`python train_gpt.py` for one process, `torchrun --standalone ...` for several.
+
+    `override` (a shell-quoted string) replaces the whole command; the tests use it to run a fake
+    trainer, and it can point at another interpreter or wrapper.
+    """
+    if override:
+        return shlex.split(override)
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: must be at least 1")
+    if nproc == 1:
+        return [sys.executable, str(script)]
+    launcher = shutil.which("torchrun")
+    prefix = [launcher] if launcher else [sys.executable, "-m", "torch.distributed.run"]
+    return [*prefix, "--standalone", f"--nproc_per_node={nproc}", str(script)]
+
+
+def setting_names() -> set[str]:
+    return {f.name.upper() for f in dataclasses.fields(train_gpt.Hyperparameters)}
+
+
+def check_settings(overrides: Mapping[str, str], base: Mapping[str, str] | None = None) -> None:
+    """Fail before a long run, not after: build the Hyperparameters the run itself will build.
+
+    Raises ValueError (train_gpt's own message, naming the variable) for a bad value.
+    """
+    environ = dict(os.environ if base is None else base)
+    environ.update(overrides)
+    train_gpt.Hyperparameters.from_env(environ)
+
+
+def unknown_settings(overrides: Mapping[str, str]) -> list[str]:
+    """Keys that are not train_gpt settings (passed through as plain environment variables)."""
+    known = setting_names() | {"PROFILE"}
+    return sorted(key for key in overrides if key not in known)
+
+
+# ------------------------------------------------------------------------------------------------
+# Running
+# ------------------------------------------------------------------------------------------------
+
+
+def launch(command: Sequence[str], env: Mapping[str, str], output_path: Path,
+           echo: bool = True, cwd: Path | None = None) -> int:
+    """Run `command` with `env` added to this environment; stdout and stderr go to `output_path`
+    (and to this terminal when `echo`). Returns the exit status (127 if it could not start)."""
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **env}
+    with output_path.open("w", encoding="utf-8") as sink:
+        sink.write(f"# command: {shlex.join(command)}\n")
+        sink.write("# env: " + " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items()) + "\n")
+        sink.flush()
+        try:
+            process = subprocess.Popen(list(command), env=full_env, cwd=cwd,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, errors="replace", bufsize=1)
+        except OSError as error:
+            message = f"could not start {command[0]!r}: {error}"
+            sink.write(message + "\n")
+            print(message, file=sys.stderr)
+            return 127
+        try:
+            assert process.stdout is not None
+            for line in process.stdout:
+                sink.write(line)
+                if echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+            return process.wait()
+        except KeyboardInterrupt:
+            process.terminate()
+            process.wait()
+            raise
+
+
+def run_training(label: str, command: Sequence[str], env: Mapping[str, str], logs_dir: Path,
+                 required: Sequence[str] = (SCORE_RECORD,), echo: bool = True) -> Run:
+    """Launch one run with RUN_ID=env['RUN_ID'] and read its log back.
+
+    train_gpt.py writes logs/RUN_ID.txt under the working directory; a stale file of that name is
+    removed first (the run would truncate it anyway), so a run that dies before logging is never
+    mistaken for an old complete one. The raw stdout/stderr is kept in
+    LOGS_DIR/RUN_ID.stdout.txt, and the log is copied into LOGS_DIR when that is elsewhere.
+    """
+    run_id = env["RUN_ID"]
+    train_log = TRAIN_LOG_DIR / f"{run_id}.txt"
+    target = logs_dir / f"{run_id}.txt"
+    for stale in {train_log.resolve(), target.resolve()}:
+        stale.unlink(missing_ok=True)
+    output_path = logs_dir / f"{run_id}.stdout.txt"
+    print(f"[{label}] {shlex.join(command)}  ({' '.join(f'{k}={v}' for k, v in env.items())})",
+          flush=True)
+    returncode = launch(command, env, output_path, echo=echo)
+    if train_log.exists() and train_log.resolve() != target.resolve():
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(train_log, target)
+    run = read_run(label, target if target.exists() else None, required, returncode)
+    if run.log_path is None:
+        run.detail += f"; output in {output_path}"
+    return run
+
+
+def read_run(label: str, log_path: Path | None, required: Sequence[str] = (SCORE_RECORD,),
+             returncode: int | None = None) -> Run:
+    """Parse a log (train_gpt.parse_log) and decide: failed (non-zero exit), missing (no log),
+    incomplete (a required final record is absent) or ok."""
+    run = Run(label=label, log_path=log_path, returncode=returncode)
+    if log_path is not None and log_path.exists():
+        run.records = train_gpt.parse_log(log_path.read_text(encoding="utf-8", errors="replace"))
+    absent = [name for name in required if name not in run.records]
+    if returncode not in (None, 0):
+        run.status, run.detail = "failed", f"exit status {returncode}"
+    elif log_path is None or not log_path.exists():
+        run.status, run.detail = "missing", f"no log {log_path}" if log_path else "no log"
+    elif absent:
+        run.status, run.detail = "incomplete", "no " + ", ".join(absent) + " line"
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading records
+# ------------------------------------------------------------------------------------------------
+
+
+def number(records: Mapping[str, Mapping[str, str]], record: str, key: str) -> float | None:
+    """records[record][key] as a float, None when absent or not a number."""
+    try:
+        return float(records[record][key])
+    except (KeyError, ValueError):
+        return None
+
+
+def stage_times_ms(records: Mapping[str, Mapping[str, str]]) -> dict[str, float | None]:
+    return {stage: number(records, f"stage:{stage}", "time_ms") for stage in STAGES}
+
+
+def train_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
+    """Sum of the training stages' time_ms (teacher, eam_write, distill), in seconds."""
+    times = [number(records, f"stage:{stage}", "time_ms") for stage in TRAIN_STAGES]
+    return None if any(t is None for t in times) else sum(times) / 1000  # type: ignore[arg-type]
+
+
+def eval_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
+    ms = number(records, "stage:eval", "time_ms")
+    if ms is None:
+        ms = number(records, SCORE_RECORD, "eval_time_ms")
+    return None if ms is None else ms / 1000
+
+
+def changed_settings(records: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Settings in a log that differ from its profile's defaults (RUN_ID, ARTIFACT_PATH aside)."""
+    logged = records.get("settings", {})
+    try:
+        profile = logged.get("PROFILE", "competition")
+        defaults = train_gpt.Hyperparameters.from_env({"PROFILE": profile})
+    except ValueError:
+        return {}
+    changed = {}
+    for f in dataclasses.fields(defaults):
+        name = f.name.upper()
+        if name in logged and name not in ("PROFILE", "RUN_ID", "ARTIFACT_PATH"):
+            if logged[name] != str(getattr(defaults, f.name)):
+                changed[name] = logged[name]
+    return changed
+
+
+def fmt(value: object, digits: int = 4) -> str:
+    """A table cell: '-' for missing values, fixed decimals for floats."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,235 @@
+"""Run named variants of train_gpt.py under one profile and compare them in one table.
+
+Deciding whether a change helps needs like-for-like runs: the same profile (the same time
+budget and data), one setting changed at a time, and every number that matters side by side:
+the teacher's bpb, the memory path alone, memory + kNN (the score), the artifact size and where
+the time went. This tool runs the variants one after another (RUN_ID=ablate_NAME, each with its
+own artifact), reads their logs with train_gpt.parse_log, and prints a markdown table sorted by
+the memory + kNN bpb; `--collect-only` rebuilds the table from existing logs.
+
+    python tools/ablate.py --profile cpu_proxy --variant base --variant xsa0:XSA_LAYERS=0 \\
+        --variant "wide:MODEL_DIM=256,NUM_HEADS=8"
+    python tools/ablate.py --variants-json variants.json --collect-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+TOOLS_DIR = Path(__file__).resolve().parent
+if str(TOOLS_DIR) not in sys.path:
+    sys.path.insert(0, str(TOOLS_DIR))
+
+import _runs  # noqa: E402  (tools/ has to be on sys.path first)
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RUN_PREFIX = "ablate_"
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
+    """'NAME' or 'NAME:KEY=VAL,KEY=VAL' -> (NAME, {KEY: VAL})."""
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not NAME_PATTERN.match(name):
+        raise ValueError(f"--variant {spec!r}: the name must be letters, digits, '_', '.', '-'")
+    pairs = [pair for pair in rest.split(",") if pair.strip()]
+    return name, _runs.parse_env_pairs([p.strip() for p in pairs], f"--variant {name}:")
+
+
+def load_variants(specs: Sequence[str], json_path: Path | None) -> dict[str, dict[str, str]]:
+    variants: dict[str, dict[str, str]] = {}
+    if json_path is not None:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError(f"{json_path}: expected an object {{name: {{KEY: VALUE}}}}")
+        for name, env in data.items():
+            if not NAME_PATTERN.match(name) or not isinstance(env, dict):
+                raise ValueError(f"{json_path}: bad variant {name!r} (name or settings object)")
+            variants[name] = _runs.parse_env_pairs([f"{k}={v}" for k, v in env.items()],
+                                                   f"{json_path} {name}:")
+    for spec in specs:
+        name, env = parse_variant(spec)
+        if name in variants:
+            raise ValueError(f"variant {name!r} given twice")
+        variants[name] = env
+    return variants
+
+
+def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
+    """One table row from a run's parsed log."""
+    records = run.records
+    return dict(
+        name=name, env=env, status=run.status, detail=run.detail, returncode=run.returncode,
+        log=str(run.log_path) if run.log_path else None,
+        teacher_bpb=_runs.number(records, _runs.TEACHER_RECORD, "val_bpb"),
+        memory_bpb=_runs.number(records, _runs.MEMORY_RECORD, "val_bpb"),
+        knn_bpb=_runs.number(records, _runs.SCORE_RECORD, "val_bpb"),
+        total_bytes=(None if _runs.number(records, "artifact", "total_bytes") is None
+                     else int(_runs.number(records, "artifact", "total_bytes"))),
+        stage_time_ms=_runs.stage_times_ms(records),
+        changed_settings=_runs.changed_settings(records),
+        profile=records.get("header", {}).get("profile"))
+
+
+def sort_key(row: dict) -> tuple:
+    """By memory + kNN bpb, then memory-only bpb; missing values last."""
+    knn, memory = row["knn_bpb"], row["memory_bpb"]
+    return (knn is None, knn or 0.0, memory is None, memory or 0.0, row["name"])
+
+
+def table(rows: list[dict]) -> str:
+    headers = ["variant", "status", "teacher bpb", "memory bpb", "memory+kNN bpb",
+               "total bytes", *(f"{stage} ms" for stage in _runs.STAGES),
+               "changed settings"]
+    body = []
+    for row in rows:
+        status = row["status"] + (f" ({row['detail']})" if row["detail"] else "")
+        times = [None if row["stage_time_ms"][s] is None else int(row["stage_time_ms"][s])
+                 for s in _runs.STAGES]
+        changed = row["changed_settings"] or row["env"]
+        settings = ",".join(f"{k}={v}" for k, v in changed.items()) or None
+        body.append([row["name"], status, _runs.fmt(row["teacher_bpb"]),
+                     _runs.fmt(row["memory_bpb"]), _runs.fmt(row["knn_bpb"]),
+                     row["total_bytes"], *times, settings])
+    return _runs.markdown_table(headers, body)
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"--plot {path}: matplotlib is not installed (pip install matplotlib); "
+              "no plot written", file=sys.stderr)
+        return False
+    names = [row["name"] for row in rows]
+    series = [("teacher", "teacher_bpb"), ("memory", "memory_bpb"), ("memory+kNN", "knn_bpb")]
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4))
+    width = 0.8 / len(series)
+    for index, (label, key) in enumerate(series):
+        xs = [i + (index - 1) * width for i in range(len(rows))]
+        axis.bar(xs, [row[key] if row[key] is not None else 0.0 for row in rows], width,
+                 label=label)
+    axis.set_xticks(range(len(rows)), names, rotation=30, ha="right")
+    axis.set_ylabel("val_bpb (lower is better)")
+    present = [row[k] for row in rows for _, k in series if row[k] is not None]
+    if present:
+        axis.set_ylim(min(present) * 0.98, max(present) * 1.02)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Run named variants of train_gpt.py under one profile (same budget) and "
+                    "compare teacher, memory and memory+kNN bpb, artifact bytes and stage times.")
+    parser.add_argument("--profile", default=None,
+                        help="PROFILE for every variant (default: $PROFILE or cpu_proxy)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME[:K=V,K=V]",
+                        help="a variant: a name and its settings, e.g. xsa0:XSA_LAYERS=0 "
+                             "(repeatable; 'base' with no settings is the reference)")
+    parser.add_argument("--variants-json", type=Path, default=None,
+                        help="a JSON file {name: {KEY: VALUE}} of variants")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable applied to all variants (repeatable)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run (1: python, >1: torchrun)")
+    parser.add_argument("--logs-dir", type=Path, default=_runs.TRAIN_LOG_DIR,
+                        help="where the logs are kept and read back (default: logs)")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="do not run: rebuild the table from existing logs "
+                             "(LOGS_DIR/ablate_NAME.txt; every such log if no variant is given)")
+    parser.add_argument("--command", default=None,
+                        help="replace the training command (a shell-quoted string; for tests "
+                             "and wrappers)")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output")
+    parser.add_argument("--out", type=Path, default=Path("ablation.json"),
+                        help="JSON results file (default: %(default)s)")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="also draw a bar chart to this PNG (needs matplotlib)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    profile = args.profile or os.environ.get("PROFILE", "cpu_proxy")
+    try:
+        variants = load_variants(args.variant, args.variants_json)
+        common = _runs.parse_env_pairs(args.env)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    if args.collect_only:
+        if not variants:
+            variants = {path.stem[len(RUN_PREFIX):]: {}
+                        for path in sorted(args.logs_dir.glob(f"{RUN_PREFIX}*.txt"))
+                        if not path.name.endswith(".stdout.txt")}
+        if not variants:
+            print(f"error: no variants given and no {RUN_PREFIX}*.txt in {args.logs_dir}",
+                  file=sys.stderr)
+            return 2
+        runs = {name: _runs.read_run(name, args.logs_dir / f"{RUN_PREFIX}{name}.txt",
+                                     required=(_runs.MEMORY_RECORD,))
+                for name in variants}
+    else:
+        if not variants:
+            print("error: give at least one --variant or --variants-json", file=sys.stderr)
+            return 2
+        try:
+            command = _runs.training_command(args.nproc, args.command)
+            for env in variants.values():
+                _runs.check_settings({**common, **env, "PROFILE": profile})
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        for name, env in variants.items():
+            budget = sorted(set(env) & set(_runs.BUDGET_SETTINGS))
+            if budget:
+                print(f"warning: variant {name} changes the budget ({', '.join(budget)}): "
+                      "not a like-for-like comparison", file=sys.stderr)
+        unknown = _runs.unknown_settings({k: v for e in [common, *variants.values()]
+                                          for k, v in e.items()})
+        if unknown:
+            print(f"note: not train_gpt settings, passed as plain environment: {unknown}")
+        runs = {}
+        for name, env in variants.items():
+            run_id = f"{RUN_PREFIX}{name}"
+            full_env = {**common, **env, "PROFILE": profile, "RUN_ID": run_id,
+                        "ARTIFACT_PATH": f"{run_id}.eam"}
+            runs[name] = _runs.run_training(name, command, full_env, args.logs_dir,
+                                            required=(_runs.MEMORY_RECORD,),
+                                            echo=not args.quiet)
+
+    rows = sorted((collect(name, variants[name], run) for name, run in runs.items()),
+                  key=sort_key)
+    profiles = sorted({row["profile"] for row in rows if row["profile"]})
+    print()
+    print(f"profile: {', '.join(profiles) or profile}")
+    print(table(rows))
+    if len(profiles) > 1:
+        print(f"warning: the logs come from different profiles {profiles}", file=sys.stderr)
+    args.out.write_text(json.dumps(dict(profile=profiles[0] if len(profiles) == 1 else profiles,
+                                        variants=rows), indent=2) + "\n", encoding="utf-8")
+    print(f"\nwrote {args.out}")
+    if args.plot is not None and plot(rows, args.plot):
+        print(f"wrote {args.plot}")
+    failed = [row["name"] for row in rows if row["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} variant(s) failed or incomplete: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Audit an artifact against the 16,000,000-byte rule, component by component.
+
+The challenge counts the UTF-8 bytes of train_gpt.py as it is on disk plus the bytes of the
+compressed model. This tool answers "does it fit, by how much, and where do the bytes go?" for an
+artifact on disk, using train_gpt's own accounting (artifact_accounting), reader (read_artifact,
+which checks the magic, version and sha256) and per-component sizes (component_sizes), so the
+audit can never disagree with the packer.
+
+    python tools/size_audit.py                          # train_gpt.py + final_model.eam
+    python tools/size_audit.py --artifact run.eam --json
+
+Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or foreign file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import train_gpt  # noqa: E402  (the repo root has to be on sys.path first)
+
+DEFAULTS = train_gpt.Hyperparameters()
+
+
+def audit(code: Path, artifact: Path, limit: int, zstd_level: int) -> dict:
+    """Sizes of the artifact's components and the code + artifact total against `limit`.
+
+    Raises ValueError naming the file when either file cannot be read as what it should be.
+    """
+    if not code.is_file():
+        raise ValueError(f"{code}: code file not found")
+    if not artifact.is_file():
+        raise ValueError(f"{artifact}: artifact not found")
+    try:
+        settings, _, arrays = train_gpt.read_artifact(artifact)
+    except ValueError:
+        raise
+    except Exception as error:  # a foreign payload behind a valid prefix: zstd, JSON, layout
+        raise ValueError(f"{artifact}: unreadable artifact ({type(error).__name__}: {error})"
+                         ) from error
+    sizes = train_gpt.artifact_accounting(code, artifact, limit)
+    components = [dict(group=group, raw_bytes=raw, zstd_bytes=packed)
+                  for group, (raw, packed) in train_gpt.component_sizes(arrays,
+                                                                        zstd_level).items()]
+    components.sort(key=lambda c: -c["zstd_bytes"])
+    return dict(code=str(code), artifact=str(artifact), components=components, **sizes,
+                fits=sizes["total_bytes"] <= limit, settings=settings)
+
+
+def report_text(result: dict) -> str:
+    width = max([len("component")] + [len(c["group"]) for c in result["components"]])
+    lines = [f"{'component':<{width}}  {'raw bytes':>12}  {'zstd alone':>12}  {'share':>6}"]
+    packed_sum = sum(c["zstd_bytes"] for c in result["components"]) or 1
+    for c in result["components"]:
+        lines.append(f"{c['group']:<{width}}  {c['raw_bytes']:>12,}  {c['zstd_bytes']:>12,}  "
+                     f"{100 * c['zstd_bytes'] / packed_sum:>5.1f}%")
+    lines.append(f"{'(sum)':<{width}}  {sum(c['raw_bytes'] for c in result['components']):>12,}"
+                 f"  {sum(c['zstd_bytes'] for c in result['components']):>12,}")
+    lines.append("(zstd alone: each group compressed by itself; the artifact compresses them "
+                 "together)")
+    lines.append("")
+    for label, key in (("code bytes", "code_bytes"), ("artifact bytes", "model_bytes"),
+                       ("total bytes", "total_bytes"), ("limit", "limit"), ("margin", "margin")):
+        lines.append(f"{label:<15}{result[key]:>14,}")
+    if result["fits"]:
+        lines.append(f"OK: fits, {result['margin']:,} bytes to spare ({result['code']} + "
+                     f"{result['artifact']})")
+    else:
+        lines.append(f"OVER the limit by {-result['margin']:,} bytes ({result['code']} + "
+                     f"{result['artifact']})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Per-component sizes of an eam-golf artifact and the code + artifact total "
+                    "against the byte limit. Exit 0 fits, 1 over, 2 unreadable.")
+    parser.add_argument("--code", type=Path, default=Path("train_gpt.py"),
+                        help="the code file that is counted (default: %(default)s)")
+    parser.add_argument("--artifact", type=Path, default=Path(DEFAULTS.artifact_path),
+                        help="the compressed model (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=DEFAULTS.size_limit,
+                        help="byte limit for code + artifact (default: %(default)s)")
+    parser.add_argument("--zstd-level", type=int, default=DEFAULTS.zstd_level,
+                        help="zstd level for the per-component sizes (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = audit(args.code, args.artifact, args.limit, args.zstd_level)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(dict(error=str(error))))
+        return 2
+    print(json.dumps(result, indent=2) if args.json else report_text(result))
+    return 0 if result["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
