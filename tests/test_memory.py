@@ -111,3 +111,22 @@ def usage_entropy(gamma: float) -> float:
 
 def test_conscience_spreads_writes_on_clustered_data():
     assert usage_entropy(gamma=1.0) > usage_entropy(gamma=0.0) + 0.05
+
+
+def test_iterative_read_completes_a_stored_pattern():
+    torch.manual_seed(0)
+    projection = torch.randn(16, 8) / 4
+    patterns = torch.randn(4, 16)
+    # Each pattern is stored at the address its own re-key points to: a fixed point of the read.
+    tables = train_gpt.MemoryTables(F.normalize(patterns @ projection, dim=1), patterns,
+                                    torch.zeros(4))
+    query = F.normalize(tables.addresses[:1] + F.normalize(torch.randn(1, 8), dim=1), dim=1)
+    one_step = tiny_args(eam_read_k=4, eam_read_beta=8.0)
+    first, residuals = train_gpt.read_memory_iterative(query, tables, projection, one_step)
+    assert residuals == []
+    torch.testing.assert_close(first, train_gpt.read_memory(query, tables, 4, 8.0, 0.0))
+    args = tiny_args(eam_read_k=4, eam_read_beta=8.0, eam_read_steps=8, eam_read_damping=0.5)
+    final, residuals = train_gpt.read_memory_iterative(query, tables, projection, args)
+    assert len(residuals) == 7 and residuals[-1] < 0.2 * residuals[0]
+    cosine = [F.cosine_similarity(read, patterns[:1]).item() for read in (first, final)]
+    assert cosine[1] > cosine[0] and cosine[1] > 0.99, cosine
