@@ -146,11 +146,15 @@ class Hyperparameters:
     eam_batch: int = 8192
     eam_read_steps: int = 1
     eam_read_damping: float = 0.5
+    eam_read_tol: float = 0.0
     # Distillation.
     enc_layers: int = 5
+    enc_recur_steps: int = 1
+    eval_enc_recur_steps: int = 0
     enc_init_from_teacher: bool = True
     dec_hidden: int = 1024
     dec_sees_encoder: bool = True
+    dec_prior_rank: int = 0
     distill_key_frac: float = 0.15
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
@@ -198,7 +202,8 @@ class Hyperparameters:
                     "train_seq_len", "train_batch_tokens", "grad_accum_world", "eam_locations",
                     "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "enc_layers",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k",
-                    "knn_chunk_tokens", "max_wallclock_seconds", "eam_read_steps"]
+                    "knn_chunk_tokens", "max_wallclock_seconds", "eam_read_steps",
+                    "enc_recur_steps"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
@@ -595,11 +600,14 @@ class GPTConfig:
     qk_gain_init: float
     ln_scale: bool
     xsa_layers: int
+    recur_steps: int = 1  # passes over the (weight-tied) blocks; the input re-enters each pass
 
     @classmethod
-    def from_args(cls, args: Hyperparameters, num_layers: int) -> GPTConfig:
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "num_layers"]
-        return cls(num_layers=num_layers, **{name: getattr(args, name) for name in names})
+    def from_args(cls, args: Hyperparameters, num_layers: int, recur_steps: int = 1) -> GPTConfig:
+        names = [f.name for f in dataclasses.fields(cls)
+                 if f.name not in ("num_layers", "recur_steps")]
+        return cls(num_layers=num_layers, recur_steps=recur_steps,
+                   **{name: getattr(args, name) for name in names})
 
 
 class Attention(nn.Module):
@@ -671,12 +679,16 @@ class GPT(nn.Module):
         head_dim = self.config.model_dim // self.config.num_heads
         cos, sin = rotary_tables(idx.size(1), self.config.rope_dims or head_dim,
                                  self.config.rope_base, idx.device)
-        x = self.embed(idx)
+        x = inputs = self.embed(idx)
         captured = None
-        for index, block in enumerate(self.blocks):
-            x = block(x, cos, sin)
-            if index + 1 == capture_layer:
-                captured = rms_norm(x)
+        for step in range(self.config.recur_steps):
+            # Recurrent depth: later passes re-inject the embedding, so extra passes refine the
+            # state instead of drifting from the tokens (one pass is the plain network).
+            x = x + inputs if step else x
+            for index, block in enumerate(self.blocks):
+                x = block(x, cos, sin)
+                if index + 1 == capture_layer:
+                    captured = rms_norm(x)
         final = rms_norm(x)
         return final, final if captured is None else captured
 
@@ -986,26 +998,38 @@ def read_memory(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float
     return F.embedding_bag(top_index, tables.patterns, per_sample_weights=weights, mode="sum")
 
 
-def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projection: torch.Tensor,
-                          args: Hyperparameters) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Pattern completion: re-key from the readout, damped, for EAM_READ_STEPS steps.
+def read_energy(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float) -> float:
+    """Hopfield-style energy -logsumexp(beta * top-k similarities) / beta, batch mean."""
+    top_sims = (queries @ tables.addresses.to(queries.dtype).T).topk(
+        min(k, tables.addresses.size(0)), dim=1).values
+    return (-torch.logsumexp(beta * top_sims.float(), dim=1) / beta).mean().item()
 
-    Gradients flow through the last step only, so memory use does not grow with the steps.
-    Returns the readout and the relative step-to-step residuals ||dz|| / ||z||.
+
+def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projection: torch.Tensor,
+                          args: Hyperparameters, trace: list | None = None) -> torch.Tensor:
+    """Equilibrium read (pattern completion): iterate the read toward a fixed point.
+
+    z_s = read(q_s), q_{s+1} = normalize(d q_0 + (1 - d) normalize(z_s P)): the readout is
+    re-keyed through the key projection P and the encoder's query q_0 is re-injected with
+    damping d = EAM_READ_DAMPING, for up to EAM_READ_STEPS reads or until the residual
+    ||z_{s+1} - z_s|| / ||z_s|| falls below EAM_READ_TOL. Earlier readouts are detached, so the
+    gradient reaches q_0 through the last read only and memory does not grow with the steps.
+    With a trace list, (residual, energy) of every extra step is appended to it.
     """
-    readout = read_memory(queries, tables, args.eam_read_k, args.eam_read_beta,
-                          args.eam_count_prior)
-    residuals = []
+    read_k, beta = args.eam_read_k, args.eam_read_beta
+    readout = read_memory(queries, tables, read_k, beta, args.eam_count_prior)
     for _ in range(args.eam_read_steps - 1):
         rekey = F.normalize(readout.detach() @ projection.to(readout.dtype), dim=-1)
-        queries = F.normalize(args.eam_read_damping * queries.detach()
-                              + (1 - args.eam_read_damping) * rekey, dim=-1)
-        following = read_memory(queries, tables, args.eam_read_k, args.eam_read_beta,
-                                args.eam_count_prior)
-        # Kept as tensors: only the log reads them, so the hot path never syncs.
-        residuals.append((following - readout).norm() / readout.norm().clamp_min(1e-9))
+        state = F.normalize(args.eam_read_damping * queries
+                            + (1 - args.eam_read_damping) * rekey, dim=-1)
+        following = read_memory(state, tables, read_k, beta, args.eam_count_prior)
+        residual = (following - readout).norm() / readout.norm().clamp_min(1e-9)
         readout = following
-    return readout, residuals
+        if trace is not None:
+            trace.append((residual.item(), read_energy(state, tables, read_k, beta)))
+        if args.eam_read_tol and residual.item() < args.eam_read_tol:
+            break
+    return readout
 
 
 class ElasticMemory:
@@ -1139,11 +1163,16 @@ class ElasticMemory:
 
     def _accumulate(self, top_index: torch.Tensor, weights: torch.Tensor,
                     values: torch.Tensor) -> None:
-        flat_index = top_index.flatten()
-        self.counts.index_add_(0, flat_index, weights.flatten())
-        # index_add_ aggregates colliding rows, so no update in a batch is lost.
-        weighted = (weights[:, :, None] * values[:, None, :]).flatten(0, 1)
-        self.counters.index_add_(0, flat_index, weighted)
+        # counters += S @ values, S [M, N] holding each key's k weights: the sparse product sums
+        # colliding rows (no update in a batch is lost) without N * k weighted copies of values.
+        num_keys, k = top_index.shape
+        flat_index, flat_weights = top_index.flatten(), weights.flatten().to(values.dtype)
+        columns = torch.arange(num_keys, device=values.device).repeat_interleave(k)
+        scatter = torch.sparse_coo_tensor(torch.stack([flat_index, columns]), flat_weights,
+                                          (self.counters.size(0), num_keys),
+                                          check_invariants=False)
+        self.counters += torch.sparse.mm(scatter, values)
+        self.counts.index_add_(0, flat_index, flat_weights)
 
     def tables(self) -> MemoryTables:
         """Non-empty locations only: empty ones must never dilute a read."""
@@ -1183,6 +1212,13 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         if (begin // batch) % 8 == 7:
             memory.merge_duplicates()
     memory.merge_duplicates()
+    if runtime.distributed:
+        # CUDA's index_add_ sums in no fixed order, so replicas could differ in the last bits:
+        # rank 0's organized addresses become everyone's.
+        size = torch.tensor(memory.size, device=runtime.device)
+        dist.broadcast(size, 0)
+        dist.broadcast(memory.addresses, 0)
+        memory.size = int(size.item())
     organize_ms = 1000 * (time.perf_counter() - started)
 
     # Accumulate: addresses frozen, every rank writes its own share, sums are exact.
@@ -1214,9 +1250,11 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     readout = read_memory(keys, tables, args.eam_read_k, args.eam_read_beta, args.eam_count_prior)
     cosine = F.cosine_similarity(readout, values, dim=1).mean().item()
     if args.eam_read_steps > 1:
-        _, residuals = read_memory_iterative(keys, tables, projection, args)
-        runtime.log("eam_read_residuals " + " ".join(
-            f"step{step}:{residual.item():.5f}" for step, residual in enumerate(residuals, 2)))
+        trace: list[tuple[float, float]] = []
+        read_memory_iterative(keys, tables, projection, args, trace)
+        runtime.log("eam_read_equilibrium " + " ".join(
+            f"step{step}_residual:{residual:.5f} step{step}_energy:{energy:.5f}"
+            for step, (residual, energy) in enumerate(trace, 2)))
     used = memory.counts[: memory.size]
     elapsed_ms = 1000 * (time.perf_counter() - started)
     runtime.log(f"stage:eam_write time_ms:{elapsed_ms:.0f} writes:{writes} "
@@ -1256,15 +1294,35 @@ class Decoder(nn.Module):
         return rms_norm(readout + self.proj(hidden))
 
 
+class VocabPrior(nn.Module):
+    """Low-rank word interaction: logits += U[previous token] V^T (rank DEC_PRIOR_RANK).
+
+    V starts at zero, so a fresh prior leaves the decoder's logits unchanged. Both tables are
+    embedding-like ("embed" in their names): Adam trains them and packing keeps them int8.
+    """
+
+    def __init__(self, vocab_size: int, rank: int):
+        super().__init__()
+        self.embed_previous = nn.Embedding(vocab_size, rank)
+        self.embed_next = nn.Linear(rank, vocab_size, bias=False)
+        nn.init.normal_(self.embed_previous.weight, std=rank**-0.5)
+        nn.init.zeros_(self.embed_next.weight)
+
+    def forward(self, previous: torch.Tensor) -> torch.Tensor:
+        return self.embed_next(self.embed_previous(previous)).float()
+
+
 class MemoryLM(nn.Module):
     """Encoder + memory + decoder: the model the artifact carries."""
 
     def __init__(self, args: Hyperparameters, tables: MemoryTables):
         super().__init__()
         self.args = args
-        self.encoder = GPT(GPTConfig.from_args(args, args.enc_layers))
+        self.encoder = GPT(GPTConfig.from_args(args, args.enc_layers, args.enc_recur_steps))
         self.key_head = nn.Linear(args.model_dim, args.eam_key_dim, bias=False)
         self.decoder = Decoder(args.model_dim, args.dec_hidden, args.dec_sees_encoder)
+        rank = args.dec_prior_rank
+        self.prior = VocabPrior(args.vocab_size, rank) if rank else None
         self.register_buffer("addresses", tables.addresses)
         self.register_buffer("patterns", tables.patterns)
         self.register_buffer("log_counts", tables.log_counts)
@@ -1281,11 +1339,12 @@ class MemoryLM(nn.Module):
     def query(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.key_head(features).float(), dim=-1)
 
-    def head(self, features: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """features [N, D], unit queries [N, K] -> (soft-capped logits [N, V], final hidden)."""
-        readout, _ = read_memory_iterative(queries, self.tables, self.projection, self.args)
-        hidden = self.decoder(readout.to(features.dtype), features)
-        return self.encoder.logits(hidden), hidden
+    def head(self, features: torch.Tensor, queries: torch.Tensor,
+             tokens: torch.Tensor) -> torch.Tensor:
+        """features [N, D], unit queries [N, K], current tokens [N] -> next-token logits [N, V]."""
+        readout = read_memory_iterative(queries, self.tables, self.projection, self.args)
+        logits = self.encoder.logits(self.decoder(readout.to(features.dtype), features))
+        return logits if self.prior is None else logits + self.prior(tokens)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor, teacher_keys: torch.Tensor,
                 teacher_logits: torch.Tensor | None) -> torch.Tensor:
@@ -1293,7 +1352,7 @@ class MemoryLM(nn.Module):
         queries = self.query(features)
         if teacher_logits is None:  # phase 1: keys only
             return 1 - (queries * teacher_keys).sum(-1).mean()
-        logits, _ = self.head(features, queries)
+        logits = self.head(features, queries, idx.flatten())
         loss = F.cross_entropy(logits, targets.reshape(-1))
         if self.args.distill_kl_weight:
             temperature = self.args.distill_temperature
@@ -1374,8 +1433,9 @@ ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 MODEL_SETTINGS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                   "mlp_leaky_slope", "logit_softcap", "rope_base", "rope_dims", "qk_gain_init",
                   "ln_scale", "xsa_layers", "eam_key_dim", "eam_read_k", "eam_read_beta",
-                  "eam_count_prior", "eam_read_steps", "eam_read_damping", "enc_layers",
-                  "dec_hidden", "dec_sees_encoder", "seed")
+                  "eam_count_prior", "eam_read_steps", "eam_read_damping", "eam_read_tol",
+                  "enc_layers", "enc_recur_steps", "dec_hidden", "dec_sees_encoder",
+                  "dec_prior_rank", "seed")
 
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1553,10 +1613,13 @@ def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> Path:
     return path
 
 
-def load_artifact(path: Path, device: torch.device) -> MemoryLM:
-    """Rebuild encoder + memory + decoder from the artifact bytes alone."""
+def load_artifact(path: Path, device: torch.device, overrides: dict | None = None) -> MemoryLM:
+    """Rebuild encoder + memory + decoder from the artifact bytes alone.
+
+    overrides: evaluation-time settings that change no weight (EVAL_ENC_RECUR_STEPS).
+    """
     settings, entries, arrays = read_artifact(path)
-    args = Hyperparameters(**{**settings, "eam_locations": 1})
+    args = Hyperparameters(**{**settings, "eam_locations": 1, **(overrides or {})})
     tensors = {}
     for name, entry in entries.items():
         if entry["kind"] == "fp16":
@@ -1739,7 +1802,7 @@ def student_scorer(model: MemoryLM):
     def score(inputs: torch.Tensor, mask: torch.Tensor):
         features = model.features(inputs)[mask]
         queries = model.query(features)
-        logits, _ = model.head(features, queries)
+        logits = model.head(features, queries, inputs[mask])
         return F.log_softmax(logits.float(), dim=-1), queries
     return score
 
@@ -1762,7 +1825,9 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
         runtime.log(f"teacher_reference_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                     f"tokens:{count} eval_time_ms:{1000 * (time.perf_counter() - started):.0f}")
     started = time.perf_counter()
-    model = load_artifact(path, runtime.device)
+    # Recurrent depth is a test-time-compute knob: more passes than in training, same weights.
+    overrides = dict(enc_recur_steps=args.eval_enc_recur_steps) if args.eval_enc_recur_steps else {}
+    model = load_artifact(path, runtime.device, overrides)
     use_knn = args.knn_lambda > 0
     results = evaluate(runtime, args, student_scorer(model), tokens, tables, use_knn)
     elapsed_ms = 1000 * (time.perf_counter() - started)

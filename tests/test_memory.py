@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import torch
@@ -113,7 +114,7 @@ def test_conscience_spreads_writes_on_clustered_data():
     assert usage_entropy(gamma=1.0) > usage_entropy(gamma=0.0) + 0.05
 
 
-def test_iterative_read_completes_a_stored_pattern():
+def test_equilibrium_read_completes_a_stored_pattern():
     torch.manual_seed(0)
     projection = torch.randn(16, 8) / 4
     patterns = torch.randn(4, 16)
@@ -122,11 +123,24 @@ def test_iterative_read_completes_a_stored_pattern():
                                     torch.zeros(4))
     query = F.normalize(tables.addresses[:1] + F.normalize(torch.randn(1, 8), dim=1), dim=1)
     one_step = tiny_args(eam_read_k=4, eam_read_beta=8.0)
-    first, residuals = train_gpt.read_memory_iterative(query, tables, projection, one_step)
-    assert residuals == []
+    first = train_gpt.read_memory_iterative(query, tables, projection, one_step)
     torch.testing.assert_close(first, train_gpt.read_memory(query, tables, 4, 8.0, 0.0))
-    args = tiny_args(eam_read_k=4, eam_read_beta=8.0, eam_read_steps=8, eam_read_damping=0.5)
-    final, residuals = train_gpt.read_memory_iterative(query, tables, projection, args)
-    assert len(residuals) == 7 and residuals[-1] < 0.2 * residuals[0]
+    args = tiny_args(eam_read_k=4, eam_read_beta=8.0, eam_read_steps=8, eam_read_damping=0.2)
+    trace: list = []
+    final = train_gpt.read_memory_iterative(query, tables, projection, args, trace)
+    residuals = [residual for residual, _ in trace]
+    assert len(trace) == 7 and residuals[-1] < 0.05 * residuals[0]
+    assert all(math.isfinite(energy) for _, energy in trace)
     cosine = [F.cosine_similarity(read, patterns[:1]).item() for read in (first, final)]
     assert cosine[1] > cosine[0] and cosine[1] > 0.99, cosine
+
+    # A tolerance ends the iteration at the first residual below it.
+    trace = []
+    train_gpt.read_memory_iterative(query, tables, projection,
+                                    dataclasses.replace(args, eam_read_tol=0.01), trace)
+    assert len(trace) == next(i for i, r in enumerate(residuals, 1) if r < 0.01) < 7
+
+    # Gradients reach the encoder's query through the last read only, and do reach it.
+    query = query.clone().requires_grad_(True)
+    train_gpt.read_memory_iterative(query, tables, projection, args).sum().backward()
+    assert query.grad is not None and query.grad.abs().sum() > 0

@@ -28,8 +28,11 @@ def test_quantization_error_is_within_half_a_step(bits):
     assert (error <= bound).all()
 
 
-def test_round_trip_logits_equal_the_dequantized_model(tmp_path):
-    args, student = tiny_student()
+# The options of the ideas ablation change what is packed: a prior's tables, tied passes.
+@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, enc_recur_steps=2,
+                                              eam_read_steps=3)])
+def test_round_trip_logits_equal_the_dequantized_model(tmp_path, options):
+    args, student = tiny_student(**options)
     path = tmp_path / "model.eam"
     path.write_bytes(train_gpt.build_artifact(student.state_dict(), student.tables, args))
     rebuilt = train_gpt.load_artifact(path, torch.device("cpu"))
