@@ -1711,9 +1711,11 @@ class KnnStore:
         best_index = torch.zeros(queries.size(0), k, dtype=torch.long, device=queries.device)
         for begin in range(0, self.size, chunk):
             end = min(begin + chunk, self.size)
-            sims = (queries.to(self.keys.dtype) @ self.keys[begin:end].T).float()
+            # Top-k in the store's dtype: on GPU, reading [N, chunk] fp16 similarities is the
+            # evaluation's largest memory traffic; only the k winners become fp32.
+            sims = queries.to(self.keys.dtype) @ self.keys[begin:end].T
             top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
-            merged_sims = torch.cat([best_sims, top_sims], dim=1)
+            merged_sims = torch.cat([best_sims, top_sims.float()], dim=1)
             merged_index = torch.cat([best_index, top_index + begin], dim=1)
             best_sims, order = merged_sims.topk(k, dim=1)
             best_index = merged_index.gather(1, order)
