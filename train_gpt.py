@@ -1025,9 +1025,12 @@ def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projectio
         following = read_memory(state, tables, read_k, beta, args.eam_count_prior)
         residual = (following - readout).norm() / readout.norm().clamp_min(1e-9)
         readout = following
+        if trace is None and not args.eam_read_tol:
+            continue  # the hot path never waits for the residual
+        residual = residual.item()
         if trace is not None:
-            trace.append((residual.item(), read_energy(state, tables, read_k, beta)))
-        if args.eam_read_tol and residual.item() < args.eam_read_tol:
+            trace.append((residual, read_energy(state, tables, read_k, beta)))
+        if args.eam_read_tol and residual < args.eam_read_tol:
             break
     return readout
 
@@ -1382,11 +1385,9 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
     projection = student.projection
 
     def teacher_targets(x: torch.Tensor, with_logits: bool):
+        keys, final = teacher_keys_values(teacher, x, projection, args, runtime)
         with torch.no_grad():
-            final, keyed = teacher.body(x, args.eam_key_layer)
-            keys = F.normalize(keyed.float().flatten(0, 1) @ projection, dim=-1)
-            logits = teacher.logits(final.flatten(0, 1)) if with_logits else None
-        return keys, logits
+            return keys, teacher.logits(final) if with_logits else None
 
     def key_loss(model, x, y):
         return model(x, y, teacher_targets(x, False)[0], None)

@@ -34,13 +34,17 @@ def run_eval(tokens: torch.Tensor, **overrides):
     return {name: torch.cat(total.token_nll) for name, total in totals.items()}, totals
 
 
-def test_changing_future_tokens_leaves_earlier_scores_unchanged():
+# Also with the options that add eval-time paths: a prior on the current token, tied encoder
+# passes and the equilibrium read.
+@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, enc_recur_steps=2,
+                                              eam_read_steps=3)])
+def test_changing_future_tokens_leaves_earlier_scores_unchanged(options):
     torch.manual_seed(1)
     tokens = torch.randint(0, 256, (300,))
     changed = tokens.clone()
     changed[150:] = torch.randint(0, 256, (150,))
-    first, _ = run_eval(tokens)
-    second, _ = run_eval(changed)
+    first, _ = run_eval(tokens, **options)
+    second, _ = run_eval(changed, **options)
     for name in ("model", "knn"):
         # Target j is token j + 1, so targets 0..148 only see tokens 0..149.
         assert torch.equal(first[name][:149], second[name][:149]), name
