@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-import bench_eam  # tools/ is on sys.path (conftest)
 import torch
-from conftest import train_gpt
+
+import train_gpt
+from tools import bench_eam
 
 TINY = ["--key-dim", "16", "--value-dim", "8", "--locations", "64", "--write-k", "4",
         "--clusters", "16", "--organize", "1024", "--writes", "2048", "--batch", "256",

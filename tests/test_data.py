@@ -1,29 +1,33 @@
 import random
+import struct
 
-import numpy as np
 import pytest
 import torch
-from conftest import train_gpt
+
+import train_gpt
 
 
-def write_shard(path, tokens, magic=train_gpt.SHARD_MAGIC, version=1, declared=None):
-    header = np.zeros(train_gpt.HEADER_WORDS, dtype="<i4")
-    header[:3] = magic, version, len(tokens) if declared is None else declared
-    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+def test_shards_have_the_challenge_layout_and_read_back(tmp_path):
+    train_gpt.write_shard(tmp_path / "ok.bin", [1, 5, 65535])
+    raw = (tmp_path / "ok.bin").read_bytes()
+    # The challenge's format, spelled out: 256 int32 words (magic, version, count), then uint16.
+    assert raw == struct.pack("<3i", 20240520, 1, 3) + bytes(253 * 4) + struct.pack("<3H", 1, 5,
+                                                                                   65535)
+    assert train_gpt.read_shard(tmp_path / "ok.bin").tolist() == [1, 5, 65535]
+    with pytest.raises(ValueError, match="uint16"):
+        train_gpt.write_shard(tmp_path / "big.bin", [1, 65536])
 
 
-def test_shard_round_trip(tmp_path):
-    write_shard(tmp_path / "ok.bin", [1, 5, 7])
-    assert train_gpt.read_shard(tmp_path / "ok.bin").tolist() == [1, 5, 7]
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(magic=123), "wrong magic"),
-    (dict(version=2), "unsupported version"),
-    (dict(declared=10), "declares 10 tokens"),
+@pytest.mark.parametrize("word, value, message", [
+    (0, 123, "wrong magic"),
+    (1, 2, "unsupported version"),
+    (2, 10, "declares 10 tokens"),
 ])
-def test_shard_reader_rejects_bad_files(tmp_path, kwargs, message):
-    write_shard(tmp_path / "bad.bin", [1, 2, 3], **kwargs)
+def test_shard_reader_rejects_bad_files(tmp_path, word, value, message):
+    train_gpt.write_shard(tmp_path / "bad.bin", [1, 2, 3])
+    raw = bytearray((tmp_path / "bad.bin").read_bytes())
+    raw[4 * word: 4 * word + 4] = struct.pack("<i", value)
+    (tmp_path / "bad.bin").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=message):
         train_gpt.read_shard(tmp_path / "bad.bin")
 
@@ -40,8 +44,8 @@ def test_missing_data_path_is_named(tmp_path):
 
 
 def test_vocab_size_must_match_tokenizer(demo_data):
-    with pytest.raises(ValueError, match="VOCAB_SIZE"):
-        train_gpt.build_byte_tables(str(demo_data / "tokenizer.model"), 2048)
+    with pytest.raises(ValueError, match="VOCAB_SIZE: a vocabulary of 2048 tokens.*1024 pieces"):
+        train_gpt.build_byte_tables(str(demo_data / "tokenizer.model"), 2048, "VOCAB_SIZE")
 
 
 def random_document(rng: random.Random) -> str:
@@ -55,7 +59,7 @@ def test_byte_tables_count_exactly_the_decoded_utf8_bytes(demo_data):
 
     path = str(demo_data / "tokenizer.model")
     processor = spm.SentencePieceProcessor(model_file=path)
-    tables = train_gpt.build_byte_tables(path, processor.vocab_size())
+    tables = train_gpt.build_byte_tables(path, processor.vocab_size(), "test")
     rng = random.Random(0)
     sequence, expected = [], 0
     for _ in range(200):
@@ -70,7 +74,7 @@ def test_byte_tables_count_exactly_the_decoded_utf8_bytes(demo_data):
 
 
 def test_loader_gives_each_rank_a_disjoint_part(tmp_path):
-    write_shard(tmp_path / "fineweb_train_000000.bin", list(range(1000)))
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(1000)))
     paths = train_gpt.shard_paths(str(tmp_path), "train")
     seen = []
     for rank in range(2):

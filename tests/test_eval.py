@@ -1,11 +1,11 @@
+import dataclasses
 import inspect
 
 import pytest
 import torch
-from conftest import tiny_args, train_gpt
-from test_packing import tiny_student
 
-CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
+import train_gpt
+from tests.helpers import CPU, tiny_args, tiny_student, write_artifact
 
 
 def unit_byte_tables(vocab: int) -> train_gpt.ByteTables:
@@ -30,7 +30,8 @@ def run_eval(tokens: torch.Tensor, **overrides):
     args, student = tiny_student(**overrides)
     student.eval()
     totals = train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
-                                unit_byte_tables(256), use_knn=True, keep_token_nll=True)
+                                unit_byte_tables(256), student.config.key_dim,
+                                keep_token_nll=True)
     return {name: torch.cat(total.token_nll) for name, total in totals.items()}, totals
 
 
@@ -109,3 +110,30 @@ def test_knn_store_overwrites_the_oldest_entries_when_full():
 def test_eval_arguments_are_validated():
     with pytest.raises(ValueError, match="EVAL_STRIDE"):
         tiny_args(eval_stride=64, eval_seq_len=32)
+
+
+def artifact_and_settings(tmp_path, demo_data, **overrides):
+    """A tiny artifact of the demo tokenizer's vocabulary, and evaluation settings for it."""
+    args, student = tiny_student(vocab_size=1024, **overrides)
+    path = write_artifact(tmp_path / "model.eam", args, student)
+    settings = tiny_args(data_path=str(demo_data), val_tokens=300,
+                         tokenizer_path=str(demo_data / "tokenizer.model"))
+    return path, settings
+
+
+def test_evaluation_takes_the_dimensions_from_the_artifact(tmp_path, demo_data, capsys):
+    path, settings = artifact_and_settings(tmp_path, demo_data, eam_key_dim=12)
+    # The environment's EAM_KEY_DIM and VOCAB_SIZE say other things: the artifact decides.
+    other = dataclasses.replace(settings, eam_key_dim=32, vocab_size=64)
+    train_gpt.evaluate_artifact(CPU, other, path, teacher=None)
+    records = train_gpt.parse_log(capsys.readouterr().out)
+    assert float(records[train_gpt.SCORE_RECORD]["val_bpb"]) > 0
+    assert records[train_gpt.stage_record("eval")]["tokens"] == "299"
+
+
+def test_an_artifact_of_another_vocabulary_is_not_scored(tmp_path, demo_data):
+    _, settings = artifact_and_settings(tmp_path, demo_data)
+    args, student = tiny_student()  # vocabulary 256, the tokenizer has 1024 pieces
+    path = write_artifact(tmp_path / "other_vocabulary.eam", args, student)
+    with pytest.raises(ValueError, match="other_vocabulary.eam: a vocabulary of 256 tokens.*1024"):
+        train_gpt.evaluate_artifact(CPU, settings, path, teacher=None)

@@ -3,13 +3,19 @@ import math
 
 import torch
 import torch.nn.functional as F
-from conftest import tiny_args, train_gpt
+
+import train_gpt
+from tests.helpers import tiny_args
+
+
+def new_memory(value_dim: int = 6, **overrides) -> train_gpt.ElasticMemory:
+    config = train_gpt.memory_write_config(tiny_args(**overrides))
+    return train_gpt.ElasticMemory(config, value_dim, torch.device("cpu"))
 
 
 def memory_with_addresses(addresses: torch.Tensor, value_dim: int = 6, **overrides):
-    args = tiny_args(eam_locations=max(64, addresses.size(0)), eam_key_dim=addresses.size(1),
-                     **overrides)
-    memory = train_gpt.ElasticMemory(args, value_dim, torch.device("cpu"))
+    memory = new_memory(value_dim, eam_locations=max(64, addresses.size(0)),
+                        eam_key_dim=addresses.size(1), **overrides)
     memory.addresses[: addresses.size(0)] = addresses
     memory.size = addresses.size(0)
     return memory
@@ -55,7 +61,7 @@ def test_splits_and_merges_conserve_mass():
 
 
 def test_a_single_stored_key_reads_back_its_exact_pattern():
-    memory = train_gpt.ElasticMemory(tiny_args(), 6, torch.device("cpu"))
+    memory = new_memory()
     key, value = F.normalize(torch.randn(1, 8), dim=1), torch.randn(1, 6)
     memory.organize(key, value)
     assert memory.size == 1
@@ -122,12 +128,13 @@ def test_equilibrium_read_completes_a_stored_pattern():
     tables = train_gpt.MemoryTables(F.normalize(patterns @ projection, dim=1), patterns,
                                     torch.zeros(4))
     query = F.normalize(tables.addresses[:1] + F.normalize(torch.randn(1, 8), dim=1), dim=1)
-    one_step = tiny_args(eam_read_k=4, eam_read_beta=8.0)
+    one_step = train_gpt.MemoryReadConfig(k=4, beta=8.0, count_prior=0.0, steps=1, damping=0.5,
+                                          tol=0.0)
     first = train_gpt.read_memory_iterative(query, tables, projection, one_step)
     torch.testing.assert_close(first, train_gpt.read_memory(query, tables, 4, 8.0, 0.0))
-    args = tiny_args(eam_read_k=4, eam_read_beta=8.0, eam_read_steps=8, eam_read_damping=0.2)
+    read = dataclasses.replace(one_step, steps=8, damping=0.2)
     trace: list = []
-    final = train_gpt.read_memory_iterative(query, tables, projection, args, trace)
+    final = train_gpt.read_memory_iterative(query, tables, projection, read, trace)
     residuals = [residual for residual, _ in trace]
     assert len(trace) == 7 and residuals[-1] < 0.05 * residuals[0]
     assert all(math.isfinite(energy) for _, energy in trace)
@@ -137,10 +144,10 @@ def test_equilibrium_read_completes_a_stored_pattern():
     # A tolerance ends the iteration at the first residual below it.
     trace = []
     train_gpt.read_memory_iterative(query, tables, projection,
-                                    dataclasses.replace(args, eam_read_tol=0.01), trace)
+                                    dataclasses.replace(read, tol=0.01), trace)
     assert len(trace) == next(i for i, r in enumerate(residuals, 1) if r < 0.01) < 7
 
     # Gradients reach the encoder's query through the last read only, and do reach it.
     query = query.clone().requires_grad_(True)
-    train_gpt.read_memory_iterative(query, tables, projection, args).sum().backward()
+    train_gpt.read_memory_iterative(query, tables, projection, read).sum().backward()
     assert query.grad is not None and query.grad.abs().sum() > 0

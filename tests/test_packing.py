@@ -1,20 +1,16 @@
-import numpy as np
+"""Packing: quantization, the artifact's round trip and header, size accounting and fitting."""
+
+import dataclasses
+import hashlib
+import json
+import struct
+
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import REPO, tiny_args, train_gpt
+import zstandard
 
-
-def tiny_student(seed: int = 0, locations: int = 48, **overrides):
-    torch.manual_seed(seed)
-    args = tiny_args(vocab_size=256, dec_hidden=64, **overrides)
-    tables = train_gpt.MemoryTables(F.normalize(torch.randn(locations, 8), dim=1),
-                                    torch.randn(locations, 32), torch.randn(locations))
-    student = train_gpt.MemoryLM(args, tables)
-    with torch.no_grad():  # zero-initialised projections would hide packing mistakes
-        for param in student.parameters():
-            param.add_(0.02 * torch.randn_like(param))
-    return args, student
+import train_gpt
+from tests.helpers import REPO, tiny_student, write_artifact
 
 
 @pytest.mark.parametrize("bits", [6, 8])
@@ -28,49 +24,107 @@ def test_quantization_error_is_within_half_a_step(bits):
     assert (error <= bound).all()
 
 
-# The options of the ideas ablation change what is packed: a prior's tables, tied passes.
-@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, enc_recur_steps=2,
-                                              eam_read_steps=3)])
-def test_round_trip_logits_equal_the_dequantized_model(tmp_path, options):
-    args, student = tiny_student(**options)
-    path = tmp_path / "model.eam"
-    path.write_bytes(train_gpt.build_artifact(student.state_dict(), student.tables, args))
-    rebuilt = train_gpt.load_artifact(path, torch.device("cpu"))
+def round_trip(model, args, path):
+    return train_gpt.load_artifact(write_artifact(path, args, model), torch.device("cpu"))
 
-    entries, arrays = train_gpt.pack_tensors(student.state_dict(), student.tables, args)
-    expected = {}
-    for name, entry in entries.items():
-        if entry["kind"] == "fp16":
-            expected[name] = torch.from_numpy(arrays[name].astype(np.float32))
-        else:
-            expected[name] = train_gpt.dequantize_rows(torch.from_numpy(arrays[name + ".q"]),
-                                                       torch.from_numpy(arrays[name + ".scale"]))
-    expected["addresses"] = F.normalize(expected["addresses"], dim=1)
-    reference = train_gpt.MemoryLM(args, train_gpt.MemoryTables(
-        expected["addresses"], expected["patterns"], torch.zeros(48)))
-    reference.load_state_dict({**expected, "log_counts": torch.zeros(48)})
 
-    tokens = torch.randint(0, 256, (2, 32))
-    mask = torch.ones(2, 32, dtype=torch.bool)
+def scores(model, tokens):
+    mask = torch.ones_like(tokens, dtype=torch.bool)
     with torch.no_grad():
-        got, _ = train_gpt.student_scorer(rebuilt)(tokens, mask)
-        want, _ = train_gpt.student_scorer(reference)(tokens, mask)
-        original, _ = train_gpt.student_scorer(student.eval())(tokens, mask)
-    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert (got - original).abs().max() < 0.5  # quantization moves logits, but only a little
+        return train_gpt.student_scorer(model.eval())(tokens, mask)[0]
+
+
+# The options of the ideas ablation change what is packed: a prior's tables, tied passes, and
+# the count prior's log counts.
+@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, enc_recur_steps=2,
+                                              eam_read_steps=3, eam_count_prior=0.5)])
+def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes_nothing(
+        tmp_path, options):
+    args, student = tiny_student(**options)
+    rebuilt = round_trip(student, args, tmp_path / "once.eam")
+    assert rebuilt.config == student.config
+    original, got = student.state_dict(), rebuilt.state_dict()
+    assert got.keys() == original.keys()
+    for name, value in original.items():
+        if name == "log_counts" and not student.config.read.count_prior:
+            assert not got[name].any()  # not packed: a read without the prior never uses it
+            continue
+        if value.ndim == 2:  # at worst 6-bit rows: half a step of max|row| / 31, plus fp16
+            bound = value.abs().amax(1, keepdim=True) / 62 * 1.01 + 1e-6
+        else:  # fp16
+            bound = value.abs() * 2**-10 + 1e-6
+        assert ((got[name] - value).abs() <= bound).all(), name
+    # A packed model is on the quantization grid: a second round trip is exact.
+    again = round_trip(rebuilt, args, tmp_path / "twice.eam")
+    for name, value in got.items():
+        torch.testing.assert_close(again.state_dict()[name], value, atol=1e-6, rtol=0)
+    tokens = torch.randint(0, 256, (2, 32))
+    torch.testing.assert_close(scores(again, tokens), scores(rebuilt, tokens), atol=1e-5, rtol=0)
+    assert (scores(rebuilt, tokens) - scores(student, tokens)).abs().max() < 0.5
+
+
+def test_the_loaded_model_needs_no_settings(tmp_path, monkeypatch):
+    args, student = tiny_student()
+    path = write_artifact(tmp_path / "model.eam", args, student)
+
+    def no_settings(*_, **__):
+        raise AssertionError("load_artifact built a Hyperparameters")
+
+    monkeypatch.setattr(train_gpt, "Hyperparameters", no_settings)
+    model = train_gpt.load_artifact(path, torch.device("cpu"))
+    assert not any(hasattr(module, "args") for module in model.modules())
+    assert model.config == student.config
+
+
+def test_encoder_as_deep_as_the_teacher_packs_and_loads(tmp_path):
+    """ENC_LAYERS = NUM_LAYERS = 12, once refused at loading by a rebuilt settings object."""
+    args, student = tiny_student(num_layers=12, enc_layers=12)
+    rebuilt = round_trip(student, args, tmp_path / "deep.eam")
+    assert rebuilt.config.encoder.num_layers == len(rebuilt.encoder.blocks) == 12
+
+
+def rewrite_header(raw: bytes, change) -> bytes:
+    """The artifact with its header's JSON changed by `change(header)`, checksum renewed."""
+    payload = zstandard.ZstdDecompressor().decompress(raw[train_gpt.ARTIFACT_PREFIX.size:])
+    (length,) = struct.unpack_from("<I", payload)
+    header = json.loads(payload[4: 4 + length])
+    change(header)
+    encoded = json.dumps(header).encode()
+    blob = zstandard.ZstdCompressor().compress(
+        struct.pack("<I", len(encoded)) + encoded + payload[4 + length:])
+    return train_gpt.ARTIFACT_PREFIX.pack(train_gpt.ARTIFACT_MAGIC, train_gpt.ARTIFACT_VERSION,
+                                          hashlib.sha256(blob).digest()) + blob
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda h: h["model"].pop("dec_hidden"), r"missing keys \['dec_hidden'\]"),
+    (lambda h: h["model"]["encoder"].pop("rope_base"), r"\(encoder\).*missing keys"),
+    (lambda h: h["model"].update(mystery=1), r"unknown keys \['mystery'\]"),
+    (lambda h: h["model"]["read"].update(k="4"), r"MemoryReadConfig.k='4' is not of type int"),
+    (lambda h: h["model"]["read"].update(k=4.0), r"MemoryReadConfig.k=4.0 is not of type int"),
+    (lambda h: h["model"].update(dec_sees_encoder=1), "dec_sees_encoder=1 is not of type bool"),
+    (lambda h: h["model"].update(dec_hidden=65), "tensors do not match its model config"),
+])
+def test_the_header_is_read_back_exactly_or_not_at_all(tmp_path, change, message):
+    args, student = tiny_student()
+    path = tmp_path / "edited.eam"
+    path.write_bytes(rewrite_header(train_gpt.build_artifact(student, student.tables, args),
+                                    change))
+    with pytest.raises(ValueError, match=message) as error:
+        train_gpt.load_artifact(path, torch.device("cpu"))
+    assert "edited.eam" in str(error.value)
 
 
 def test_same_model_gives_byte_identical_artifacts():
     args, student = tiny_student()
-    first = train_gpt.build_artifact(student.state_dict(), student.tables, args)
-    second = train_gpt.build_artifact(student.state_dict(), student.tables, args)
+    first = train_gpt.build_artifact(student, student.tables, args)
+    second = train_gpt.build_artifact(student, student.tables, args)
     assert first == second
 
 
 def test_reported_sizes_are_the_real_file_sizes(tmp_path):
     args, student = tiny_student()
-    path = tmp_path / "model.eam"
-    path.write_bytes(train_gpt.build_artifact(student.state_dict(), student.tables, args))
+    path = write_artifact(tmp_path / "model.eam", args, student)
     sizes = train_gpt.artifact_accounting(REPO / "train_gpt.py", path, 16_000_000)
     assert sizes["code_bytes"] == len((REPO / "train_gpt.py").read_bytes())
     assert sizes["model_bytes"] == len(path.read_bytes())
@@ -79,19 +133,17 @@ def test_reported_sizes_are_the_real_file_sizes(tmp_path):
 
 def test_fit_drops_least_written_locations_until_under_the_limit():
     args, student = tiny_student(locations=400)
-    full = train_gpt.build_artifact(student.state_dict(), student.tables, args)
+    full = train_gpt.build_artifact(student, student.tables, args)
     limit = len(full) - 3000
-    fitted_args = tiny_args(vocab_size=256, dec_hidden=64, size_limit=limit + 100)
-    artifact, dropped = train_gpt.fit_artifact(student.state_dict(), student.tables,
-                                               fitted_args, code_bytes=100)
+    fitted_args = dataclasses.replace(args, size_limit=limit + 100)
+    artifact, dropped = train_gpt.fit_artifact(student, fitted_args, code_bytes=100)
     assert dropped > 0 and 100 + len(artifact) <= fitted_args.size_limit
-    _, _, arrays = train_gpt.deserialize(__import__("zstandard").ZstdDecompressor().decompress(
+    _, _, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
         artifact[train_gpt.ARTIFACT_PREFIX.size:]))
     kept = arrays["patterns.q"].shape[0]
     assert kept == 400 - dropped
     with pytest.raises(ValueError, match="SIZE_LIMIT"):
-        train_gpt.fit_artifact(student.state_dict(), student.tables,
-                               tiny_args(vocab_size=256, dec_hidden=64, size_limit=1000), 100)
+        train_gpt.fit_artifact(student, dataclasses.replace(args, size_limit=1000), 100)
 
 
 @pytest.mark.parametrize("corrupt, message", [
@@ -103,7 +155,7 @@ def test_fit_drops_least_written_locations_until_under_the_limit():
 ])
 def test_corrupted_artifacts_are_rejected_naming_the_file(tmp_path, corrupt, message):
     args, student = tiny_student()
-    raw = train_gpt.build_artifact(student.state_dict(), student.tables, args)
+    raw = train_gpt.build_artifact(student, student.tables, args)
     path = tmp_path / "broken.eam"
     path.write_bytes(corrupt(raw))
     with pytest.raises(ValueError, match=message) as error:

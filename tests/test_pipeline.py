@@ -1,7 +1,9 @@
 """The whole pipeline as users run it: one process, twice (determinism), and torchrun x2."""
 
 import pytest
-from conftest import REPO, run_script, train_gpt
+
+import train_gpt
+from tests.helpers import REPO, run_script
 
 # Budgets by steps, not seconds, so runs are reproducible and quick on any machine.
 TINY_RUN = {
@@ -34,12 +36,11 @@ def runs(demo_data, tmp_path_factory):
 def test_single_process_logs_every_stage_and_fits(runs):
     workdir, logs = runs
     records = logs["single"]
-    for stage in ("teacher", "eam_write", "distill", "pack", "eval"):
-        assert int(records[f"stage:{stage}"]["time_ms"]) >= 0
-    for line in ("final_eam_roundtrip_exact", "final_eam_knn_roundtrip_exact",
-                 "teacher_reference_exact"):
+    for stage in train_gpt.STAGES:
+        assert int(records[train_gpt.stage_record(stage)]["time_ms"]) >= 0
+    for line in (train_gpt.MEMORY_RECORD, train_gpt.SCORE_RECORD, train_gpt.TEACHER_RECORD):
         assert 0 < float(records[line]["val_bpb"]) < 20
-    assert int(records["final_eam_roundtrip_exact"]["tokens"]) == 2999
+    assert int(records[train_gpt.MEMORY_RECORD]["tokens"]) == 2999
     artifact = records["artifact"]
     assert int(artifact["total_bytes"]) <= 16_000_000
     assert int(artifact["code_bytes"]) == (REPO / "train_gpt.py").stat().st_size
@@ -56,7 +57,7 @@ def test_two_ranks_end_with_identical_teacher_memory_and_student(runs):
     _, logs = runs
     header = logs["ddp"]["header"]
     assert header["world_size"] == "2"
-    assert "final_eam_knn_roundtrip_exact" in logs["ddp"]
+    assert train_gpt.SCORE_RECORD in logs["ddp"]
     text = (runs[0] / "logs" / "ddp.txt").read_text()
     for name in ("teacher", "memory", "student"):
         assert f"replicas {name}:identical ranks:2" in text
@@ -64,7 +65,7 @@ def test_two_ranks_end_with_identical_teacher_memory_and_student(runs):
 
 def test_evaluation_does_not_depend_on_the_world_size(runs):
     _, logs = runs
-    for line in ("final_eam_roundtrip_exact", "final_eam_knn_roundtrip_exact"):
+    for line in (train_gpt.MEMORY_RECORD, train_gpt.SCORE_RECORD):
         one = float(logs["single"][line]["val_loss"])
         two = float(logs["eval_ddp"][line]["val_loss"])
         assert two == pytest.approx(one, rel=1e-6, abs=1e-6), line

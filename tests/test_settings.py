@@ -1,5 +1,6 @@
 import pytest
-from conftest import train_gpt
+
+import train_gpt
 
 Hyperparameters = train_gpt.Hyperparameters
 

@@ -2,44 +2,61 @@
 
 import dataclasses
 
+import pytest
 import torch
-from conftest import tiny_args, train_gpt
-from test_packing import tiny_student
+
+import train_gpt
+from tests.helpers import tiny_args, tiny_student, write_artifact
 
 
-def test_one_recurrent_pass_is_the_plain_network_and_more_passes_reinject_the_input():
+class PassBoundary(torch.nn.Module):
+    """A block that first adds the token embeddings back: where one pass over the tied blocks
+    ends and the next begins, built from the outside of the plain network."""
+
+    def __init__(self, block: torch.nn.Module, embeddings: dict):
+        super().__init__()
+        self.block, self.embeddings = block, embeddings
+
+    def forward(self, x, cos, sin):
+        return self.block(x + self.embeddings["output"], cos, sin)
+
+
+def test_recurrent_passes_equal_a_deeper_plain_stack_of_the_same_blocks():
     args = tiny_args()
+    config = train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=2, recur_steps=3)
     torch.manual_seed(0)
-    plain = train_gpt.GPT(train_gpt.GPTConfig.from_args(args, 2))
+    recurrent = train_gpt.GPT(config)
     with torch.no_grad():
-        for param in plain.parameters():
+        for param in recurrent.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    recurrent = train_gpt.GPT(train_gpt.GPTConfig.from_args(args, 2, recur_steps=3))
-    recurrent.load_state_dict(plain.state_dict())  # weight-tied: no extra parameters
     idx = torch.randint(0, args.vocab_size, (2, 16))
 
-    head_dim = args.model_dim // args.num_heads
-    cos, sin = train_gpt.rotary_tables(16, args.rope_dims or head_dim, args.rope_base, "cpu")
-    inputs = x = plain.embed(idx)
-    passes = []
-    for step in range(3):
-        x = x + inputs if step else x
-        for block in plain.blocks:
-            x = block(x, cos, sin)
-        passes.append(train_gpt.rms_norm(x))
-    torch.testing.assert_close(plain.body(idx)[0], passes[0])
-    torch.testing.assert_close(recurrent.body(idx)[0], passes[2])
+    # The reference: the plain network, six blocks deep, blocks 3-6 the same two again, the
+    # embeddings re-entering before blocks 3 and 5 (through a hook on the embedding's output).
+    plain = train_gpt.GPT(dataclasses.replace(config, num_layers=6, recur_steps=1))
+    plain.embed = recurrent.embed
+    embeddings: dict = {}
+    plain.embed.register_forward_hook(lambda module, inputs, out: embeddings.update(output=out))
+    blocks = list(recurrent.blocks)
+    plain.blocks = torch.nn.ModuleList(
+        [*blocks, PassBoundary(blocks[0], embeddings), blocks[1],
+         PassBoundary(blocks[0], embeddings), blocks[1]])
+    torch.testing.assert_close(recurrent.body(idx)[0], plain.body(idx)[0])
+
+    # The tied passes add no parameter: a one-pass network loads the same weights.
+    once = train_gpt.GPT(dataclasses.replace(config, recur_steps=1))
+    once.load_state_dict(recurrent.state_dict())
+    assert not torch.allclose(once.body(idx)[0], recurrent.body(idx)[0])
 
 
 def test_more_passes_at_evaluation_than_in_training_still_give_a_distribution(tmp_path):
     args, student = tiny_student(enc_recur_steps=2)
-    path = tmp_path / "model.eam"
-    path.write_bytes(train_gpt.build_artifact(student.state_dict(), student.tables, args))
+    path = write_artifact(tmp_path / "model.eam", args, student)
     tokens = torch.randint(0, 256, (2, 32))
     mask = torch.ones(2, 32, dtype=torch.bool)
     scores = {}
     for steps in (2, 4):
-        model = train_gpt.load_artifact(path, torch.device("cpu"), dict(enc_recur_steps=steps))
+        model = train_gpt.load_artifact(path, torch.device("cpu"), encoder_recur_steps=steps)
         assert model.encoder.config.recur_steps == steps
         with torch.no_grad():
             scores[steps], _ = train_gpt.student_scorer(model)(tokens, mask)
@@ -49,8 +66,9 @@ def test_more_passes_at_evaluation_than_in_training_still_give_a_distribution(tm
 
 
 def test_a_fresh_prior_leaves_the_logits_unchanged_and_then_adds_a_bigram_term():
-    args, without = tiny_student()
-    with_prior = train_gpt.MemoryLM(dataclasses.replace(args, dec_prior_rank=4), without.tables)
+    _, without = tiny_student()
+    with_prior = train_gpt.MemoryLM(dataclasses.replace(without.config, dec_prior_rank=4),
+                                    without.tables)
     missing, unexpected = with_prior.load_state_dict(without.state_dict(), strict=False)
     assert unexpected == [] and all(name.startswith("prior.") for name in missing)
     tokens = torch.randint(0, 256, (2, 32))
@@ -60,9 +78,22 @@ def test_a_fresh_prior_leaves_the_logits_unchanged_and_then_adds_a_bigram_term()
         fresh, _ = train_gpt.student_scorer(with_prior.eval())(tokens, mask)
         torch.testing.assert_close(fresh, reference)
         assert with_prior.prior(tokens.flatten()).shape == (64, 256)
-        with_prior.prior.embed_next.weight.normal_()
+        with_prior.prior.next_table.weight.normal_()
         trained, _ = train_gpt.student_scorer(with_prior)(tokens, mask)
     expected = torch.log_softmax(
         torch.log_softmax(reference, 1) + with_prior.prior(tokens.flatten()), 1)
     torch.testing.assert_close(trained, expected, atol=1e-4, rtol=0)
     assert (trained - reference).abs().max() > 0.1
+
+
+def test_distillation_loss_is_cross_entropy_plus_the_scaled_kl():
+    torch.manual_seed(0)
+    logits, teacher_logits = torch.randn(5, 11), torch.randn(5, 11)
+    targets = torch.randint(0, 11, (5,))
+    cross_entropy = -torch.log_softmax(logits, 1)[torch.arange(5), targets].mean()
+    assert train_gpt.distillation_loss(logits, targets, teacher_logits, 0.0, 2.0) == (
+        pytest.approx(cross_entropy.item(), rel=1e-6))
+    student, teacher = torch.softmax(logits / 2, 1), torch.softmax(teacher_logits / 2, 1)
+    kl = (teacher * (teacher.log() - student.log())).sum(1).mean()
+    got = train_gpt.distillation_loss(logits, targets, teacher_logits, 0.5, 2.0)
+    assert got == pytest.approx((cross_entropy + 0.5 * 4 * kl).item(), rel=1e-6)

@@ -1,6 +1,13 @@
 import pytest
 import torch
-from conftest import tiny_args, train_gpt
+
+import train_gpt
+from tests.helpers import CPU, tiny_args, tiny_student
+
+
+def gpt_config(args, num_layers: int = 2) -> train_gpt.GPTConfig:
+    return train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=num_layers,
+                                   recur_steps=1)
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (96, 96)])
@@ -24,7 +31,7 @@ def test_exclusive_self_attention_matches_direct_computation():
 
 
 def test_qk_gain_starts_at_its_setting_and_learns():
-    model = train_gpt.GPT(train_gpt.GPTConfig.from_args(tiny_args(qk_gain_init=4.5), 2))
+    model = train_gpt.GPT(gpt_config(tiny_args(qk_gain_init=4.5)))
     gain = model.blocks[0].attn.qk_gain
     assert torch.equal(gain, torch.full_like(gain, 4.5)) and gain.requires_grad
 
@@ -51,24 +58,51 @@ def test_lr_multiplier_warms_up_and_down():
 
 def test_compile_falls_back_to_eager_on_cpu():
     module = torch.nn.Linear(2, 2)
-    runtime = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
-    assert train_gpt.maybe_compile(module, tiny_args(compile=True), runtime) is module
+    assert train_gpt.maybe_compile(module, tiny_args(compile=True), CPU) is module
+
+
+def test_parameter_groups_follow_what_a_parameter_is():
+    _, student = tiny_student(dec_prior_rank=4)
+    groups = train_gpt.parameter_groups(student)
+    assert groups["table"] == ["encoder.embed.weight", "prior.next_table.weight",
+                               "prior.previous_table.weight"]
+    assert "key_head.weight" in groups["matrix"] and "decoder.fc.weight" in groups["matrix"]
+    assert all(name.endswith("qk_gain") for name in groups["vector"])
+    optimizers = train_gpt.build_optimizers(student, tiny_args())
+    in_adam = {id(p) for group in optimizers["adam"].param_groups for p in group["params"]}
+    in_muon = {id(p) for group in optimizers["muon"].param_groups for p in group["params"]}
+    assert not in_adam & in_muon
+    assert in_adam | in_muon == {id(p) for p in student.parameters()}
+
+
+def test_each_distillation_phase_uses_every_parameter_it_trains():
+    """What lets DDP run without find_unused_parameters: the key phase freezes the decoder side
+    and uses all the rest; the LM phase uses everything."""
+    _, student = tiny_student(dec_prior_rank=4)
+    idx = torch.randint(0, 256, (2, 16))
+    readout_side = {id(p) for m in (student.decoder, student.prior) for p in m.parameters()}
+    for keys_only in (True, False):
+        student.zero_grad(set_to_none=True)
+        queries, logits = student(idx, keys_only=keys_only)
+        (queries.sum() + (0 if logits is None else logits.sum())).backward()
+        used = {id(p) for p in student.parameters() if p.grad is not None}
+        expected = {id(p) for p in student.parameters()}
+        assert used == (expected - readout_side if keys_only else expected)
 
 
 def test_teacher_loss_falls_on_demo_data(demo_data):
     args = tiny_args(vocab_size=1024, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=16,
                      train_seq_len=64, train_batch_tokens=1024, grad_accum_world=1,
                      warmup_steps=2, warmdown_frac=0.2, train_log_every=1000)
-    runtime = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
-    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_paths(str(demo_data), "train"),
-                                              runtime)
+    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_paths(str(demo_data), "train"), CPU)
     torch.manual_seed(0)
-    model = train_gpt.GPT(train_gpt.GPTConfig.from_args(args, 2))
+    model = train_gpt.GPT(gpt_config(args))
     x, y = loader.next_batch(4096, 64)
     with torch.no_grad():
         before = model(x, y).item()
-    train_gpt.run_training(runtime, args, model, lambda m, a, b: m(a, b), loader, 1024, 64,
-                           budget_s=60, max_steps=40, lr_scale=1.0, name="teacher")
+    phase = train_gpt.Phase("teacher", lambda m, a, b: m(a, b), batch_tokens=1024, seq_len=64,
+                            budget_s=60, max_steps=40)
+    train_gpt.run_training(CPU, args, model, phase, loader)
     with torch.no_grad():
         after = model(x, y).item()
     assert after < before - 1.0, (before, after)

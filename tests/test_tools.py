@@ -12,29 +12,13 @@ import math
 import sys
 import textwrap
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TOOLS_DIR = REPO_ROOT / "tools"
-
-
-def load_tool(name: str) -> ModuleType:
-    # tools/ is not a package, so load each script by path.
-    spec = importlib.util.spec_from_file_location(name, TOOLS_DIR / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-size_audit = load_tool("size_audit")
-seed_sweep = load_tool("seed_sweep")
-ablate = load_tool("ablate")
-runs = sys.modules["_runs"]  # loaded by seed_sweep / ablate, shared by both
-
+import train_gpt
+from tests.helpers import REPO as REPO_ROOT
+from tools import _runs as runs
+from tools import ablate, seed_sweep, size_audit
 
 # ------------------------------------------------------------------------------------------------
 # Synthetic logs in the exact formats train_gpt.py writes
@@ -50,25 +34,26 @@ def log_text(run_id: str = "cpu_smoke_seed1337", seed: int = 1337, bpb: float = 
              "attention:sdpa",
              f"setting PROFILE={profile}", f"setting SEED={seed}", f"setting RUN_ID={run_id}"]
     lines += [f"setting {k}={v}" for k, v in (settings or {}).items()]
+    stage = train_gpt.stage_record
     lines += ["teacher step:1 loss:6.9310 lr_mult:0.100 elapsed_ms:12",
               "replicas teacher:identical ranks:1 digest:0123",
-              "stage:teacher time_ms:1234 params:1 steps:2",
-              "stage:eam_write time_ms:200 writes:4096 locations:512",
-              "stage:distill time_ms:566 params:1 dec_sees_encoder:1",
+              f"{stage('teacher')} time_ms:1234 params:1 steps:2",
+              f"{stage('eam_write')} time_ms:200 writes:4096 locations:512",
+              f"{stage('distill')} time_ms:566 params:1 dec_sees_encoder:1",
               "artifact_component name:memory.patterns raw_bytes:150 zstd_bytes:120",
               f"artifact code_bytes:100 model_bytes:{total_bytes - 100} "
               f"total_bytes:{total_bytes} limit:16000000",
-              "stage:pack time_ms:30",
-              f"teacher_reference_exact val_loss:1.80000000 val_bpb:{teacher_bpb:.8f} "
+              f"{stage('pack')} time_ms:30",
+              f"{train_gpt.TEACHER_RECORD} val_loss:1.80000000 val_bpb:{teacher_bpb:.8f} "
               "tokens:100 eval_time_ms:40"]
     if memory_bpb is not None:
-        lines.append(f"final_eam_roundtrip_exact val_loss:2.00000000 val_bpb:{memory_bpb:.8f} "
+        lines.append(f"{train_gpt.MEMORY_RECORD} val_loss:2.00000000 val_bpb:{memory_bpb:.8f} "
                      "tokens:100")
     if complete:
         if knn:
-            lines.append(f"final_eam_knn_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+            lines.append(f"{train_gpt.SCORE_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                          "eval_time_ms:50")
-        lines.append(f"stage:eval time_ms:50 tokens:100 tokens_per_s:2000 knn:{int(knn)}")
+        lines.append(f"{stage('eval')} time_ms:50 tokens:100 tokens_per_s:2000 knn:{int(knn)}")
     return "\n".join(lines) + "\n"
 
 
@@ -96,7 +81,7 @@ def three_logs(directory: Path) -> list[Path]:
 def test_read_complete_log(tmp_path: Path) -> None:
     run = runs.read_run("x", write_log(tmp_path / "a.txt"))
     assert run.status == "ok" and run.ok
-    assert run.records["stage:teacher"]["time_ms"] == "1234"
+    assert run.records[train_gpt.stage_record("teacher")]["time_ms"] == "1234"
     assert run.records["artifact"]["total_bytes"] == "300"
     assert run.records["header"]["device_name"] == "x86_64"
     assert run.records["settings"]["SEED"] == "1337"
@@ -212,7 +197,7 @@ def test_submission_from_three_logs(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "excluded_runs" not in doc
     for log in logs:
         assert f"===== {log} " in train_log
-    assert train_log.count("final_eam_knn_roundtrip_exact") == 3
+    assert train_log.count(train_gpt.SCORE_RECORD) == 3
     printed = capsys.readouterr().out
     assert "95% t-interval" in printed and "one-sided t-test" in printed
 
@@ -378,16 +363,16 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     import torch.nn.functional as F
 
-    tg = size_audit.train_gpt
     torch.manual_seed(0)
-    args = tg.Hyperparameters(profile="cpu_smoke", num_layers=1, model_dim=32, num_heads=2,
-                              num_kv_heads=1, rope_dims=8, xsa_layers=1, enc_layers=1,
-                              dec_hidden=32, eam_key_dim=8, vocab_size=64, mlp_mult=2)
-    tables = tg.MemoryTables(F.normalize(torch.randn(16, 8), dim=1), torch.randn(16, 32),
-                             torch.zeros(16))
-    model = tg.MemoryLM(args, tables)
+    args = train_gpt.Hyperparameters(profile="cpu_smoke", num_layers=1, model_dim=32,
+                                     num_heads=2, num_kv_heads=1, rope_dims=8, xsa_layers=1,
+                                     enc_layers=1, dec_hidden=32, eam_key_dim=8, vocab_size=64,
+                                     mlp_mult=2)
+    tables = train_gpt.MemoryTables(F.normalize(torch.randn(16, 8), dim=1), torch.randn(16, 32),
+                                    torch.zeros(16))
+    model = train_gpt.MemoryLM(train_gpt.student_config(args), tables)
     path = tmp_path_factory.mktemp("artifact") / "tiny.eam"
-    path.write_bytes(tg.build_artifact(model.state_dict(), tables, args))
+    path.write_bytes(train_gpt.build_artifact(model, tables, args))
     return path
 
 

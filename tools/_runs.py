@@ -19,25 +19,19 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+import train_gpt
 
-import train_gpt  # noqa: E402  (the repo root has to be on sys.path first)
-
-TRAIN_SCRIPT = REPO_ROOT / "train_gpt.py"
+TRAIN_SCRIPT = Path(train_gpt.__file__).resolve()
 # Directory (relative to the working directory of the run) where train_gpt.py writes RUN_ID.txt.
 TRAIN_LOG_DIR = Path("logs")
-# The stages that read training data: their time counts against the training budget.
-TRAIN_STAGES = ("teacher", "eam_write", "distill")
-STAGES = ("teacher", "eam_write", "distill", "pack", "eval")
+# The log's line names are train_gpt's, written once beside parse_log.
+STAGES, TRAIN_STAGES = train_gpt.STAGES, train_gpt.TRAIN_STAGES
+SCORE_RECORD, MEMORY_RECORD = train_gpt.SCORE_RECORD, train_gpt.MEMORY_RECORD
+TEACHER_RECORD = train_gpt.TEACHER_RECORD
 # Settings that set the budget: an ablation variant changing them is not a like-for-like run.
 BUDGET_SETTINGS = ("MAX_WALLCLOCK_SECONDS", "TEACHER_TIME_FRAC", "EAM_TIME_FRAC",
                    "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS",
                    "DISTILL_KEY_ITERATIONS", "VAL_TOKENS")
-SCORE_RECORD = "final_eam_knn_roundtrip_exact"
-MEMORY_RECORD = "final_eam_roundtrip_exact"
-TEACHER_RECORD = "teacher_reference_exact"
 
 
 @dataclass
@@ -207,17 +201,17 @@ def number(records: Mapping[str, Mapping[str, str]], record: str, key: str) -> f
 
 
 def stage_times_ms(records: Mapping[str, Mapping[str, str]]) -> dict[str, float | None]:
-    return {stage: number(records, f"stage:{stage}", "time_ms") for stage in STAGES}
+    return {stage: number(records, train_gpt.stage_record(stage), "time_ms") for stage in STAGES}
 
 
 def train_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
     """Sum of the training stages' time_ms (teacher, eam_write, distill), in seconds."""
-    times = [number(records, f"stage:{stage}", "time_ms") for stage in TRAIN_STAGES]
+    times = [number(records, train_gpt.stage_record(stage), "time_ms") for stage in TRAIN_STAGES]
     return None if any(t is None for t in times) else sum(times) / 1000  # type: ignore[arg-type]
 
 
 def eval_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
-    ms = number(records, "stage:eval", "time_ms")
+    ms = number(records, train_gpt.stage_record("eval"), "time_ms")
     if ms is None:
         ms = number(records, SCORE_RECORD, "eval_time_ms")
     return None if ms is None else ms / 1000

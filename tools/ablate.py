@@ -7,9 +7,9 @@ the time went. This tool runs the variants one after another (RUN_ID=ablate_NAME
 own artifact), reads their logs with train_gpt.parse_log, and prints a markdown table sorted by
 the memory + kNN bpb; `--collect-only` rebuilds the table from existing logs.
 
-    python tools/ablate.py --profile cpu_proxy --variant base --variant xsa0:XSA_LAYERS=0 \\
+    python -m tools.ablate --profile cpu_proxy --variant base --variant xsa0:XSA_LAYERS=0 \\
         --variant "wide:MODEL_DIM=256,NUM_HEADS=8"
-    python tools/ablate.py --variants-json variants.json --collect-only
+    python -m tools.ablate --variants-json variants.json --collect-only
 """
 
 from __future__ import annotations
@@ -22,11 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-TOOLS_DIR = Path(__file__).resolve().parent
-if str(TOOLS_DIR) not in sys.path:
-    sys.path.insert(0, str(TOOLS_DIR))
-
-import _runs  # noqa: E402  (tools/ has to be on sys.path first)
+from tools import _runs
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RUN_PREFIX = "ablate_"

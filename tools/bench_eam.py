@@ -12,8 +12,8 @@ Seeded synthetic data: unit keys around a few hundred cluster centres (structure
 values a fixed random linear function of the key plus noise (so a read can reconstruct them).
 Quality: cosine of read_memory(key) with the value, on held-out keys.
 
-    python tools/bench_eam.py                  # the defaults above
-    python tools/bench_eam.py --writes 65536 --reference-writes 1024 --json
+    python -m tools.bench_eam                  # the defaults above
+    python -m tools.bench_eam --writes 65536 --reference-writes 1024 --json
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import train_gpt  # noqa: E402  (the repo root has to be on sys.path first)
+import train_gpt
 
 TARGET_WRITES_PER_S = 100_000
 KEY_NOISE = 1.25  # norm of the noise added to a cluster centre before normalizing the key
@@ -83,7 +80,8 @@ def new_memory(cfg: argparse.Namespace, addresses_from=None) -> train_gpt.Elasti
     args = train_gpt.Hyperparameters(profile="bench", eam_locations=cfg.locations,
                                      eam_key_dim=cfg.key_dim, eam_write_k=cfg.write_k,
                                      eam_batch=cfg.batch, seed=cfg.seed)
-    memory = train_gpt.ElasticMemory(args, cfg.value_dim, torch.device("cpu"))
+    memory = train_gpt.ElasticMemory(train_gpt.memory_write_config(args), cfg.value_dim,
+                                     torch.device("cpu"))
     if addresses_from is not None:
         memory.addresses.copy_(addresses_from.addresses)
         memory.size = addresses_from.size
@@ -107,7 +105,7 @@ def vector_accumulate(memory, keys, values, batch: int) -> None:
 # -- per-item reference: the same algorithm, one key at a time --------------------------------
 def item_write(memory, sims: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Write one value to the key's top-k locations, weights max(sim, 0) / best sim."""
-    top_sims, top = sims.topk(min(memory.args.eam_write_k, sims.numel()))
+    top_sims, top = sims.topk(min(memory.config.write_k, sims.numel()))
     weights = top_sims.clamp_min(0) / top_sims[0].clamp_min(1e-6)
     weights[0] = 1.0
     # The k locations of one key are distinct, so plain indexed += loses nothing.
@@ -127,25 +125,25 @@ def item_organize(memory, keys, values, batch: int) -> None:
     Splits (after every key) and merges (at write_memory's cadence) reuse ElasticMemory's own
     regulation, so the comparison isolates the batched vs sequential write and address learning.
     """
-    a = memory.args
+    a = memory.config
     for number, (key, value) in enumerate(zip(keys, values, strict=True), start=1):
         size = memory.size
         sims = memory.addresses[:size] @ key
-        if size < a.eam_locations and (size == 0 or sims.max() < a.eam_novelty):
+        if size < a.locations and (size == 0 or sims.max() < a.novelty):
             memory.addresses[size], memory.counters[size], memory.counts[size] = key, value, 1.0
             memory.size += 1
             memory.events["novel"] += 1
         else:
             top = item_write(memory, sims, value)
             counts = memory.counts[:size]
-            penalty = a.eam_gamma * counts / counts.mean().clamp_min(1e-6)
+            penalty = a.gamma * counts / counts.mean().clamp_min(1e-6)
             winner = int((sims - penalty).argmax())
-            rate = memory.eta / (1 + memory.counts[winner].item() / a.eam_tau)
+            rate = memory.eta / (1 + memory.counts[winner].item() / a.tau)
             # The winner moves first, then the neighbours (distinct locations: one step).
             for location, pull in [(winner, rate), (top[1:], rate / 10)]:
                 moved = memory.addresses[location] + pull * (key - memory.addresses[location])
                 memory.addresses[location] = F.normalize(moved, dim=-1)
-            memory.eta = max(a.eam_eta_floor, memory.eta * a.eam_eta_decay)
+            memory.eta = max(a.eta_floor, memory.eta * a.eta_decay)
         memory.split_overloaded()
         if number % (batch * MERGE_EVERY) == 0:
             memory.merge_duplicates()

@@ -5,7 +5,10 @@ A fresh machine has no FineWeb download, yet the training pipeline expects
 This tool makes both from text that every Python install already has: the
 standard library's docstrings and comments and the ``pydoc`` help topics. The
 output is byte-identical across runs on the same Python version, so smoke tests
-and demos are reproducible without any network access.
+and demos are reproducible without any network access. The shards are written by
+train_gpt.write_shard, the inverse of the reader that training uses.
+
+    python -m tools.make_demo_data          # from the repository root
 """
 
 from __future__ import annotations
@@ -27,16 +30,12 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+import train_gpt
+
 DEFAULT_OUT_DIR = Path("data/demo_sp1024")
 DEFAULT_CHALLENGE_TOKENIZER = Path("data/tokenizers/fineweb_1024_bpe.model")
 DEFAULT_SEED = 1337
 DEFAULT_SHARD_TOKENS = 10_000_000
-
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
-# Shard tokens are stored as uint16.
-MAX_TOKEN_ID = 65535
 
 VOCAB_SIZE = 1024
 MIN_DOC_CHARS = 40
@@ -168,25 +167,12 @@ def train_tokenizer(train_documents: list[str]) -> bytes:
 
 def tokenize_documents(processor: spm.SentencePieceProcessor, documents: list[str]) -> np.ndarray:
     """Concatenate ``[BOS] + tokens`` for each document, like the challenge's shards."""
-    if processor.vocab_size() > MAX_TOKEN_ID + 1:
-        raise ValueError(f"vocab of {processor.vocab_size()} does not fit in uint16 shards")
     bos_id = processor.bos_id()
     token_lists = processor.encode(documents)
     return np.fromiter(
         (token for token_list in token_lists for token in (bos_id, *token_list)),
-        dtype="<u2",
+        dtype=np.int32,  # write_shard checks that every id fits the shards' uint16
     )
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """Write one shard: 256 little-endian int32 header values, then uint16 tokens."""
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0] = SHARD_MAGIC
-    header[1] = SHARD_VERSION
-    header[2] = tokens.size
-    with path.open("wb") as shard_file:
-        shard_file.write(header.tobytes())
-        shard_file.write(tokens.astype("<u2", copy=False).tobytes())
 
 
 def write_split(out_dir: Path, split: str, tokens: np.ndarray, shard_tokens: int) -> dict[str, int]:
@@ -195,7 +181,7 @@ def write_split(out_dir: Path, split: str, tokens: np.ndarray, shard_tokens: int
     for shard_index, start in enumerate(range(0, max(tokens.size, 1), shard_tokens)):
         shard_name = f"fineweb_{split}_{shard_index:06d}.bin"
         shard = tokens[start : start + shard_tokens]
-        write_shard(out_dir / shard_name, shard)
+        train_gpt.write_shard(out_dir / shard_name, shard)
         shard_token_counts[shard_name] = int(shard.size)
     return shard_token_counts
 
@@ -218,12 +204,13 @@ def is_up_to_date(out_dir: Path, expected_settings: dict[str, object]) -> bool:
         return False
     if not (out_dir / TOKENIZER_FILE).is_file():
         return False
-    header_bytes = HEADER_INTS * 4
-    return all(
-        (out_dir / shard_name).is_file()
-        and (out_dir / shard_name).stat().st_size == header_bytes + 2 * token_count
-        for shard_name, token_count in manifest.get("shards", {}).items()
-    )
+    try:
+        return all(
+            train_gpt.read_shard(out_dir / shard_name).size == token_count
+            for shard_name, token_count in manifest.get("shards", {}).items()
+        )
+    except (OSError, ValueError):
+        return False
 
 
 def build_demo_data(

@@ -7,9 +7,9 @@ logs that train_gpt.py writes, read with train_gpt.parse_log, so the numbers in 
 exactly the numbers in the logs. A run that failed or never reached its final score line is shown
 as such and left out of the statistics, never silently dropped.
 
-    python tools/seed_sweep.py --nproc 8                         # seeds 1337 42 2024, competition
-    python tools/seed_sweep.py --profile cpu_smoke --seeds 1 2 3
-    python tools/seed_sweep.py --logs logs/a.txt logs/b.txt logs/c.txt --reference-bpb 1.1147
+    python -m tools.seed_sweep --nproc 8                         # seeds 1337 42 2024, competition
+    python -m tools.seed_sweep --profile cpu_smoke --seeds 1 2 3
+    python -m tools.seed_sweep --logs logs/a.txt logs/b.txt logs/c.txt --reference-bpb 1.1147
 
 The Student-t distribution is computed here in pure Python (no scipy needed on the GPU box).
 """
@@ -26,11 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-TOOLS_DIR = Path(__file__).resolve().parent
-if str(TOOLS_DIR) not in sys.path:
-    sys.path.insert(0, str(TOOLS_DIR))
-
-import _runs  # noqa: E402  (tools/ has to be on sys.path first)
+from tools import _runs
 
 DEFAULT_SEEDS = (1337, 42, 2024)
 

@@ -6,8 +6,8 @@ artifact on disk, using train_gpt's own accounting (artifact_accounting), reader
 which checks the magic, version and sha256) and per-component sizes (component_sizes), so the
 audit can never disagree with the packer.
 
-    python tools/size_audit.py                          # train_gpt.py + final_model.eam
-    python tools/size_audit.py --artifact run.eam --json
+    python -m tools.size_audit                          # train_gpt.py + final_model.eam
+    python -m tools.size_audit --artifact run.eam --json
 
 Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or foreign file).
 """
@@ -15,16 +15,13 @@ Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or forei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-import train_gpt  # noqa: E402  (the repo root has to be on sys.path first)
+import train_gpt
 
 DEFAULTS = train_gpt.Hyperparameters()
 
@@ -39,7 +36,7 @@ def audit(code: Path, artifact: Path, limit: int, zstd_level: int) -> dict:
     if not artifact.is_file():
         raise ValueError(f"{artifact}: artifact not found")
     try:
-        settings, _, arrays = train_gpt.read_artifact(artifact)
+        config, _, arrays = train_gpt.read_artifact(artifact)
     except ValueError:
         raise
     except Exception as error:  # a foreign payload behind a valid prefix: zstd, JSON, layout
@@ -51,7 +48,7 @@ def audit(code: Path, artifact: Path, limit: int, zstd_level: int) -> dict:
                                                                         zstd_level).items()]
     components.sort(key=lambda c: -c["zstd_bytes"])
     return dict(code=str(code), artifact=str(artifact), components=components, **sizes,
-                fits=sizes["total_bytes"] <= limit, settings=settings)
+                fits=sizes["total_bytes"] <= limit, model=dataclasses.asdict(config))
 
 
 def report_text(result: dict) -> str:

@@ -1,0 +1,60 @@
+"""Helpers shared by the tests: tiny settings, a tiny student, and running train_gpt.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+
+REPO = Path(train_gpt.__file__).resolve().parent
+CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
+
+TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads=2,
+            num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
+            eam_key_dim=8, eam_locations=64, eam_read_k=4, eam_write_k=4, eval_seq_len=32,
+            eval_stride=8, eval_batch_windows=4, knn_chunk_tokens=16, knn_k=4, compile=False)
+
+
+def tiny_args(**overrides) -> train_gpt.Hyperparameters:
+    return train_gpt.Hyperparameters(**{**TINY, **overrides})
+
+
+def tiny_student(seed: int = 0, locations: int = 48, **overrides):
+    """(settings, a MemoryLM, by default of vocabulary 256, with random tables and weights)."""
+    torch.manual_seed(seed)
+    args = tiny_args(**{"vocab_size": 256, "dec_hidden": 64, **overrides})
+    tables = train_gpt.MemoryTables(F.normalize(torch.randn(locations, args.eam_key_dim), dim=1),
+                                    torch.randn(locations, args.model_dim),
+                                    torch.randn(locations))
+    student = train_gpt.MemoryLM(train_gpt.student_config(args), tables)
+    with torch.no_grad():  # zero-initialised projections would hide packing mistakes
+        for param in student.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return args, student
+
+
+def write_artifact(path: Path, args: train_gpt.Hyperparameters, model) -> Path:
+    """Pack `model` with its own memory tables into the artifact file `path`."""
+    path.write_bytes(train_gpt.build_artifact(model, model.tables, args))
+    return path
+
+
+def run_script(env: dict[str, str], cwd: Path, nproc: int = 1,
+               timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run train_gpt.py as a user would (plain python, or torchrun for several processes)."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    result = subprocess.run([*launcher, str(REPO / "train_gpt.py")], cwd=cwd, env=full_env,
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"train_gpt.py failed:\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-5000:]}")
+    return result
