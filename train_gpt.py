@@ -342,6 +342,16 @@ def init_runtime(args: Hyperparameters) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, log_path)
 
 
+def flash_attn_version() -> str:
+    """The installed flash-attn's __version__ for the header ('none' when it cannot be imported)."""
+    for module in ("flash_attn_interface", "flash_attn"):
+        try:
+            return str(getattr(__import__(module), "__version__", "unknown"))
+        except (ImportError, OSError):
+            continue
+    return "none"
+
+
 def log_header(runtime: Runtime, args: Hyperparameters) -> None:
     code = Path(__file__).read_bytes()
     runtime.log(f"run_id:{args.run_id} profile:{args.profile} code_sha256:"
@@ -351,7 +361,8 @@ def log_header(runtime: Runtime, args: Hyperparameters) -> None:
     runtime.log(f"python:{platform.python_version()} torch:{torch.__version__} "
                 f"device:{runtime.device.type} device_name:{device_name.replace(' ', '_')} "
                 f"world_size:{runtime.world_size} threads:{torch.get_num_threads()} "
-                f"attention:{attention_backend(runtime.device)}")
+                f"attention:{attention_backend(runtime.device)} "
+                f"cuda:{torch.version.cuda or 'none'} flash_attn:{flash_attn_version()}")
     for field in dataclasses.fields(args):
         runtime.log(f"setting {field.name.upper()}={getattr(args, field.name)}")
 
