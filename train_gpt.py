@@ -381,11 +381,11 @@ def parse_log(text: str) -> dict[str, dict[str, str]]:
             continue
         if words[0] == "setting" and len(words) == 2 and "=" in words[1]:
             name, _, value = words[1].partition("=")
-            records.setdefault("settings", {})[name] = value
+            records.setdefault(SETTINGS_RECORD, {})[name] = value
             continue
         kind, fields = words[0], words[1:]
         if kind.startswith(("run_id:", "python:")):
-            kind, fields = "header", words
+            kind, fields = HEADER_RECORD, words
         record = records.setdefault(kind, {})
         for word in fields:
             key, separator, value = word.partition(":")
@@ -401,6 +401,15 @@ TRAIN_STAGES = STAGES[:3]  # they read training data, so they share the training
 SCORE_RECORD = "final_eam_knn_roundtrip_exact"  # the submission's score
 MEMORY_RECORD = "final_eam_roundtrip_exact"  # the memory path alone, without the kNN store
 TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a diagnostic)
+HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
+ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit: the size reviewers read
+COMPONENT_RECORD = "artifact_component"  # one per packed group: name raw_bytes zstd_bytes
+FIT_RECORD = "artifact_fit"  # dropped_locations kept_locations
+# A whole budget against its limit: 'train_time train_time_ms:N limit_ms:N within_limit:0|1',
+# likewise eval_time; tools fall back to the stage lines in a log without them.
+TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
+# The training loops (Phase.name), each logging 'NAME step:N loss:X ...' every TRAIN_LOG_EVERY.
+TEACHER_PHASE, KEY_PHASE, LM_PHASE = STEP_RECORDS = ("teacher", "distill_keys", "distill_lm")
 
 
 def stage_record(stage: str) -> str:
@@ -1004,7 +1013,7 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
     torch.manual_seed(args.seed)
     teacher = GPT(settings_view(GPTConfig, args, recur_steps=1)).to(runtime.device)
     params = sum(p.numel() for p in teacher.parameters())
-    phase = Phase("teacher", lambda model, x, y: model(x, y), args.train_batch_tokens,
+    phase = Phase(TEACHER_PHASE, lambda model, x, y: model(x, y), args.train_batch_tokens,
                   args.train_seq_len, args.max_wallclock_seconds * args.teacher_time_frac,
                   args.iterations, ema_decay=args.ema_decay)
     stats = run_training(runtime, args, teacher, phase, loader)
@@ -1606,9 +1615,9 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
     budget = args.max_wallclock_seconds * args.distill_time_frac
     batch = (args.distill_batch_tokens, args.train_seq_len)
     readout_side = tuple(m for m in (student.decoder, student.prior) if m is not None)
-    phases = [Phase("distill_keys", key_loss, *batch, budget * args.distill_key_frac,
+    phases = [Phase(KEY_PHASE, key_loss, *batch, budget * args.distill_key_frac,
                     args.distill_key_iterations, args.distill_lr_scale, frozen=readout_side),
-              Phase("distill_lm", lm_loss, *batch, budget * (1 - args.distill_key_frac),
+              Phase(LM_PHASE, lm_loss, *batch, budget * (1 - args.distill_key_frac),
                     args.distill_iterations, args.distill_lr_scale)]
     results = {phase.name: run_training(runtime, args, student, phase, loader)
                for phase in phases if phase.budget_s > 0}
@@ -1816,12 +1825,13 @@ def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> Path:
         write_atomically(path, artifact)
         _, _, arrays = read_artifact(path)
         for group, (raw, packed) in component_sizes(arrays, args.zstd_level).items():
-            runtime.log(f"artifact_component name:{group} raw_bytes:{raw} zstd_bytes:{packed}")
-        runtime.log(f"artifact_fit dropped_locations:{dropped} "
+            runtime.log(f"{COMPONENT_RECORD} name:{group} raw_bytes:{raw} zstd_bytes:{packed}")
+        runtime.log(f"{FIT_RECORD} dropped_locations:{dropped} "
                     f"kept_locations:{student.addresses.size(0) - dropped}")
         sizes = artifact_accounting(Path(__file__), path, args.size_limit)
-        runtime.log(f"artifact code_bytes:{sizes['code_bytes']} model_bytes:{sizes['model_bytes']}"
-                    f" total_bytes:{sizes['total_bytes']} limit:{sizes['limit']}")
+        runtime.log(f"{ARTIFACT_RECORD} code_bytes:{sizes['code_bytes']} "
+                    f"model_bytes:{sizes['model_bytes']} total_bytes:{sizes['total_bytes']} "
+                    f"limit:{sizes['limit']}")
     if runtime.distributed:
         dist.barrier()
     log_stage(runtime, "pack", elapsed_ms(started))

@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: demo data built once per session."""
+"""Fixtures shared by the tests: demo data and the tiny pipeline runs, built once per session."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+import train_gpt
+from tests.helpers import PIPELINE_RUN_ID, TINY_RUN, run_script
 from tools import make_demo_data
 
 
@@ -15,3 +17,23 @@ def demo_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "demo_sp1024"
     make_demo_data.build_demo_data(out, max_train_tokens=400_000, challenge_tokenizer=None)
     return out
+
+
+@pytest.fixture(scope="session")
+def pipeline_runs(demo_data, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """Tiny runs shared by the pipeline and tools tests: one process twice, torchrun x2, and an
+    evaluation-only torchrun x2 of the first artifact. Returns (working folder, parsed logs)."""
+    workdir = tmp_path_factory.mktemp("runs")
+    base = {**TINY_RUN, "DATA_PATH": str(demo_data),
+            "TOKENIZER_PATH": str(demo_data / "tokenizer.model")}
+    logs = {}
+    for name, nproc, extra in [
+        (PIPELINE_RUN_ID, 1, {}),
+        ("again", 1, {}),
+        ("ddp", 2, {}),
+        ("eval_ddp", 2, {"EVAL_ONLY": "1", "ARTIFACT_PATH": f"{PIPELINE_RUN_ID}.eam"}),
+    ]:
+        env = {**base, "RUN_ID": name, "ARTIFACT_PATH": f"{name}.eam", **extra}
+        run_script(env, workdir, nproc=nproc)
+        logs[name] = train_gpt.parse_log((workdir / "logs" / f"{name}.txt").read_text())
+    return workdir, logs

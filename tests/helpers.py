@@ -21,6 +21,18 @@ TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads
             eval_stride=8, eval_batch_windows=4, knn_chunk_tokens=16, knn_k=4, compile=False)
 
 
+# The pipeline as users run it, with budgets by steps, not seconds, so runs are reproducible
+# and quick on any machine (the pipeline_runs fixture).
+TINY_RUN = {
+    "PROFILE": "cpu_smoke", "MAX_WALLCLOCK_SECONDS": "600", "VAL_TOKENS": "3000",
+    "ITERATIONS": "6", "TRAIN_BATCH_TOKENS": "2048", "EAM_ORGANIZE_TOKENS": "4096",
+    "EAM_WRITE_TOKENS": "8192", "EAM_LOCATIONS": "256", "DISTILL_KEY_ITERATIONS": "2",
+    "DISTILL_ITERATIONS": "3", "DISTILL_BATCH_TOKENS": "2048", "KNN_CHUNK_TOKENS": "512",
+    "TRAIN_LOG_EVERY": "1000",
+}
+PIPELINE_RUN_ID = "single"  # the one-process run; its artifact is PIPELINE_RUN_ID.eam
+
+
 def tiny_args(**overrides) -> train_gpt.Hyperparameters:
     return train_gpt.Hyperparameters(**{**TINY, **overrides})
 

@@ -22,12 +22,17 @@ from pathlib import Path
 import train_gpt
 
 TRAIN_SCRIPT = Path(train_gpt.__file__).resolve()
+REPO_ROOT = TRAIN_SCRIPT.parent  # its README.md and requirements.txt go into a record folder
 # Directory (relative to the working directory of the run) where train_gpt.py writes RUN_ID.txt.
 TRAIN_LOG_DIR = Path("logs")
 # The log's line names are train_gpt's, written once beside parse_log.
 STAGES, TRAIN_STAGES = train_gpt.STAGES, train_gpt.TRAIN_STAGES
 SCORE_RECORD, MEMORY_RECORD = train_gpt.SCORE_RECORD, train_gpt.MEMORY_RECORD
 TEACHER_RECORD = train_gpt.TEACHER_RECORD
+HEADER_RECORD, SETTINGS_RECORD = train_gpt.HEADER_RECORD, train_gpt.SETTINGS_RECORD
+ARTIFACT_RECORD, COMPONENT_RECORD = train_gpt.ARTIFACT_RECORD, train_gpt.COMPONENT_RECORD
+FIT_RECORD, STEP_RECORDS = train_gpt.FIT_RECORD, train_gpt.STEP_RECORDS
+TRAIN_TIME_RECORD, EVAL_TIME_RECORD = train_gpt.TRAIN_TIME_RECORD, train_gpt.EVAL_TIME_RECORD
 # Settings that set the budget: an ablation variant changing them is not a like-for-like run.
 BUDGET_SETTINGS = ("MAX_WALLCLOCK_SECONDS", "TEACHER_TIME_FRAC", "EAM_TIME_FRAC",
                    "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS",
@@ -44,6 +49,7 @@ class Run:
     records: dict[str, dict[str, str]] = field(default_factory=dict)
     status: str = "ok"  # ok | failed | incomplete | missing
     detail: str = ""
+    text: str = ""  # the whole log, for lines that repeat (parse_log keeps the last of a kind)
 
     @property
     def ok(self) -> bool:
@@ -176,7 +182,8 @@ def read_run(label: str, log_path: Path | None, required: Sequence[str] = (SCORE
     incomplete (a required final record is absent) or ok."""
     run = Run(label=label, log_path=log_path, returncode=returncode)
     if log_path is not None and log_path.exists():
-        run.records = train_gpt.parse_log(log_path.read_text(encoding="utf-8", errors="replace"))
+        run.text = log_path.read_text(encoding="utf-8", errors="replace")
+        run.records = train_gpt.parse_log(run.text)
     absent = [name for name in required if name not in run.records]
     if returncode not in (None, 0):
         run.status, run.detail = "failed", f"exit status {returncode}"
@@ -200,26 +207,53 @@ def number(records: Mapping[str, Mapping[str, str]], record: str, key: str) -> f
         return None
 
 
+def line_records(text: str, kind: str) -> list[dict[str, str]]:
+    """Every line of one kind in log order, each read by train_gpt.parse_log."""
+    return [train_gpt.parse_log(line)[kind] for line in text.splitlines()
+            if line.split()[:1] == [kind]]
+
+
 def stage_times_ms(records: Mapping[str, Mapping[str, str]]) -> dict[str, float | None]:
     return {stage: number(records, train_gpt.stage_record(stage), "time_ms") for stage in STAGES}
 
 
 def train_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
-    """Sum of the training stages' time_ms (teacher, eam_write, distill), in seconds."""
-    times = [number(records, train_gpt.stage_record(stage), "time_ms") for stage in TRAIN_STAGES]
-    return None if any(t is None for t in times) else sum(times) / 1000  # type: ignore[arg-type]
+    """Everything that read training data, in seconds: the `train_time` line where the log has
+    one, else the sum of the training stages' time_ms (teacher, eam_write, distill)."""
+    ms = number(records, TRAIN_TIME_RECORD, "train_time_ms")
+    if ms is None:
+        times = [number(records, train_gpt.stage_record(stage), "time_ms")
+                 for stage in TRAIN_STAGES]
+        ms = None if any(t is None for t in times) else sum(times)  # type: ignore[arg-type]
+    return None if ms is None else ms / 1000
 
 
 def eval_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
-    ms = number(records, train_gpt.stage_record("eval"), "time_ms")
-    if ms is None:
-        ms = number(records, SCORE_RECORD, "eval_time_ms")
-    return None if ms is None else ms / 1000
+    """The evaluation's time in seconds: the `eval_time` line, else stage:eval, else the score
+    line's eval_time_ms."""
+    for record, key in ((EVAL_TIME_RECORD, "eval_time_ms"),
+                        (train_gpt.stage_record("eval"), "time_ms"),
+                        (SCORE_RECORD, "eval_time_ms")):
+        ms = number(records, record, key)
+        if ms is not None:
+            return ms / 1000
+    return None
+
+
+def artifact_path(records: Mapping[str, Mapping[str, str]], run_dir: Path) -> Path | None:
+    """Where the run wrote its artifact: the `artifact` line's path (newer logs), else the
+    ARTIFACT_PATH setting; a relative path is taken from `run_dir` (the run's working folder)."""
+    raw = records.get(ARTIFACT_RECORD, {}).get("path") or records.get(
+        SETTINGS_RECORD, {}).get("ARTIFACT_PATH")
+    if not raw:
+        return None
+    path = Path(raw)
+    return path if path.is_absolute() else run_dir / path
 
 
 def changed_settings(records: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
     """Settings in a log that differ from its profile's defaults (RUN_ID, ARTIFACT_PATH aside)."""
-    logged = records.get("settings", {})
+    logged = records.get(SETTINGS_RECORD, {})
     try:
         profile = logged.get("PROFILE", "competition")
         defaults = train_gpt.Hyperparameters.from_env({"PROFILE": profile})

@@ -66,11 +66,11 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
         teacher_bpb=_runs.number(records, _runs.TEACHER_RECORD, "val_bpb"),
         memory_bpb=_runs.number(records, _runs.MEMORY_RECORD, "val_bpb"),
         knn_bpb=_runs.number(records, _runs.SCORE_RECORD, "val_bpb"),
-        total_bytes=(None if _runs.number(records, "artifact", "total_bytes") is None
-                     else int(_runs.number(records, "artifact", "total_bytes"))),
+        total_bytes=(None if _runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes") is None
+                     else int(_runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes"))),
         stage_time_ms=_runs.stage_times_ms(records),
         changed_settings=_runs.changed_settings(records),
-        profile=records.get("header", {}).get("profile"))
+        profile=records.get(_runs.HEADER_RECORD, {}).get("profile"))
 
 
 def sort_key(row: dict) -> tuple:
