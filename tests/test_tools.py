@@ -491,7 +491,7 @@ def good_record(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("record")
     sweep = fake_sweep(root)
     status, folder = assemble(root, sweep, "--reference-bpb", "1.2")
-    return dict(sweep, status=status, folder=folder)
+    return dict(sweep, status=status, folder=folder, root=root)
 
 
 def copy_of(record: dict, tmp_path: Path) -> Path:
@@ -571,6 +571,20 @@ def test_check_fails_when_the_code_differs_from_the_logged_sha(
     problems = failures(out)
     assert sum("not the code that ran" in p for p in problems) == 3
     assert sum("logged code_bytes" in p and "train_gpt.py has" in p for p in problems) == 3
+
+
+def test_make_record_refuses_broken_runs_and_existing_folders(
+        good_record: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    status, _ = assemble(good_record["root"], good_record)
+    assert status == 2 and "exists" in capsys.readouterr().err
+    sweep = fake_sweep(tmp_path)
+    write_log(sweep["logs"][1], seed=42, complete=False)
+    status, folder = assemble(tmp_path, sweep)
+    assert status == 2 and folder is None
+    assert f"cpu_smoke_seed42.txt (incomplete: no {train_gpt.SCORE_RECORD} line)" in (
+        capsys.readouterr().err)
+    status, folder = assemble(tmp_path, sweep, logs=[sweep["logs"][0], sweep["logs"][0]])
+    assert status == 2 and "[1337, 1337]" in capsys.readouterr().err
 
 
 def test_check_fails_when_a_seed_is_missing(good_record: dict, tmp_path: Path,

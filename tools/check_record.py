@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "logs are found from there (default: the current folder)")
     args = parser.parse_args(argv)
     if (args.folder is None) == (args.logs is None):
-        parser.error("give a record folder or --logs, not both")
+        parser.error("give either a record folder or --logs")
     if args.folder is not None:
         if not args.folder.is_dir():
             print(f"error: {args.folder} is not a folder", file=sys.stderr)

@@ -368,8 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "check (default: the current folder)")
     parser.add_argument("--reference-bpb", type=float, default=None,
                         help="val_bpb of the record to beat: adds the one-sided t-test")
-    parser.add_argument("--margin-nats", type=float, default=_submission.MARGIN_NATS)
-    parser.add_argument("--alpha", type=float, default=_submission.ALPHA)
+    parser.add_argument("--margin-nats", type=float, default=_submission.MARGIN_NATS,
+                        help="required improvement in nats (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=_submission.ALPHA,
+                        help="significance level of the test (default: %(default)s)")
     _submission.add_metadata_arguments(parser)
     return parser
 

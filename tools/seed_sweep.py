@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _submission.write_json(_submission.build_submission(results, stats, meta), args.out_json)
     write_train_log(results, args.out_log)
     print(f"\nwrote {args.out_json} and {args.out_log}")
+    if valid:
+        print("a pull request's folder from these logs: python -m tools.make_record --logs "
+              + " ".join(str(r.run.log_path) for r in valid) + " --name ... --blurb ...")
     return 1 if failed else 0
 
 
