@@ -127,7 +127,13 @@ def reproduction(results: Sequence[SeedResult]) -> tuple[str, list[str]]:
     world = int(first.header("world_size") or 1)
     launcher = ("python train_gpt.py" if world == 1 else
                 f"torchrun --standalone --nproc_per_node={world} train_gpt.py")
-    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+    lines: list[str] = []
+    for assignment in (f"{k}={shlex.quote(v)}" for k, v in env.items()):
+        if lines and len(lines[-1]) + len(assignment) < 96:
+            lines[-1] += " " + assignment
+        else:
+            lines.append(assignment)
+    assignments = " \\\n  ".join(lines)
     seeds = " ".join(str(r.seed) for r in results)
     command = (f"for SEED in {seeds}; do\n  {assignments} \\\n"
                f"  SEED=$SEED RUN_ID=train_seed$SEED ARTIFACT_PATH=train_seed$SEED.eam \\\n"
