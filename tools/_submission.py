@@ -306,6 +306,16 @@ def git_config(key: str) -> str | None:
     return out.stdout.strip() or None
 
 
+def add_test_arguments(parser: argparse.ArgumentParser) -> None:
+    """The record test's flags: the score to beat, the margin and the significance level."""
+    parser.add_argument("--reference-bpb", type=float, default=None,
+                        help="val_bpb of the record to beat: adds the one-sided t-test")
+    parser.add_argument("--margin-nats", type=float, default=MARGIN_NATS,
+                        help="required improvement in nats (default: %(default)s)")
+    parser.add_argument("--alpha", type=float, default=ALPHA,
+                        help="significance level of the test (default: %(default)s)")
+
+
 def add_metadata_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags for the fields no log can know: who submits, under what title, on which track."""
     group = parser.add_argument_group("submission.json fields the logs cannot give")

@@ -372,12 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run-dir", type=Path, default=Path("."),
                         help="the folder the runs started in, to find their artifacts for the "
                              "check (default: the current folder)")
-    parser.add_argument("--reference-bpb", type=float, default=None,
-                        help="val_bpb of the record to beat: adds the one-sided t-test")
-    parser.add_argument("--margin-nats", type=float, default=_submission.MARGIN_NATS,
-                        help="required improvement in nats (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=_submission.ALPHA,
-                        help="significance level of the test (default: %(default)s)")
+    _submission.add_test_arguments(parser)
     _submission.add_metadata_arguments(parser)
     return parser
 

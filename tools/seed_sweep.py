@@ -88,12 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace the training command (a shell-quoted string; for tests "
                              "and wrappers)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output")
-    parser.add_argument("--reference-bpb", type=float, default=None,
-                        help="val_bpb of the record to beat: enables the one-sided t-test")
-    parser.add_argument("--margin-nats", type=float, default=_submission.MARGIN_NATS,
-                        help="required improvement in nats (default: %(default)s)")
-    parser.add_argument("--alpha", type=float, default=_submission.ALPHA,
-                        help="significance level of the test (default: %(default)s)")
+    _submission.add_test_arguments(parser)
     _submission.add_metadata_arguments(parser)
     parser.add_argument("--out-json", type=Path, default=Path("submission.json"),
                         help="submission file to write (default: %(default)s)")
