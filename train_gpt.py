@@ -20,12 +20,15 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
+import itertools
 import json
 import math
 import os
 import platform
 import struct
+import tempfile
 import time
+import traceback
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,13 +86,16 @@ class Hyperparameters:
     tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
     vocab_size: int = 1024
     seed: int = 1337
-    run_id: str = ""
+    run_id: str = ""  # default <profile>_seed<seed>; logs/RUN_ID.txt
     val_tokens: int = 0
-    artifact_path: str = "final_model.eam"
+    artifact_path: str = ""  # default RUN_ID.eam
     eval_only: bool = False
     compile: bool = True
-    # Time: the training stages share MAX_WALLCLOCK_SECONDS through these fractions.
+    # Time: one deadline, MAX_WALLCLOCK_SECONDS from the start of the run, for everything up to
+    # the packed artifact; the training stages end at these cumulative shares of it, less the
+    # reserve kept for packing.
     max_wallclock_seconds: float = 600.0
+    train_reserve_frac: float = 0.05
     teacher_time_frac: float = 0.62
     eam_time_frac: float = 0.06
     distill_time_frac: float = 0.32
@@ -188,23 +194,31 @@ class Hyperparameters:
             name = field.name.upper()
             if field.name != "profile" and name in environ:
                 values[field.name] = _parse_setting(name, environ[name], types[field.name])
-        if not values.get("run_id"):
-            values["run_id"] = f"{profile}_seed{values.get('seed', cls.seed)}"
+        if values.get("eval_only") and "ARTIFACT_PATH" not in environ:
+            raise ValueError("EVAL_ONLY=1: set ARTIFACT_PATH to the artifact to score")
         return cls(**values)
 
     def __post_init__(self) -> None:
         types = typing.get_type_hints(type(self))
+        # Derived names: a run's log and artifact are both named after it (frozen, hence setattr).
+        object.__setattr__(self, "run_id", self.run_id or default_run_id(self.profile, self.seed))
+        object.__setattr__(self, "artifact_path", self.artifact_path or f"{self.run_id}.eam")
         for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
+            value, name = getattr(self, field.name), field.name.upper()
             signed = field.name in ("eam_key_layer", "eam_novelty", "eam_merge_threshold")
+            if types[field.name] is float and not math.isfinite(value):
+                raise ValueError(f"{name}={value}: must be a finite number")
             if types[field.name] in (int, float) and value < 0 and not signed:
-                raise ValueError(f"{field.name.upper()}={value}: must not be negative")
+                raise ValueError(f"{name}={value}: must not be negative")
+        # Zero would divide by zero, loop forever or leave a stage nothing to work with.
         positive = ["vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_layers",
-                    "train_seq_len", "train_batch_tokens", "grad_accum_world", "eam_locations",
-                    "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "enc_layers",
+                    "mlp_mult", "logit_softcap", "rope_base", "train_seq_len",
+                    "train_batch_tokens", "grad_accum_world", "train_log_every", "eam_locations",
+                    "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "eam_tau",
+                    "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k",
-                    "knn_chunk_tokens", "max_wallclock_seconds", "eam_read_steps",
-                    "enc_recur_steps"]
+                    "knn_chunk_tokens", "knn_capacity", "max_wallclock_seconds",
+                    "eam_read_steps", "enc_recur_steps", "size_limit"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
@@ -213,10 +227,15 @@ class Hyperparameters:
         for name in fractions:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must lie in [0, 1]")
-        if self.teacher_time_frac + self.eam_time_frac + self.distill_time_frac > 1 + 1e-9:
-            raise ValueError("TEACHER_TIME_FRAC + EAM_TIME_FRAC + DISTILL_TIME_FRAC must be <= 1")
+        if not 0 <= self.train_reserve_frac < 1:
+            raise ValueError(f"TRAIN_RESERVE_FRAC={self.train_reserve_frac}: must lie in [0, 1)")
+        shares = (self.teacher_time_frac, self.eam_time_frac, self.distill_time_frac)
+        if sum(shares) > 1 + 1e-9:
+            raise ValueError("TEACHER_TIME_FRAC + EAM_TIME_FRAC + DISTILL_TIME_FRAC = "
+                             f"{' + '.join(map(str, shares))} must be <= 1")
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError("MODEL_DIM must divide by NUM_HEADS, NUM_HEADS by NUM_KV_HEADS")
+            raise ValueError(f"MODEL_DIM={self.model_dim} must divide by NUM_HEADS="
+                             f"{self.num_heads}, NUM_HEADS by NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.model_dim // self.num_heads
         if self.rope_dims % 2 or self.rope_dims > head_dim:
             raise ValueError(f"ROPE_DIMS={self.rope_dims}: must be even and <= head dim {head_dim}")
@@ -228,8 +247,15 @@ class Hyperparameters:
             raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
         if self.quant_bits not in (6, 8):
             raise ValueError(f"QUANT_BITS={self.quant_bits}: must be 6 or 8")
+        if not 1 <= self.zstd_level <= 22:
+            raise ValueError(f"ZSTD_LEVEL={self.zstd_level}: must lie in 1..22")
         if self.eval_stride > self.eval_seq_len:
-            raise ValueError("EVAL_STRIDE must be <= EVAL_SEQ_LEN")
+            raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be <= "
+                             f"EVAL_SEQ_LEN={self.eval_seq_len}")
+
+
+def default_run_id(profile: str, seed: int) -> str:
+    return f"{profile}_seed{seed}"
 
 
 def _parse_setting(name: str, raw: str, kind: type) -> object:
@@ -315,7 +341,8 @@ class Runtime:
                 handle.write(message + "\n")
 
 
-def init_runtime(args: Hyperparameters) -> Runtime:
+def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
+    """The process group, seeds, and the run's own log (its name settled on rank 0)."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -336,10 +363,74 @@ def init_runtime(args: Hyperparameters) -> Runtime:
     np.random.seed(args.seed)
     log_path = None
     if rank == 0:
-        Path("logs").mkdir(exist_ok=True)
-        log_path = Path("logs") / f"{args.run_id}.txt"
-        log_path.write_text("", encoding="utf-8")
-    return Runtime(rank, world_size, local_rank, device, log_path)
+        args, log_path = claim_run(args)
+    if world_size > 1:
+        names = [args.run_id, args.artifact_path]
+        dist.broadcast_object_list(names, 0)
+        args = dataclasses.replace(args, run_id=names[0], artifact_path=names[1])
+    return Runtime(rank, world_size, local_rank, device, log_path), args
+
+
+LOG_DIR = Path("logs")
+
+
+def claim_run(args: Hyperparameters) -> tuple[Hyperparameters, Path]:
+    """Create logs/RUN_ID.txt exclusively, so no run truncates, or writes into, another's log.
+
+    A RUN_ID the user chose is refused when its log exists: tools read logs/RUN_ID.txt back, so
+    quietly renaming the run would have them read the old log. The default RUN_ID moves on to
+    RUN_ID_2, RUN_ID_3, ..., as a plain rerun expects (the challenge's own script picks a fresh
+    id per run), and a training run's derived artifact path follows its name.
+    """
+    LOG_DIR.mkdir(exist_ok=True)
+    fresh = args.run_id == default_run_id(args.profile, args.seed)
+    derived = args.artifact_path == f"{args.run_id}.eam" and not args.eval_only
+    for attempt in itertools.count(1):
+        run_id = args.run_id if attempt == 1 else f"{args.run_id}_{attempt}"
+        artifact = f"{run_id}.eam" if derived else args.artifact_path
+        if fresh and derived and Path(artifact).exists():
+            continue
+        path = LOG_DIR / f"{run_id}.txt"
+        try:
+            path.open("x", encoding="utf-8").close()
+        except FileExistsError:
+            if fresh:
+                continue
+            raise FileExistsError(f"RUN_ID={run_id}: {path} exists (an earlier run's log); "
+                                  "choose another RUN_ID or remove that file") from None
+        return dataclasses.replace(args, run_id=run_id, artifact_path=artifact), path
+
+
+@contextlib.contextmanager
+def failures_logged(runtime: Runtime):
+    """An exception also reaches logs/RUN_ID.txt, so a failed run's log says why."""
+    try:
+        yield
+    except BaseException as error:
+        runtime.log(f"error rank:{runtime.rank} type:{type(error).__name__}\n"
+                    f"{traceback.format_exc().rstrip()}")
+        raise
+
+
+def stage_end(started: float, args: Hyperparameters, share: float) -> float:
+    """The one training deadline: the perf_counter time by which the stages that read training
+    data must have used `share` (cumulative) of MAX_WALLCLOCK_SECONDS after `started`, less the
+    reserve kept for packing. Time one part overruns (setup, checks, the organize phase,
+    diagnostics) comes out of the next stages, never on top."""
+    return started + share * args.max_wallclock_seconds * (1 - args.train_reserve_frac)
+
+
+def step_clock():
+    """next_end() -> when a step started now would end, taken to last as long as the time since
+    the previous call (the last step): loops stop before a step that would overrun."""
+    previous = time.perf_counter()
+
+    def next_end() -> float:
+        nonlocal previous
+        now = time.perf_counter()
+        end, previous = 2 * now - previous, now
+        return end
+    return next_end
 
 
 def flash_attn_version() -> str:
@@ -402,11 +493,13 @@ SCORE_RECORD = "final_eam_knn_roundtrip_exact"  # the submission's score
 MEMORY_RECORD = "final_eam_roundtrip_exact"  # the memory path alone, without the kNN store
 TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a diagnostic)
 HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
-ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit: the size reviewers read
+ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
+# read), path sha256 (the file the evaluation checks it scores)
 COMPONENT_RECORD = "artifact_component"  # one per packed group: name raw_bytes zstd_bytes
 FIT_RECORD = "artifact_fit"  # dropped_locations kept_locations
 # A whole budget against its limit: 'train_time train_time_ms:N limit_ms:N within_limit:0|1',
-# likewise eval_time; tools fall back to the stage lines in a log without them.
+# likewise eval_time (log_time_limit writes them; tools fall back to the stage lines in older
+# logs, which lack them).
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
 # The training loops (Phase.name), each logging 'NAME step:N loss:X ...' every TRAIN_LOG_EVERY.
 TEACHER_PHASE, KEY_PHASE, LM_PHASE = STEP_RECORDS = ("teacher", "distill_keys", "distill_lm")
@@ -425,6 +518,13 @@ def log_stage(runtime: Runtime, stage: str, time_ms: float, details: str = "") -
 def elapsed_ms(started: float) -> float:
     """Milliseconds since `started`, a time.perf_counter() reading."""
     return 1000 * (time.perf_counter() - started)
+
+
+def log_time_limit(runtime: Runtime, record: str, started: float, limit_s: float) -> None:
+    """A TRAIN_TIME_RECORD or EVAL_TIME_RECORD line: the time since `started` against a limit."""
+    time_ms = elapsed_ms(started)
+    runtime.log(f"{record} {record}_ms:{time_ms:.0f} limit_ms:{1000 * limit_s:.0f} "
+                f"within_limit:{int(time_ms <= 1000 * limit_s)}")
 
 
 def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
@@ -482,8 +582,10 @@ SHARD_VERSION = 1
 HEADER_WORDS = 256
 
 
-def read_shard(path: Path) -> np.ndarray:
-    raw = Path(path).read_bytes()
+def shard_token_count(path: Path) -> int:
+    """Check a shard's header against its size, reading only the header; its token count."""
+    with Path(path).open("rb") as handle:
+        raw = handle.read(HEADER_WORDS * 4)
     if len(raw) < HEADER_WORDS * 4:
         raise ValueError(f"{path}: truncated header ({len(raw)} bytes)")
     header = np.frombuffer(raw, dtype="<i4", count=HEADER_WORDS)
@@ -491,11 +593,29 @@ def read_shard(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: wrong magic {header[0]} (expected {SHARD_MAGIC})")
     if header[1] != SHARD_VERSION:
         raise ValueError(f"{path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
-    declared = int(header[2])
-    actual = (len(raw) - HEADER_WORDS * 4) // 2
-    if actual != declared or (len(raw) - HEADER_WORDS * 4) % 2:
-        raise ValueError(f"{path}: header declares {declared} tokens but file holds {actual}")
-    return np.frombuffer(raw, dtype="<u2", offset=HEADER_WORDS * 4)
+    declared, body = int(header[2]), Path(path).stat().st_size - HEADER_WORDS * 4
+    if body != 2 * declared:
+        raise ValueError(f"{path}: header declares {declared} tokens but file holds {body / 2:g}")
+    return declared
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str,
+                    owner: str = "VOCAB_SIZE") -> None:
+    """Every id must index the vocabulary (else an embedding fails deep inside a stage); owner
+    names where the vocabulary comes from (the setting, or an artifact)."""
+    if tokens.size and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise ValueError(f"{where}: token id {int(tokens[position])} at position {position} "
+                         f"is >= {owner}={vocab_size}")
+
+
+def read_shard(path: Path, vocab_size: int = 0) -> np.ndarray:
+    """A shard's tokens, its header checked, and with vocab_size its token ids as well."""
+    shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", offset=HEADER_WORDS * 4)
+    if vocab_size:
+        check_token_ids(tokens, vocab_size, str(path))
+    return tokens
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
@@ -520,10 +640,10 @@ def shard_paths(data_path: str, split: str) -> list[Path]:
 class TokenStream:
     """Endless sequential reader over the training shards (wraps around at the end)."""
 
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
+    def __init__(self, paths: list[Path], vocab_size: int = 0):
+        self.paths, self.vocab_size = paths, vocab_size
         self.shard_index = 0
-        self.tokens = read_shard(paths[0])
+        self.tokens = read_shard(paths[0], vocab_size)
         self.position = 0
 
     def take(self, count: int) -> np.ndarray:
@@ -531,7 +651,7 @@ class TokenStream:
         while count > 0:
             if self.position >= len(self.tokens):
                 self.shard_index = (self.shard_index + 1) % len(self.paths)
-                self.tokens = read_shard(self.paths[self.shard_index])
+                self.tokens = read_shard(self.paths[self.shard_index], self.vocab_size)
                 self.position = 0
             part = self.tokens[self.position: self.position + count]
             parts.append(part)
@@ -543,8 +663,8 @@ class TokenStream:
 class DistributedTokenLoader:
     """Each call reads one global slice and hands this rank its own disjoint part of it."""
 
-    def __init__(self, paths: list[Path], runtime: Runtime):
-        self.stream = TokenStream(paths)
+    def __init__(self, paths: list[Path], runtime: Runtime, vocab_size: int = 0):
+        self.stream = TokenStream(paths, vocab_size)
         self.runtime = runtime
 
     def next_batch(self, rank_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -555,13 +675,26 @@ class DistributedTokenLoader:
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
 
-def load_validation_tokens(data_path: str, limit: int) -> torch.Tensor:
-    tokens = np.concatenate([read_shard(p) for p in shard_paths(data_path, "val")])
-    if limit:
-        tokens = tokens[:limit]
+def load_validation_tokens(args: Hyperparameters) -> torch.Tensor:
+    """The scored tokens: the val shards in order, the first VAL_TOKENS of them (0: all)."""
+    tokens = np.concatenate([read_shard(p) for p in shard_paths(args.data_path, "val")])
+    if args.val_tokens:
+        tokens = tokens[: args.val_tokens]
     if len(tokens) < 2:
-        raise ValueError(f"DATA_PATH={data_path!r}: validation split has fewer than 2 tokens")
+        raise ValueError(f"DATA_PATH={args.data_path!r} VAL_TOKENS={args.val_tokens}: "
+                         f"{len(tokens)} validation tokens, at least 2 are needed")
     return torch.from_numpy(tokens.astype(np.int64))
+
+
+def rank_batch_tokens(batch_tokens: int, seq_len: int, world_size: int, accum_world: int,
+                      name: str) -> tuple[int, int]:
+    """(micro-steps, tokens per rank and micro-step) keeping the global batch at any world size."""
+    accum = max(1, accum_world // world_size)
+    rank_tokens = batch_tokens // (world_size * accum)
+    if rank_tokens == 0 or rank_tokens % seq_len:
+        raise ValueError(f"{name}={batch_tokens} does not split into sequences of TRAIN_SEQ_LEN="
+                         f"{seq_len} over {world_size} ranks x {accum} micro-steps")
+    return accum, rank_tokens
 
 
 @dataclass(frozen=True)
@@ -601,6 +734,64 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int, owner: str) -> ByteT
                 piece = piece[1:]
             base[token] = len(piece.encode("utf-8"))
     return ByteTables(base, space, boundary)
+
+
+# tools/make_demo_data.py writes this next to its shards, naming the tokenizer they were made with.
+DATA_MANIFEST = "manifest.json"
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
+    """Everything checkable before training, so a bad input costs seconds, not a training run.
+
+    The code's size; the validation split (shard headers, length); the hash of the tokenizer a
+    data manifest names; the artifact path (present for EVAL_ONLY, whose artifact's own
+    vocabulary is checked as it is scored; else free and in a writable folder); the validation
+    token ids and the tokenizer against VOCAB_SIZE; the training shards' headers and sizes and
+    the first one's token ids (later shards are checked as the loader opens them: reading every
+    shard of a full FineWeb download would cost more than it saves); the batches' split.
+    """
+    code_bytes = Path(__file__).stat().st_size
+    if code_bytes >= args.size_limit:
+        raise ValueError(f"SIZE_LIMIT={args.size_limit}: {__file__} alone is {code_bytes} bytes")
+    tokens = load_validation_tokens(args)
+    manifest = Path(args.data_path) / DATA_MANIFEST
+    if manifest.is_file():
+        try:
+            named = json.loads(manifest.read_text(encoding="utf-8")).get("tokenizer_sha256")
+        except (ValueError, AttributeError):
+            named = None  # not a manifest of ours
+        actual = file_sha256(Path(args.tokenizer_path))
+        if named and named != actual:
+            raise ValueError(f"TOKENIZER_PATH={args.tokenizer_path!r} has sha256 {actual}, but "
+                             f"{manifest} names {named}: the shards were made with another "
+                             "tokenizer")
+    artifact = Path(args.artifact_path)
+    if args.eval_only:
+        if not artifact.is_file():
+            raise FileNotFoundError(f"ARTIFACT_PATH={args.artifact_path!r}: no such file")
+        return
+    if artifact.exists():
+        raise FileExistsError(f"ARTIFACT_PATH={args.artifact_path!r} exists (an earlier run's "
+                              "artifact): choose another path or remove that file")
+    try:
+        tempfile.TemporaryFile(dir=artifact.parent).close()
+    except OSError as error:
+        raise PermissionError(f"ARTIFACT_PATH={args.artifact_path!r}: cannot write in its "
+                              f"folder ({error})") from None
+    check_token_ids(tokens.numpy(), args.vocab_size,
+                    f"DATA_PATH={args.data_path!r} validation split")
+    build_byte_tables(args.tokenizer_path, args.vocab_size, "VOCAB_SIZE")
+    train = shard_paths(args.data_path, "train")
+    for path in train:
+        shard_token_count(path)
+    read_shard(train[0], args.vocab_size)
+    for name in ("TRAIN_BATCH_TOKENS", "DISTILL_BATCH_TOKENS"):
+        rank_batch_tokens(getattr(args, name.lower()), args.train_seq_len, runtime.world_size,
+                          args.grad_accum_world, name)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -928,15 +1119,15 @@ class EMA:
 
 @dataclass(frozen=True)
 class Phase:
-    """One run of the training loop: its loss, batch, budget, learning-rate scale, what it keeps
+    """One run of the training loop: its loss, batch, deadline, learning-rate scale, what it keeps
     frozen (so that DDP never has to search for unused parameters), and an optional EMA."""
 
     name: str
     loss_fn: Callable  # (ddp_model, x [B, T], y [B, T]) -> scalar loss
     batch_tokens: int
     seq_len: int
-    budget_s: float
-    max_steps: int  # 0: the budget alone decides
+    stop_at: float  # a time.perf_counter() deadline (see stage_end)
+    max_steps: int  # 0: the deadline alone decides
     lr_scale: float = 1.0
     frozen: tuple[nn.Module, ...] = ()
     ema_decay: float = 0.0
@@ -946,14 +1137,11 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
                  loader: DistributedTokenLoader) -> dict[str, float]:
     """The shared training loop: DDP, gradient accumulation, wall-clock stop, schedules.
 
-    The stop decision is all-reduced so every rank takes the same number of steps.
+    No step starts that would end after phase.stop_at (a step is taken to last as long as the
+    previous one). The stop decision is all-reduced so every rank takes the same number of steps.
     """
-    accum = max(1, args.grad_accum_world // runtime.world_size)
-    rank_tokens = phase.batch_tokens // (runtime.world_size * accum)
-    if rank_tokens == 0 or rank_tokens % phase.seq_len:
-        raise ValueError(f"{phase.name}: batch {phase.batch_tokens} tokens does not split into "
-                         f"sequences of {phase.seq_len} over {runtime.world_size} ranks x "
-                         f"{accum} micro-steps")
+    accum, rank_tokens = rank_batch_tokens(phase.batch_tokens, phase.seq_len, runtime.world_size,
+                                           args.grad_accum_world, f"{phase.name} batch tokens")
     for module in phase.frozen:
         module.requires_grad_(False)
     wrapped = model
@@ -964,13 +1152,16 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
     compiled = maybe_compile(wrapped, args, runtime)
     optimizers = build_optimizers(model, args, phase.lr_scale)
     ema = EMA(model, phase.ema_decay) if phase.ema_decay > 0 else None
-    start = time.perf_counter()
+    start, next_end = time.perf_counter(), step_clock()
+    budget_s = max(phase.stop_at - start, 1e-9)
     step, loss_value = 0, float("nan")
     while True:
-        elapsed = time.perf_counter() - start
-        progress = max(elapsed / phase.budget_s, step / phase.max_steps if phase.max_steps else 0)
-        stop = torch.tensor(float(progress >= 1.0), device=runtime.device)
-        if all_reduce_(stop, "max").item() > 0:
+        # Progress counts the next step as taken, so the last step ends before the deadline.
+        # It is all-reduced: ranks' clocks differ, and so would their learning rates.
+        progress = max((next_end() - start) / budget_s,
+                       step / phase.max_steps if phase.max_steps else 0.0)
+        progress = all_reduce_(torch.tensor(progress, device=runtime.device), "max").item()
+        if progress >= 1.0:
             break
         multiplier = lr_multiplier(step, progress, args.warmup_steps, args.warmdown_frac)
         for optimizer in optimizers.values():
@@ -1008,13 +1199,14 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
                 tokens=step * phase.batch_tokens, step_ms=1000 * elapsed / max(step, 1))
 
 
-def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader) -> GPT:
+def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader,
+                  run_started: float) -> GPT:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     teacher = GPT(settings_view(GPTConfig, args, recur_steps=1)).to(runtime.device)
     params = sum(p.numel() for p in teacher.parameters())
     phase = Phase(TEACHER_PHASE, lambda model, x, y: model(x, y), args.train_batch_tokens,
-                  args.train_seq_len, args.max_wallclock_seconds * args.teacher_time_frac,
+                  args.train_seq_len, stage_end(run_started, args, args.teacher_time_frac),
                   args.iterations, ema_decay=args.ema_decay)
     stats = run_training(runtime, args, teacher, phase, loader)
     teacher.eval().requires_grad_(False)
@@ -1147,24 +1339,31 @@ def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projectio
 
     z_s = read(q_s), q_{s+1} = normalize(d q_0 + (1 - d) normalize(z_s P)): the readout is
     re-keyed through the key projection P and the encoder's query q_0 is re-injected with
-    damping d = read.damping, for up to read.steps reads or until the residual
-    ||z_{s+1} - z_s|| / ||z_s|| falls below read.tol. Earlier readouts are detached, so the
-    gradient reaches q_0 through the last read only and memory does not grow with the steps.
-    With a trace list, (residual, energy) of every extra step is appended to it.
+    damping d = read.damping, for up to read.steps reads; with read.tol a row stops at the first
+    read whose residual ||z_{s+1} - z_s|| / ||z_s|| falls below it. Convergence is decided per
+    row: one residual over the batch would let later positions set how often an earlier one is
+    read (a C1 leak). Earlier readouts are detached, so the gradient reaches q_0 through the
+    last read only and memory does not grow with the steps. With a trace list, the batch's
+    (residual, energy) of every extra step is appended to it.
     """
     readout = read_memory(queries, tables, read.k, read.beta, read.count_prior)
+    converged = torch.zeros(readout.size(0), dtype=torch.bool, device=readout.device)
     for _ in range(read.steps - 1):
         rekey = F.normalize(readout.detach() @ projection.to(readout.dtype), dim=-1)
         state = F.normalize(read.damping * queries + (1 - read.damping) * rekey, dim=-1)
         following = read_memory(state, tables, read.k, read.beta, read.count_prior)
-        residual = (following - readout).norm() / readout.norm().clamp_min(1e-9)
-        readout = following
-        if trace is None and not read.tol:
-            continue  # the hot path never waits for the residual
-        residual = residual.item()
+        if read.tol:
+            following = torch.where(converged[:, None], readout, following)
+            row_residual = ((following - readout).norm(dim=-1)
+                            / readout.norm(dim=-1).clamp_min(1e-9))
+            converged = converged | (row_residual < read.tol)
         if trace is not None:
+            residual = ((following - readout).norm() / readout.norm().clamp_min(1e-9)).item()
             trace.append((residual, read_energy(state, tables, read.k, read.beta)))
-        if read.tol and residual < read.tol:
+        readout = following
+        # The hot path never waits for a residual; with a tolerance, stopping once every row
+        # has converged changes no row's result.
+        if read.tol and bool(converged.all()):
             break
     return readout
 
@@ -1355,7 +1554,8 @@ def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tenso
 
 
 def organize_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemory,
-                    teacher_batch: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+                    teacher_batch: Callable, stop_at: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Addresses learn on a sample every rank sees: each rank runs the teacher on its part and
     all gather it. Returns this rank's own (keys, values), to be written again (accumulate)."""
     seq_len = args.train_seq_len
@@ -1363,8 +1563,10 @@ def organize_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemo
     own_keys, own_values = teacher_batch(rank_tokens)
     counts = [own_keys.size(0)] * runtime.world_size
     keys, values = all_gather_rows(own_keys, counts), all_gather_rows(own_values, counts)
-    batch = args.eam_batch
+    batch, next_end = args.eam_batch, step_clock()
     for number, begin in enumerate(range(0, keys.size(0), batch)):
+        if begin and next_end() >= stop_at:
+            break  # out of time (ranks need not agree: rank 0's addresses are broadcast)
         memory.organize(keys[begin: begin + batch], values[begin: begin + batch])
         if number % 8 == 7:
             memory.merge_duplicates()
@@ -1384,17 +1586,16 @@ def broadcast_addresses(runtime: Runtime, memory: ElasticMemory) -> None:
 
 def accumulate_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemory,
                       teacher_batch: Callable, own: tuple[torch.Tensor, torch.Tensor],
-                      rank_batch: int, started: float) -> dict[str, float]:
-    """Addresses frozen: every rank writes its own share until the stage's budget (or
-    EAM_WRITE_TOKENS) is spent; counters and counts are then summed over ranks, exactly, since
-    they are additive. Returns the global write count and the rate of the writes alone."""
-    budget = args.max_wallclock_seconds * args.eam_time_frac
+                      rank_batch: int, stop_at: float) -> dict[str, float]:
+    """Addresses frozen: every rank writes its own share until the stage's deadline (or
+    EAM_WRITE_TOKENS); counters and counts are then summed over ranks, exactly, since they are
+    additive. Returns the global write count and the rate of the writes alone."""
     memory.reset_counters()
     memory.accumulate(*own)
     writes, timed_writes, write_seconds = own[0].size(0) * runtime.world_size, 0, 0.0
+    next_end = step_clock()
     while True:
-        elapsed = time.perf_counter() - started
-        done = elapsed >= budget or (args.eam_write_tokens and writes >= args.eam_write_tokens)
+        done = next_end() >= stop_at or (args.eam_write_tokens and writes >= args.eam_write_tokens)
         stop = torch.tensor(float(done), device=runtime.device)
         if all_reduce_(stop, "max").item() > 0:
             break
@@ -1427,8 +1628,9 @@ def memory_diagnostics(runtime: Runtime, read: MemoryReadConfig, memory: Elastic
 
 
 def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
-                 loader: DistributedTokenLoader) -> ElasticMemory:
+                 loader: DistributedTokenLoader, run_started: float) -> ElasticMemory:
     started = time.perf_counter()
+    stop_at = stage_end(run_started, args, args.teacher_time_frac + args.eam_time_frac)
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
     seq_len = args.train_seq_len
 
@@ -1437,11 +1639,11 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         return teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
 
     memory = ElasticMemory(memory_write_config(args), args.model_dim, runtime.device)
-    own = organize_memory(runtime, args, memory, teacher_batch)
+    own = organize_memory(runtime, args, memory, teacher_batch, stop_at)
     broadcast_addresses(runtime, memory)
     organize_ms = elapsed_ms(started)
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
-    written = accumulate_memory(runtime, args, memory, teacher_batch, own, rank_batch, started)
+    written = accumulate_memory(runtime, args, memory, teacher_batch, own, rank_batch, stop_at)
     cosine = memory_diagnostics(runtime, memory_read_config(args), memory,
                                 *teacher_batch(rank_batch), projection)
     used = memory.counts[: memory.size]
@@ -1593,7 +1795,7 @@ def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> M
 
 
 def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: ElasticMemory,
-            loader: DistributedTokenLoader) -> MemoryLM:
+            loader: DistributedTokenLoader, run_started: float) -> MemoryLM:
     started = time.perf_counter()
     student = init_student(args, teacher, memory.tables())
     projection = student.projection
@@ -1612,15 +1814,18 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
         return distillation_loss(logits, y, teacher_logits, args.distill_kl_weight,
                                  args.distill_temperature)
 
-    budget = args.max_wallclock_seconds * args.distill_time_frac
+    stop_at = stage_end(run_started, args,
+                        args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
     batch = (args.distill_batch_tokens, args.train_seq_len)
     readout_side = tuple(m for m in (student.decoder, student.prior) if m is not None)
-    phases = [Phase(KEY_PHASE, key_loss, *batch, budget * args.distill_key_frac,
+    phases = [Phase(KEY_PHASE, key_loss, *batch,
+                    started + args.distill_key_frac * (stop_at - started),
                     args.distill_key_iterations, args.distill_lr_scale, frozen=readout_side),
-              Phase(LM_PHASE, lm_loss, *batch, budget * (1 - args.distill_key_frac),
-                    args.distill_iterations, args.distill_lr_scale)]
+              Phase(LM_PHASE, lm_loss, *batch, stop_at, args.distill_iterations,
+                    args.distill_lr_scale)]
+    # A phase whose deadline has passed (the key phase with DISTILL_KEY_FRAC=0) is skipped.
     results = {phase.name: run_training(runtime, args, student, phase, loader)
-               for phase in phases if phase.budget_s > 0}
+               for phase in phases if phase.stop_at > time.perf_counter()}
     student.eval().requires_grad_(False)
     assert_replicas_identical(runtime, "student", list(student.state_dict().values()))
     summary = " ".join(f"{name}_steps:{stats['steps']} {name}_loss:{stats['loss']:.4f}"
@@ -1745,11 +1950,16 @@ def build_artifact(model: MemoryLM, tables: MemoryTables, args: Hyperparameters)
                                 hashlib.sha256(blob).digest()) + blob
 
 
-def read_artifact(path: Path) -> tuple[StudentConfig, dict[str, dict], dict[str, np.ndarray]]:
-    """(the model's config, tensor entries, arrays), every check failing with the file's name."""
+def read_artifact(path: Path, sha256: str = ""
+                  ) -> tuple[StudentConfig, dict[str, dict], dict[str, np.ndarray]]:
+    """(the model's config, tensor entries, arrays), every check failing with the file's name;
+    with sha256, the file must also be the very one packed (the hex digest pack recorded)."""
     import zstandard
 
     raw = Path(path).read_bytes()
+    if sha256 and hashlib.sha256(raw).hexdigest() != sha256:
+        raise ValueError(f"{path}: sha256 {hashlib.sha256(raw).hexdigest()} is not the "
+                         f"{sha256} this run packed (another run wrote the same path?)")
     if len(raw) < ARTIFACT_PREFIX.size:
         raise ValueError(f"{path}: truncated artifact ({len(raw)} bytes)")
     magic, version, checksum = ARTIFACT_PREFIX.unpack_from(raw)
@@ -1786,9 +1996,24 @@ def component_sizes(arrays: dict[str, np.ndarray], level: int) -> dict[str, tupl
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    """A reader sees the old file or the whole new one, even after a crash: the bytes reach the
+    disk (fsync) before the rename, and the rename before we return. The temporary name is
+    unique, so two writers never share one."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int) -> tuple[bytes, int]:
@@ -1816,10 +2041,13 @@ def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int) -> tup
         keep = max(1, keep - math.ceil(1.02 * excess / per_location) - 1)
 
 
-def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> Path:
+def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> str:
+    """Write the artifact (rank 0) and return the sha256 of its file on every rank, which the
+    evaluation checks, so it cannot score a file another run wrote to the same path."""
     started = time.perf_counter()
     path = Path(args.artifact_path)
     code_bytes = Path(__file__).stat().st_size
+    digest = [""]
     if runtime.master:
         artifact, dropped = fit_artifact(student, args, code_bytes)
         write_atomically(path, artifact)
@@ -1829,23 +2057,26 @@ def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> Path:
         runtime.log(f"{FIT_RECORD} dropped_locations:{dropped} "
                     f"kept_locations:{student.addresses.size(0) - dropped}")
         sizes = artifact_accounting(Path(__file__), path, args.size_limit)
+        digest[0] = file_sha256(path)
         runtime.log(f"{ARTIFACT_RECORD} code_bytes:{sizes['code_bytes']} "
                     f"model_bytes:{sizes['model_bytes']} total_bytes:{sizes['total_bytes']} "
-                    f"limit:{sizes['limit']}")
+                    f"limit:{sizes['limit']} path:{path} sha256:{digest[0]}")
     if runtime.distributed:
-        dist.barrier()
+        dist.broadcast_object_list(digest, 0)
     log_stage(runtime, "pack", elapsed_ms(started))
-    return path
+    return digest[0]
 
 
-def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0) -> MemoryLM:
+def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0,
+                  sha256: str = "") -> MemoryLM:
     """Rebuild encoder + memory + decoder from the artifact bytes alone: its header's config and
     its tensors, nothing from the environment.
 
     encoder_recur_steps > 0 runs the tied encoder that many passes (EVAL_ENC_RECUR_STEPS: a
-    test-time compute knob that changes no weight).
+    test-time compute knob that changes no weight); sha256: the digest the file must have (see
+    read_artifact).
     """
-    config, entries, arrays = read_artifact(path)
+    config, entries, arrays = read_artifact(path, sha256)
     if encoder_recur_steps:
         config = dataclasses.replace(config, encoder=dataclasses.replace(
             config.encoder, recur_steps=encoder_recur_steps))
@@ -1955,14 +2186,15 @@ class ScoreTotals:
     nll: float = 0.0
     bytes: float = 0.0
     count: int = 0
-    token_nll: list[torch.Tensor] | None = None  # this rank's per-target NLLs, if kept
+    rows: list[torch.Tensor] | None = None  # this rank's scored distributions [N, V], if kept
 
-    def add(self, nll: torch.Tensor, target_bytes: torch.Tensor) -> None:
-        self.nll += nll.double().sum().item()
+    def add(self, log_probs: torch.Tensor, targets: torch.Tensor,
+            target_bytes: torch.Tensor) -> None:
+        self.nll -= log_probs.gather(1, targets[:, None]).double().sum().item()
         self.bytes += target_bytes.double().sum().item()
-        self.count += nll.numel()
-        if self.token_nll is not None:
-            self.token_nll.append(nll.flatten().double().cpu())
+        self.count += targets.numel()
+        if self.rows is not None:
+            self.rows.append(log_probs.cpu())
 
     def reduced(self, runtime: Runtime) -> tuple[float, float, int]:
         """(val_loss in nats per token, val_bpb, tokens) summed over ranks."""
@@ -1973,13 +2205,14 @@ class ScoreTotals:
 
 
 def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch.Tensor,
-             tables: ByteTables, knn_key_dim: int | None, keep_token_nll: bool = False
+             tables: ByteTables, knn_key_dim: int | None, keep_rows: bool = False
              ) -> dict[str, ScoreTotals]:
     """Score every validation target once; with a kNN key dim also the mixture, in one pass.
 
     score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], knn keys [N, knn_key_dim] or
     None) for the masked positions in row-major order. Returns this rank's totals ('model', and
-    'knn' with a store); .reduced(runtime) sums them over ranks.
+    'knn' with a store); .reduced(runtime) sums them over ranks. keep_rows keeps every scored
+    distribution, in target order on one rank (what the causality tests compare).
     """
     use_knn = knn_key_dim is not None
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
@@ -1987,7 +2220,7 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
     # Never more slots than there are targets to store.
     capacity = min(args.knn_capacity, tokens.numel())
     store = KnnStore(capacity, knn_key_dim, runtime.device) if use_knn else None
-    totals = {name: ScoreTotals(token_nll=[] if keep_token_nll else None)
+    totals = {name: ScoreTotals(rows=[] if keep_rows else None)
               for name in (("model", "knn") if use_knn else ("model",))}
     offsets = torch.arange(args.eval_seq_len)
     for chunk_begin in range(0, windows.size(0), chunk_windows):
@@ -1997,9 +2230,11 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
         new_keys, new_targets = [], []
         for begin in range(0, mine.size(0), args.eval_batch_windows):
             batch = mine[begin: begin + args.eval_batch_windows]
-            positions = (batch[:, :1] + offsets).clamp(max=tokens.numel() - 2)  # [B, L]
-            mask = (positions >= batch[:, 1:2]) & (positions < batch[:, 2:3])
-            # The right edge clamps only in a short first window, whose tail is masked out.
+            unclamped = batch[:, :1] + offsets  # [B, L]
+            mask = (unclamped >= batch[:, 1:2]) & (unclamped < batch[:, 2:3])
+            # Only a split shorter than one window clamps: its padded tail repeats the last
+            # token, and the mask, taken before the clamp, scores none of it (C4).
+            positions = unclamped.clamp(max=tokens.numel() - 2)
             inputs = tokens[positions].to(runtime.device)
             targets = tokens[positions + 1][mask].to(runtime.device)
             previous = tokens[positions][mask]
@@ -2007,12 +2242,12 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
                 log_probs, keys = score_batch(inputs, mask.to(runtime.device))
             log_probs = log_probs.float()
             target_bytes = tables.target_bytes(previous, targets.cpu())
-            totals["model"].add(-log_probs.gather(1, targets[:, None]), target_bytes)
+            totals["model"].add(log_probs, targets, target_bytes)
             if store is not None:
                 sims, neighbour_targets = store.search(keys, args.knn_k)
                 mixed = knn_mix(log_probs, sims, neighbour_targets, args.knn_beta,
                                 knn_lambda(sims, args.knn_lambda))
-                totals["knn"].add(-mixed.gather(1, targets[:, None]), target_bytes)
+                totals["knn"].add(mixed, targets, target_bytes)
                 new_keys.append(keys.float())
                 new_targets.append(targets)
         if store is not None:
@@ -2045,23 +2280,33 @@ def teacher_scorer(teacher: GPT):
     return score
 
 
-def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
-                      teacher: GPT | None) -> None:
-    tokens = load_validation_tokens(args.data_path, args.val_tokens)
-    if teacher is not None and args.teacher_reference:
-        started = time.perf_counter()
-        tables = build_byte_tables(args.tokenizer_path, teacher.config.vocab_size, "VOCAB_SIZE")
-        totals = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables, None)
-        loss, bpb, count = totals["model"].reduced(runtime)
-        runtime.log(f"{TEACHER_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
-                    f"tokens:{count} eval_time_ms:{elapsed_ms(started):.0f}")
-    started = time.perf_counter()
+def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: torch.Tensor,
+                   tables: ByteTables | None = None, sha256: str = "", keep_rows: bool = False
+                   ) -> dict[str, ScoreTotals]:
+    """Every evaluation path from the artifact file on: load it with the evaluation-time
+    settings, score the tokens. The causality tests run through here, so a new evaluation
+    path added here is tested with the rest. tables: the byte tables, by default the
+    tokenizer's, checked against the artifact's vocabulary."""
     # Recurrent depth is a test-time-compute knob: more passes than in training, same weights.
-    model = load_artifact(path, runtime.device, args.eval_enc_recur_steps)
-    tables = build_byte_tables(args.tokenizer_path, model.config.encoder.vocab_size, str(path))
+    model = load_artifact(path, runtime.device, args.eval_enc_recur_steps, sha256)
+    vocab_size = model.config.encoder.vocab_size
+    if tables is None:
+        tables = build_byte_tables(args.tokenizer_path, vocab_size, str(path))
+    check_token_ids(tokens.numpy(), vocab_size, f"DATA_PATH={args.data_path!r} validation split",
+                    f"the vocabulary of {path}")
     use_knn = args.knn_lambda > 0
-    results = evaluate(runtime, args, student_scorer(model), tokens, tables,
-                       model.config.key_dim if use_knn else None)
+    return evaluate(runtime, args, student_scorer(model), tokens, tables,
+                    model.config.key_dim if use_knn else None, keep_rows)
+
+
+def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
+                      teacher: GPT | None) -> None:
+    """The submission's score; its clock covers everything from reading the validation split.
+    The teacher reference runs after it, timed on its own line, as a diagnostic."""
+    started = time.perf_counter()
+    tokens = load_validation_tokens(args)
+    results = score_artifact(runtime, args, Path(args.artifact_path), tokens, sha256=sha256)
+    use_knn = "knn" in results
     time_ms = elapsed_ms(started)
     loss, bpb, count = results["model"].reduced(runtime)
     runtime.log(f"{MEMORY_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{count}")
@@ -2070,6 +2315,14 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
     runtime.log(f"{SCORE_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
     log_stage(runtime, "eval", time_ms,
               f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)}")
+    log_time_limit(runtime, EVAL_TIME_RECORD, started, args.max_wallclock_seconds)
+    if teacher is not None and args.teacher_reference:
+        started = time.perf_counter()
+        tables = build_byte_tables(args.tokenizer_path, teacher.config.vocab_size, "VOCAB_SIZE")
+        totals = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables, None)
+        loss, bpb, count = totals["model"].reduced(runtime)
+        runtime.log(f"{TEACHER_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+                    f"tokens:{count} eval_time_ms:{elapsed_ms(started):.0f}")
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2078,17 +2331,22 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, path: Path,
 
 
 def main() -> None:
+    started = time.perf_counter()  # the training deadline runs from here (setup included)
     args = Hyperparameters.from_env()                                  # 1. settings
-    runtime = init_runtime(args)                                       # 2. runtime
-    log_header(runtime, args)
-    teacher = None
-    if not args.eval_only:
-        loader = DistributedTokenLoader(shard_paths(args.data_path, "train"), runtime)  # 3. data
-        teacher = train_teacher(runtime, args, loader)                 # 4. teacher
-        memory = write_memory(runtime, args, teacher, loader)          # 5. memory
-        student = distill(runtime, args, teacher, memory, loader)      # 6. distillation
-        pack(runtime, args, student)                                   # 7. packing
-    evaluate_artifact(runtime, args, Path(args.artifact_path), teacher)  # 8. evaluation
+    runtime, args = init_runtime(args)                                 # 2. runtime
+    with failures_logged(runtime):
+        log_header(runtime, args)
+        check_inputs(runtime, args)                                    # 3. data, checked
+        teacher, sha256 = None, ""
+        if not args.eval_only:
+            loader = DistributedTokenLoader(shard_paths(args.data_path, "train"), runtime,
+                                            args.vocab_size)
+            teacher = train_teacher(runtime, args, loader, started)    # 4. teacher
+            memory = write_memory(runtime, args, teacher, loader, started)  # 5. memory
+            student = distill(runtime, args, teacher, memory, loader, started)  # 6. distill
+            sha256 = pack(runtime, args, student)                      # 7. packing
+            log_time_limit(runtime, TRAIN_TIME_RECORD, started, args.max_wallclock_seconds)
+        evaluate_artifact(runtime, args, sha256, teacher)              # 8. evaluation
     if runtime.distributed:
         dist.destroy_process_group()
 

@@ -30,7 +30,9 @@ def pipeline_runs(demo_data, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     for name, nproc, extra in [
         (PIPELINE_RUN_ID, 1, {}),
         ("again", 1, {}),
-        ("ddp", 2, {}),
+        # Bounded by time alone: the one deadline must hold with setup and packing counted.
+        ("ddp", 2, {"MAX_WALLCLOCK_SECONDS": "8", "ITERATIONS": "0", "EAM_WRITE_TOKENS": "0",
+                    "DISTILL_KEY_ITERATIONS": "0", "DISTILL_ITERATIONS": "0"}),
         ("eval_ddp", 2, {"EVAL_ONLY": "1", "ARTIFACT_PATH": f"{PIPELINE_RUN_ID}.eam"}),
     ]:
         env = {**base, "RUN_ID": name, "ARTIFACT_PATH": f"{name}.eam", **extra}

@@ -51,6 +51,13 @@ def tiny_student(seed: int = 0, locations: int = 48, **overrides):
     return args, student
 
 
+def unit_byte_tables(vocab: int) -> train_gpt.ByteTables:
+    """Byte tables in which every token is one byte (bits per byte = bits per token)."""
+    return train_gpt.ByteTables(torch.ones(vocab, dtype=torch.int32),
+                                torch.zeros(vocab, dtype=torch.bool),
+                                torch.zeros(vocab, dtype=torch.bool))
+
+
 def write_artifact(path: Path, args: train_gpt.Hyperparameters, model) -> Path:
     """Pack `model` with its own memory tables into the artifact file `path`."""
     path.write_bytes(train_gpt.build_artifact(model, model.tables, args))

@@ -17,7 +17,10 @@ def test_single_process_logs_every_stage_and_fits(pipeline_runs):
     artifact = records[train_gpt.ARTIFACT_RECORD]
     assert int(artifact["total_bytes"]) <= 16_000_000
     assert int(artifact["code_bytes"]) == (REPO / "train_gpt.py").stat().st_size
-    assert int(artifact["model_bytes"]) == (workdir / f"{PIPELINE_RUN_ID}.eam").stat().st_size
+    artifact_file = workdir / f"{PIPELINE_RUN_ID}.eam"
+    assert int(artifact["model_bytes"]) == artifact_file.stat().st_size
+    assert artifact["path"] == artifact_file.name
+    assert artifact["sha256"] == train_gpt.file_sha256(artifact_file)
     assert records[train_gpt.SETTINGS_RECORD]["SEED"] == "1337"
 
 
@@ -42,3 +45,16 @@ def test_evaluation_does_not_depend_on_the_world_size(pipeline_runs):
         one = float(logs[PIPELINE_RUN_ID][line]["val_loss"])
         two = float(logs["eval_ddp"][line]["val_loss"])
         assert two == pytest.approx(one, rel=1e-6, abs=1e-6), line
+
+
+def test_training_and_evaluation_report_their_time_against_the_limit(pipeline_runs):
+    _, logs = pipeline_runs
+    for name in (PIPELINE_RUN_ID, "ddp"):
+        train_time = logs[name][train_gpt.TRAIN_TIME_RECORD]
+        assert int(train_time["train_time_ms"]) <= int(train_time["limit_ms"]), name
+        assert train_time["within_limit"] == "1"
+    assert logs["ddp"][train_gpt.TRAIN_TIME_RECORD]["limit_ms"] == "8000"
+    # Scoring only: nothing read training data.
+    assert train_gpt.TRAIN_TIME_RECORD not in logs["eval_ddp"]
+    for name in logs:
+        assert int(logs[name][train_gpt.EVAL_TIME_RECORD]["eval_time_ms"]) > 0

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -101,7 +103,7 @@ def test_teacher_loss_falls_on_demo_data(demo_data):
     with torch.no_grad():
         before = model(x, y).item()
     phase = train_gpt.Phase("teacher", lambda m, a, b: m(a, b), batch_tokens=1024, seq_len=64,
-                            budget_s=60, max_steps=40)
+                            stop_at=math.inf, max_steps=40)
     train_gpt.run_training(CPU, args, model, phase, loader)
     with torch.no_grad():
         after = model(x, y).item()

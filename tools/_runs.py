@@ -153,15 +153,19 @@ def run_training(label: str, command: Sequence[str], env: Mapping[str, str], log
                  required: Sequence[str] = (SCORE_RECORD,), echo: bool = True) -> Run:
     """Launch one run with RUN_ID=env['RUN_ID'] and read its log back.
 
-    train_gpt.py writes logs/RUN_ID.txt under the working directory; a stale file of that name is
-    removed first (the run would truncate it anyway), so a run that dies before logging is never
-    mistaken for an old complete one. The raw stdout/stderr is kept in
+    train_gpt.py writes logs/RUN_ID.txt under the working directory; a stale file of that name,
+    and a stale ARTIFACT_PATH, are removed first (train_gpt.py refuses to overwrite either), so
+    a run that dies before logging is never mistaken for an old complete one. The raw
+    stdout/stderr is kept in
     LOGS_DIR/RUN_ID.stdout.txt, and the log is copied into LOGS_DIR when that is elsewhere.
     """
     run_id = env["RUN_ID"]
     train_log = TRAIN_LOG_DIR / f"{run_id}.txt"
     target = logs_dir / f"{run_id}.txt"
-    for stale in {train_log.resolve(), target.resolve()}:
+    stale_outputs = {train_log.resolve(), target.resolve()}
+    if env.get("ARTIFACT_PATH"):
+        stale_outputs.add(Path(env["ARTIFACT_PATH"]).resolve())
+    for stale in stale_outputs:
         stale.unlink(missing_ok=True)
     output_path = logs_dir / f"{run_id}.stdout.txt"
     print(f"[{label}] {shlex.join(command)}  ({' '.join(f'{k}={v}' for k, v in env.items())})",

@@ -51,7 +51,7 @@ SKIPPED_STDLIB_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
 DOCSTRING_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
 
 TOKENIZER_FILE = "tokenizer.model"
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = train_gpt.DATA_MANIFEST  # train_gpt checks the tokenizer hash it names
 
 
 def normalize_text(text: str) -> str:
@@ -186,10 +186,6 @@ def write_split(out_dir: Path, split: str, tokens: np.ndarray, shard_tokens: int
     return shard_token_counts
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def python_version() -> str:
     return ".".join(str(part) for part in sys.version_info[:3])
 
@@ -242,7 +238,7 @@ def build_demo_data(
     }
     if tokenizer_to_copy is not None:
         # A replaced challenge tokenizer changes every token id, so the shards must be rebuilt.
-        expected_settings["tokenizer_sha256"] = file_sha256(tokenizer_to_copy)
+        expected_settings["tokenizer_sha256"] = train_gpt.file_sha256(tokenizer_to_copy)
     manifest_path = out_dir / MANIFEST_FILE
     if not force and is_up_to_date(out_dir, expected_settings):
         print(f"{out_dir} is up to date (use --force to rebuild)")
@@ -275,7 +271,7 @@ def build_demo_data(
     shards.update(write_split(out_dir, "val", val_tokens, shard_tokens))
     manifest = {
         **expected_settings,
-        "tokenizer_sha256": file_sha256(tokenizer_path),
+        "tokenizer_sha256": train_gpt.file_sha256(tokenizer_path),
         "vocab_size": processor.vocab_size(),
         "train_docs": len(train_documents),
         "val_docs": len(val_documents),

@@ -6,7 +6,7 @@ artifact on disk, using train_gpt's own accounting (artifact_accounting), reader
 which checks the magic, version and sha256) and per-component sizes (component_sizes), so the
 audit can never disagree with the packer.
 
-    python -m tools.size_audit                          # train_gpt.py + final_model.eam
+    python -m tools.size_audit                          # train_gpt.py + competition_seed1337.eam
     python -m tools.size_audit --artifact run.eam --json
 
 Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or foreign file).
