@@ -49,6 +49,7 @@ import torch.nn.functional as F
 # -------------------------------------------------------------------------------------------------
 
 DEMO_DATA = "./data/demo_sp1024"
+SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
 # What both CPU profiles share: the demo data, a capped validation split, no compilation, the
 # teacher scored beside the memory, and the teacher options that help at these small sizes
 # (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
@@ -89,6 +90,9 @@ class Hyperparameters:
     run_id: str = ""  # default <profile>_seed<seed>; logs/RUN_ID.txt
     val_tokens: int = 0
     artifact_path: str = ""  # default RUN_ID.eam
+    # What ships: "eam" (encoder + memory + decoder) or "transformer", the built-in baseline: the
+    # teacher trained for the whole budget, packed and scored exactly like the memory model.
+    model: str = "eam"
     eval_only: bool = False
     compile: bool = True
     # Time: one deadline, MAX_WALLCLOCK_SECONDS from the start of the run, for everything up to
@@ -245,6 +249,8 @@ class Hyperparameters:
             raise ValueError(f"EAM_KEY_LAYER={self.eam_key_layer}: -1 (final) or 1..NUM_LAYERS")
         if not 0 <= self.knn_lambda < 1:
             raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
+        if self.model not in SHIPPED_MODELS:
+            raise ValueError(f"MODEL={self.model!r}: expected one of {list(SHIPPED_MODELS)}")
         if self.quant_bits not in (6, 8):
             raise ValueError(f"QUANT_BITS={self.quant_bits}: must be 6 or 8")
         if not 1 <= self.zstd_level <= 22:
@@ -491,6 +497,11 @@ STAGES = ("teacher", "eam_write", "distill", "pack", "eval")
 TRAIN_STAGES = STAGES[:3]  # they read training data, so they share the training budget
 SCORE_RECORD = "final_eam_knn_roundtrip_exact"  # the submission's score
 MEMORY_RECORD = "final_eam_roundtrip_exact"  # the memory path alone, without the kNN store
+BASELINE_SCORE_RECORD = "final_baseline_knn_roundtrip_exact"  # MODEL=transformer's score
+BASELINE_RECORD = "final_baseline_roundtrip_exact"  # MODEL=transformer without the kNN store
+# Per shipped model: (the model alone, the model + score-first kNN store = its final score).
+SCORE_RECORDS = {"eam": (MEMORY_RECORD, SCORE_RECORD),
+                 "transformer": (BASELINE_RECORD, BASELINE_SCORE_RECORD)}
 TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a diagnostic)
 HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
 ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
@@ -1205,8 +1216,10 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
     torch.manual_seed(args.seed)
     teacher = GPT(settings_view(GPTConfig, args, recur_steps=1)).to(runtime.device)
     params = sum(p.numel() for p in teacher.parameters())
+    # The baseline's teacher is the shipped model: it gets the whole training budget.
+    teacher_share = 1.0 if args.model == "transformer" else args.teacher_time_frac
     phase = Phase(TEACHER_PHASE, lambda model, x, y: model(x, y), args.train_batch_tokens,
-                  args.train_seq_len, stage_end(run_started, args, args.teacher_time_frac),
+                  args.train_seq_len, stage_end(run_started, args, teacher_share),
                   args.iterations, ema_decay=args.ema_decay)
     stats = run_training(runtime, args, teacher, phase, loader)
     teacher.eval().requires_grad_(False)
@@ -1611,20 +1624,43 @@ def accumulate_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMe
     return dict(writes=writes, write_only_per_s=timed_writes / max(write_seconds, 1e-9))
 
 
+def explained_variance(readout: torch.Tensor, values: torch.Tensor,
+                       one_location: torch.Tensor) -> float:
+    """Share of the values' squared error that the memory removes against a one-location memory
+    (whose every read returns the mean written value): 1 - SSE(readout) / SSE(one location).
+    0 means the memory knows nothing beyond the mean direction; 1 a perfect recall."""
+    baseline = (values - one_location).square().sum()
+    return 1.0 - ((values - readout).square().sum() / baseline.clamp_min(1e-12)).item()
+
+
+def write_mass_usage(counts: torch.Tensor, capacity: int) -> dict[str, float]:
+    """How the write mass spreads over the capacity: the share of the EAM_LOCATIONS slots that
+    hold writes, the share of the mass in the busiest 1% of slots, and in the busiest one."""
+    total = counts.sum().clamp_min(1e-12)
+    busiest = counts.sort(descending=True).values
+    return dict(held_share=(counts > 0).sum().item() / capacity,
+                top1pct_mass=(busiest[: math.ceil(capacity / 100)].sum() / total).item(),
+                max_mass=(busiest[:1].sum() / total).item())
+
+
 def memory_diagnostics(runtime: Runtime, read: MemoryReadConfig, memory: ElasticMemory,
                        keys: torch.Tensor, values: torch.Tensor, projection: torch.Tensor
-                       ) -> float:
-    """Reconstruction cosine on teacher states that were never written; with read.steps > 1 the
-    equilibrium read's residuals and energies are logged too."""
+                       ) -> dict[str, float]:
+    """On teacher states that were never written: reconstruction cosine and explained variance
+    against a one-location memory; with read.steps > 1 the equilibrium read's residuals and
+    energies are logged too."""
     tables = memory.tables()
     readout = read_memory(keys, tables, read.k, read.beta, read.count_prior)
+    counts = memory.counts[: memory.size]
+    mean_value = (memory.counters[: memory.size].sum(0) / counts.sum().clamp_min(1e-12))
     if read.steps > 1:
         trace: list[tuple[float, float]] = []
         read_memory_iterative(keys, tables, projection, read, trace)
         runtime.log("eam_read_equilibrium " + " ".join(
             f"step{step}_residual:{residual:.5f} step{step}_energy:{energy:.5f}"
             for step, (residual, energy) in enumerate(trace, 2)))
-    return F.cosine_similarity(readout, values, dim=1).mean().item()
+    return dict(recon_cos=F.cosine_similarity(readout, values, dim=1).mean().item(),
+                explained_var=explained_variance(readout, values, mean_value))
 
 
 def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
@@ -1644,9 +1680,10 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     organize_ms = elapsed_ms(started)
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
     written = accumulate_memory(runtime, args, memory, teacher_batch, own, rank_batch, stop_at)
-    cosine = memory_diagnostics(runtime, memory_read_config(args), memory,
-                                *teacher_batch(rank_batch), projection)
+    quality = memory_diagnostics(runtime, memory_read_config(args), memory,
+                                 *teacher_batch(rank_batch), projection)
     used = memory.counts[: memory.size]
+    usage = write_mass_usage(used, args.eam_locations)
     time_ms = elapsed_ms(started)
     log_stage(runtime, "eam_write", time_ms,
               f"writes:{written['writes']} writes_per_s:{written['writes'] / (time_ms / 1000):.0f} "
@@ -1655,7 +1692,10 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
               f"used_share:{(used > 0).float().mean().item():.4f} "
               f"median_count:{used.median().item():.1f} max_count:{used.max().item():.1f} "
               f"novel:{memory.events['novel']} splits:{memory.events['splits']} "
-              f"merges:{memory.events['merges']} recon_cos:{cosine:.4f}")
+              f"merges:{memory.events['merges']} recon_cos:{quality['recon_cos']:.4f} "
+              f"explained_var:{quality['explained_var']:.4f} "
+              f"held_share:{usage['held_share']:.4f} top1pct_mass:{usage['top1pct_mass']:.4f} "
+              f"max_mass:{usage['max_mass']:.4f}")
     return memory
 
 
@@ -1730,6 +1770,8 @@ def student_config(args: Hyperparameters) -> StudentConfig:
 class MemoryLM(nn.Module):
     """Encoder + memory + decoder: the model the artifact carries."""
 
+    kind = "eam"  # MODEL, and the artifact header's kind
+
     def __init__(self, config: StudentConfig, tables: MemoryTables):
         super().__init__()
         self.config = config
@@ -1748,6 +1790,10 @@ class MemoryLM(nn.Module):
     @property
     def tables(self) -> MemoryTables:
         return MemoryTables(self.addresses, self.patterns, self.log_counts)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.encoder.vocab_size
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         return self.encoder.body(idx)[0]
@@ -1836,6 +1882,52 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
     return student
 
 
+# The built-in baseline (MODEL=transformer): what a user would pick instead of the memory model,
+# the teacher trained for the whole budget. It ships with the memory model's scoring interface
+# (features -> query -> head), so packing, the size rule, the sliding windows and the score-first
+# kNN store (on its own projected final states, the memory's key space) treat both alike.
+
+
+@dataclass(frozen=True)
+class BaselineConfig:
+    """What the baseline is; the artifact's header carries it whole, like a StudentConfig."""
+
+    gpt: GPTConfig
+    key_dim: int
+    projection_seed: int  # rebuilds the fixed projection that gives the kNN store its keys
+
+
+class TransformerLM(nn.Module):
+    kind = "transformer"  # MODEL, and the artifact header's kind
+
+    def __init__(self, config: BaselineConfig):
+        super().__init__()
+        self.config = config
+        self.gpt = GPT(config.gpt)
+        projection = key_projection(config.gpt.model_dim, config.key_dim, config.projection_seed)
+        self.register_buffer("projection", projection, persistent=False)
+
+    @classmethod
+    def from_teacher(cls, teacher: GPT, args: Hyperparameters) -> TransformerLM:
+        model = cls(BaselineConfig(teacher.config, args.eam_key_dim, args.seed))
+        model.gpt.load_state_dict(teacher.state_dict())
+        return model.to(next(teacher.parameters()).device).eval().requires_grad_(False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.gpt.vocab_size
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.gpt.body(idx)[0]
+
+    def query(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(features.float() @ self.projection, dim=-1)
+
+    def head(self, features: torch.Tensor, queries: torch.Tensor,
+             tokens: torch.Tensor) -> torch.Tensor:
+        return self.gpt.logits(features)
+
+
 # -------------------------------------------------------------------------------------------------
 # 7. Packing
 #
@@ -1848,9 +1940,11 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
-ARTIFACT_VERSION = 2  # 2: the header carries the StudentConfig, read back exactly
+ARTIFACT_VERSION = 3  # 2: the header carries the model's config exactly; 3: and its kind
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 MEMORY_BUFFERS = ("addresses", "patterns", "log_counts")  # packed from the tables, not the state
+# The header's "kind" names the shipped model (MODEL) and so the config type read back.
+ARTIFACT_CONFIGS: dict[str, type] = {"eam": StudentConfig, "transformer": BaselineConfig}
 
 
 def quantize_rows(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1866,9 +1960,10 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.float()[:, None]
 
 
-def pack_tensors(model: MemoryLM, tables: MemoryTables,
+def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
                  quant_bits: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """(header entries, raw arrays) for everything the evaluation reads, nothing more."""
+    """(header entries, raw arrays) for everything the evaluation reads, nothing more
+    (tables: the memory to ship, None for the baseline)."""
     entries: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
 
@@ -1889,10 +1984,11 @@ def pack_tensors(model: MemoryLM, tables: MemoryTables,
         if name not in MEMORY_BUFFERS:
             # Small matrices cost more in scales than they save: fp16 (bits None).
             add(name, tensor, bits[name] if tensor.numel() >= 4096 else None)
-    add("addresses", tables.addresses, 8)
-    add("patterns", tables.patterns, 8)
-    if model.config.read.count_prior:
-        add("log_counts", tables.log_counts, None)
+    if tables is not None:
+        add("addresses", tables.addresses, 8)
+        add("patterns", tables.patterns, 8)
+        if model.config.read.count_prior:
+            add("log_counts", tables.log_counts, None)
     return entries, arrays
 
 
@@ -1909,7 +2005,8 @@ def unpack_tensors(entries: dict[str, dict], arrays: dict[str, np.ndarray]
     return tensors
 
 
-def serialize(entries: dict[str, dict], arrays: dict[str, np.ndarray], model: dict) -> bytes:
+def serialize(entries: dict[str, dict], arrays: dict[str, np.ndarray], kind: str,
+              model: dict) -> bytes:
     """Header JSON (length-prefixed) + the arrays' bytes, grouped by dtype for zstd."""
     layout, offset, chunks = [], 0, []
     for name in sorted(arrays, key=lambda n: (arrays[n].dtype.str, n)):
@@ -1918,11 +2015,12 @@ def serialize(entries: dict[str, dict], arrays: dict[str, np.ndarray], model: di
                            shape=list(arrays[name].shape), offset=offset))
         chunks.append(data)
         offset += len(data)
-    header = json.dumps(dict(model=model, tensors=entries, layout=layout), sort_keys=True).encode()
+    header = json.dumps(dict(kind=kind, model=model, tensors=entries, layout=layout),
+                        sort_keys=True).encode()
     return struct.pack("<I", len(header)) + header + b"".join(chunks)
 
 
-def deserialize(payload: bytes) -> tuple[dict, dict[str, dict], dict[str, np.ndarray]]:
+def deserialize(payload: bytes) -> tuple[str, dict, dict[str, dict], dict[str, np.ndarray]]:
     (header_len,) = struct.unpack_from("<I", payload)
     header = json.loads(payload[4: 4 + header_len])
     body = memoryview(payload)[4 + header_len:]
@@ -1932,7 +2030,7 @@ def deserialize(payload: bytes) -> tuple[dict, dict[str, dict], dict[str, np.nda
         count = int(np.prod(item["shape"]))
         arrays[item["name"]] = np.frombuffer(body, dtype=dtype, count=count,
                                              offset=item["offset"]).reshape(item["shape"])
-    return header["model"], header["tensors"], arrays
+    return header.get("kind", ""), header["model"], header["tensors"], arrays
 
 
 def compress(payload: bytes, level: int) -> bytes:
@@ -1941,17 +2039,18 @@ def compress(payload: bytes, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level).compress(payload)
 
 
-def build_artifact(model: MemoryLM, tables: MemoryTables, args: Hyperparameters) -> bytes:
+def build_artifact(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
+                   args: Hyperparameters) -> bytes:
     """The artifact of `model` with the memory `tables` (QUANT_BITS, ZSTD_LEVEL from args)."""
     entries, arrays = pack_tensors(model, tables, args.quant_bits)
-    payload = serialize(entries, arrays, dataclasses.asdict(model.config))
+    payload = serialize(entries, arrays, model.kind, dataclasses.asdict(model.config))
     blob = compress(payload, args.zstd_level)
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION,
                                 hashlib.sha256(blob).digest()) + blob
 
 
-def read_artifact(path: Path, sha256: str = ""
-                  ) -> tuple[StudentConfig, dict[str, dict], dict[str, np.ndarray]]:
+def read_artifact(path: Path, sha256: str = "") -> tuple[StudentConfig | BaselineConfig,
+                                                       dict[str, dict], dict[str, np.ndarray]]:
     """(the model's config, tensor entries, arrays), every check failing with the file's name;
     with sha256, the file must also be the very one packed (the hex digest pack recorded)."""
     import zstandard
@@ -1970,8 +2069,11 @@ def read_artifact(path: Path, sha256: str = ""
     blob = raw[ARTIFACT_PREFIX.size:]
     if hashlib.sha256(blob).digest() != checksum:
         raise ValueError(f"{path}: checksum mismatch (corrupted or truncated artifact)")
-    model, entries, arrays = deserialize(zstandard.ZstdDecompressor().decompress(blob))
-    return config_from_dict(StudentConfig, model, str(path)), entries, arrays
+    kind, model, entries, arrays = deserialize(zstandard.ZstdDecompressor().decompress(blob))
+    if kind not in ARTIFACT_CONFIGS:
+        raise ValueError(f"{path}: unknown model kind {kind!r} (expected one of "
+                         f"{sorted(ARTIFACT_CONFIGS)})")
+    return config_from_dict(ARTIFACT_CONFIGS[kind], model, str(path)), entries, arrays
 
 
 def artifact_accounting(code_path: Path, artifact_path: Path, limit: int) -> dict[str, int]:
@@ -2016,11 +2118,19 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int) -> tuple[bytes, int]:
+def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters,
+                 code_bytes: int) -> tuple[bytes, int]:
     """Pack; while code + artifact > SIZE_LIMIT, drop the least-written locations and re-pack.
+    The baseline has nothing to drop: it fits as it is or fails.
 
     Returns (artifact bytes, locations dropped).
     """
+    if isinstance(model, TransformerLM):
+        artifact = build_artifact(model, None, args)
+        if code_bytes + len(artifact) > args.size_limit:
+            raise ValueError(f"SIZE_LIMIT={args.size_limit}: the transformer baseline needs "
+                             f"{code_bytes + len(artifact)} bytes with the code")
+        return artifact, 0
     tables = model.tables
     locations = tables.addresses.size(0)
     order = torch.argsort(tables.log_counts, descending=True, stable=True)
@@ -2041,7 +2151,7 @@ def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int) -> tup
         keep = max(1, keep - math.ceil(1.02 * excess / per_location) - 1)
 
 
-def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> str:
+def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM) -> str:
     """Write the artifact (rank 0) and return the sha256 of its file on every rank, which the
     evaluation checks, so it cannot score a file another run wrote to the same path."""
     started = time.perf_counter()
@@ -2049,13 +2159,14 @@ def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> str:
     code_bytes = Path(__file__).stat().st_size
     digest = [""]
     if runtime.master:
-        artifact, dropped = fit_artifact(student, args, code_bytes)
+        artifact, dropped = fit_artifact(model, args, code_bytes)
         write_atomically(path, artifact)
         _, _, arrays = read_artifact(path)
         for group, (raw, packed) in component_sizes(arrays, args.zstd_level).items():
             runtime.log(f"{COMPONENT_RECORD} name:{group} raw_bytes:{raw} zstd_bytes:{packed}")
-        runtime.log(f"{FIT_RECORD} dropped_locations:{dropped} "
-                    f"kept_locations:{student.addresses.size(0) - dropped}")
+        if isinstance(model, MemoryLM):
+            runtime.log(f"{FIT_RECORD} dropped_locations:{dropped} "
+                        f"kept_locations:{model.addresses.size(0) - dropped}")
         sizes = artifact_accounting(Path(__file__), path, args.size_limit)
         digest[0] = file_sha256(path)
         runtime.log(f"{ARTIFACT_RECORD} code_bytes:{sizes['code_bytes']} "
@@ -2068,26 +2179,29 @@ def pack(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> str:
 
 
 def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0,
-                  sha256: str = "") -> MemoryLM:
-    """Rebuild encoder + memory + decoder from the artifact bytes alone: its header's config and
-    its tensors, nothing from the environment.
+                  sha256: str = "") -> MemoryLM | TransformerLM:
+    """Rebuild the shipped model (encoder + memory + decoder, or the baseline) from the artifact
+    bytes alone: its header's kind and config and its tensors, nothing from the environment.
 
     encoder_recur_steps > 0 runs the tied encoder that many passes (EVAL_ENC_RECUR_STEPS: a
     test-time compute knob that changes no weight); sha256: the digest the file must have (see
     read_artifact).
     """
     config, entries, arrays = read_artifact(path, sha256)
-    if encoder_recur_steps:
-        config = dataclasses.replace(config, encoder=dataclasses.replace(
-            config.encoder, recur_steps=encoder_recur_steps))
     tensors = unpack_tensors(entries, arrays)
-    addresses = F.normalize(tensors.pop("addresses"), dim=1)
-    patterns = tensors.pop("patterns")
-    log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
-    model = MemoryLM(config, MemoryTables(addresses, patterns, log_counts))
+    if isinstance(config, BaselineConfig):
+        model = TransformerLM(config)
+    else:
+        if encoder_recur_steps:
+            config = dataclasses.replace(config, encoder=dataclasses.replace(
+                config.encoder, recur_steps=encoder_recur_steps))
+        addresses = F.normalize(tensors.pop("addresses"), dim=1)
+        patterns = tensors.pop("patterns")
+        log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
+        model = MemoryLM(config, MemoryTables(addresses, patterns, log_counts))
+        tensors.update(addresses=addresses, patterns=patterns, log_counts=log_counts)
     try:
-        model.load_state_dict({**tensors, "addresses": addresses, "patterns": patterns,
-                               "log_counts": log_counts})
+        model.load_state_dict(tensors)
     except RuntimeError as error:
         raise ValueError(f"{path}: its tensors do not match its model config: {error}") from None
     return model.to(device).eval().requires_grad_(False)
@@ -2264,7 +2378,7 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
     return totals
 
 
-def student_scorer(model: MemoryLM):
+def student_scorer(model: MemoryLM | TransformerLM):
     def score(inputs: torch.Tensor, mask: torch.Tensor):
         features = model.features(inputs)[mask]
         queries = model.query(features)
@@ -2282,21 +2396,21 @@ def teacher_scorer(teacher: GPT):
 
 def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: torch.Tensor,
                    tables: ByteTables | None = None, sha256: str = "", keep_rows: bool = False
-                   ) -> dict[str, ScoreTotals]:
+                   ) -> tuple[str, dict[str, ScoreTotals]]:
     """Every evaluation path from the artifact file on: load it with the evaluation-time
     settings, score the tokens. The causality tests run through here, so a new evaluation
     path added here is tested with the rest. tables: the byte tables, by default the
-    tokenizer's, checked against the artifact's vocabulary."""
+    tokenizer's, checked against the artifact's vocabulary. Returns (the shipped model's kind,
+    the totals)."""
     # Recurrent depth is a test-time-compute knob: more passes than in training, same weights.
     model = load_artifact(path, runtime.device, args.eval_enc_recur_steps, sha256)
-    vocab_size = model.config.encoder.vocab_size
     if tables is None:
-        tables = build_byte_tables(args.tokenizer_path, vocab_size, str(path))
-    check_token_ids(tokens.numpy(), vocab_size, f"DATA_PATH={args.data_path!r} validation split",
-                    f"the vocabulary of {path}")
+        tables = build_byte_tables(args.tokenizer_path, model.vocab_size, str(path))
+    check_token_ids(tokens.numpy(), model.vocab_size,
+                    f"DATA_PATH={args.data_path!r} validation split", f"the vocabulary of {path}")
     use_knn = args.knn_lambda > 0
-    return evaluate(runtime, args, student_scorer(model), tokens, tables,
-                    model.config.key_dim if use_knn else None, keep_rows)
+    return model.kind, evaluate(runtime, args, student_scorer(model), tokens, tables,
+                                model.config.key_dim if use_knn else None, keep_rows)
 
 
 def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
@@ -2305,18 +2419,20 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
     The teacher reference runs after it, timed on its own line, as a diagnostic."""
     started = time.perf_counter()
     tokens = load_validation_tokens(args)
-    results = score_artifact(runtime, args, Path(args.artifact_path), tokens, sha256=sha256)
+    kind, results = score_artifact(runtime, args, Path(args.artifact_path), tokens, sha256=sha256)
     use_knn = "knn" in results
     time_ms = elapsed_ms(started)
+    # The artifact says what it is: the baseline's lines mirror the memory model's.
+    model_record, score_record = SCORE_RECORDS[kind]
     loss, bpb, count = results["model"].reduced(runtime)
-    runtime.log(f"{MEMORY_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{count}")
-    # With KNN_LAMBDA=0 the submission's score is the memory path's: the line is always there.
+    runtime.log(f"{model_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{count}")
+    # With KNN_LAMBDA=0 the final score is the model's alone: the line is always there.
     loss, bpb, count = results["knn" if use_knn else "model"].reduced(runtime)
-    runtime.log(f"{SCORE_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
+    runtime.log(f"{score_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
     log_stage(runtime, "eval", time_ms,
               f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)}")
     log_time_limit(runtime, EVAL_TIME_RECORD, started, args.max_wallclock_seconds)
-    if teacher is not None and args.teacher_reference:
+    if teacher is not None and args.teacher_reference and kind == "eam":
         started = time.perf_counter()
         tables = build_byte_tables(args.tokenizer_path, teacher.config.vocab_size, "VOCAB_SIZE")
         totals = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables, None)
@@ -2342,12 +2458,18 @@ def main() -> None:
             loader = DistributedTokenLoader(shard_paths(args.data_path, "train"), runtime,
                                             args.vocab_size)
             teacher = train_teacher(runtime, args, loader, started)    # 4. teacher
-            memory = write_memory(runtime, args, teacher, loader, started)  # 5. memory
-            student = distill(runtime, args, teacher, memory, loader, started)  # 6. distill
-            sha256 = pack(runtime, args, student)                      # 7. packing
+            if args.model == "transformer":                            # the built-in baseline
+                shipped = TransformerLM.from_teacher(teacher, args)
+            else:
+                memory = write_memory(runtime, args, teacher, loader, started)  # 5. memory
+                shipped = distill(runtime, args, teacher, memory, loader, started)  # 6. distill
+            sha256 = pack(runtime, args, shipped)                      # 7. packing
             log_time_limit(runtime, TRAIN_TIME_RECORD, started, args.max_wallclock_seconds)
         evaluate_artifact(runtime, args, sha256, teacher)              # 8. evaluation
     if runtime.distributed:
+        # Leave together: a rank tearing gloo down while its peer is still logging was seen to
+        # abort at exit on a loaded machine ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

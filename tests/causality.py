@@ -43,6 +43,7 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "equilibrium_tol": dict(eam_read_steps=4, eam_read_tol=1.1),
     "everything": dict(knn_lambda=0.5, dec_prior_rank=4, enc_recur_steps=2,
                        eval_enc_recur_steps=3, eam_read_steps=4, eam_read_tol=1.1),
+    "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
 }
 
 
@@ -50,11 +51,16 @@ def artifact_distributions(settings: dict[str, object], folder: Path) -> Distrib
     """A tiny random student with these settings, packed to an artifact in folder, scored by
     train_gpt.score_artifact (the path the submission's score takes)."""
     args, student = tiny_student(**settings)
-    path = write_artifact(folder / "causality.eam", args, student)
+    if args.model == "transformer":  # the baseline: the student's encoder as the teacher
+        student = train_gpt.TransformerLM.from_teacher(student.encoder, args)
+        path = folder / "causality.eam"
+        path.write_bytes(train_gpt.build_artifact(student, None, args))
+    else:
+        path = write_artifact(folder / "causality.eam", args, student)
 
     def distributions(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        totals = train_gpt.score_artifact(CPU, args, path, tokens, unit_byte_tables(VOCAB),
-                                          keep_rows=True)
+        _, totals = train_gpt.score_artifact(CPU, args, path, tokens, unit_byte_tables(VOCAB),
+                                             keep_rows=True)
         return {name: torch.cat(total.rows) for name, total in totals.items()}
     return distributions
 

@@ -131,8 +131,8 @@ def score_on_ranks(rank: int, world: int, folder: str) -> None:
     args = tiny_args(vocab_size=VOCAB, dec_hidden=64, **EVAL_PATHS["everything"])
     results = []
     for tokens in (TOKENS, TOKENS[:20]):
-        totals = train_gpt.score_artifact(runtime, args, Path(folder) / "causality.eam", tokens,
-                                          unit_byte_tables(VOCAB))
+        _, totals = train_gpt.score_artifact(runtime, args, Path(folder) / "causality.eam", tokens,
+                                             unit_byte_tables(VOCAB))
         results.append({name: total.reduced(runtime) for name, total in totals.items()})
     if rank == 0:
         torch.save(results, f"{folder}/world{world}.pt")

@@ -1,6 +1,7 @@
 import dataclasses
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -151,3 +152,20 @@ def test_equilibrium_read_completes_a_stored_pattern():
     query = query.clone().requires_grad_(True)
     train_gpt.read_memory_iterative(query, tables, projection, read).sum().backward()
     assert query.grad is not None and query.grad.abs().sum() > 0
+
+
+def test_write_mass_usage_against_a_direct_count():
+    counts = torch.tensor([50.0, 30.0, 0.0, 20.0] + [0.0] * 196)  # 200 slots, 3 written
+    usage = train_gpt.write_mass_usage(counts[:4], capacity=200)
+    assert usage["held_share"] == 3 / 200
+    assert usage["top1pct_mass"] == pytest.approx(0.8)  # the busiest 2 slots of 200
+    assert usage["max_mass"] == pytest.approx(0.5)
+
+
+def test_explained_variance_is_zero_for_the_mean_and_one_for_perfect_recall():
+    values = torch.randn(64, 8)
+    mean = values.mean(0)
+    assert train_gpt.explained_variance(mean.expand_as(values), values, mean) == pytest.approx(0)
+    assert train_gpt.explained_variance(values, values, mean) == pytest.approx(1)
+    halfway = (values + mean) / 2  # error halves, squared error quarters
+    assert train_gpt.explained_variance(halfway, values, mean) == pytest.approx(0.75)

@@ -10,7 +10,7 @@ import torch
 import zstandard
 
 import train_gpt
-from tests.helpers import REPO, tiny_student, write_artifact
+from tests.helpers import REPO, tiny_args, tiny_student, write_artifact
 
 
 @pytest.mark.parametrize("bits", [6, 8])
@@ -138,7 +138,7 @@ def test_fit_drops_least_written_locations_until_under_the_limit():
     fitted_args = dataclasses.replace(args, size_limit=limit + 100)
     artifact, dropped = train_gpt.fit_artifact(student, fitted_args, code_bytes=100)
     assert dropped > 0 and 100 + len(artifact) <= fitted_args.size_limit
-    _, _, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
+    _, _, _, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
         artifact[train_gpt.ARTIFACT_PREFIX.size:]))
     kept = arrays["patterns.q"].shape[0]
     assert kept == 400 - dropped
@@ -161,3 +161,43 @@ def test_corrupted_artifacts_are_rejected_naming_the_file(tmp_path, corrupt, mes
     with pytest.raises(ValueError, match=message) as error:
         train_gpt.read_artifact(path)
     assert "broken.eam" in str(error.value)
+
+
+def test_the_baseline_round_trips_as_a_transformer_and_says_so(tmp_path):
+    """MODEL=transformer ships the teacher alone: the header names its kind, the loaded model is
+    a TransformerLM with the same config, and its scores are the teacher's up to quantization."""
+    args = tiny_args(vocab_size=256)
+    torch.manual_seed(0)
+    teacher = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args, recur_steps=1))
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    baseline = train_gpt.TransformerLM.from_teacher(teacher, args)
+    path = tmp_path / "baseline.eam"
+    path.write_bytes(train_gpt.build_artifact(baseline, None, args))
+    rebuilt = train_gpt.load_artifact(path, torch.device("cpu"))
+    assert isinstance(rebuilt, train_gpt.TransformerLM) and rebuilt.config == baseline.config
+    tokens = torch.randint(0, 256, (2, 32))
+    assert (scores(rebuilt, tokens) - scores(baseline, tokens)).abs().max() < 0.5
+    reference = torch.log_softmax(teacher.logits(teacher.body(tokens)[0]), -1).flatten(0, 1)
+    torch.testing.assert_close(scores(baseline, tokens), reference)
+    assert not any(name in train_gpt.MEMORY_BUFFERS for name in rebuilt.state_dict())
+
+
+def test_an_artifact_of_unknown_kind_is_refused_naming_the_file(tmp_path):
+    args, student = tiny_student()
+    entries, arrays = train_gpt.pack_tensors(student, student.tables, args.quant_bits)
+    payload = train_gpt.serialize(entries, arrays, "lstm", dataclasses.asdict(student.config))
+    blob = zstandard.ZstdCompressor().compress(payload)
+    path = tmp_path / "odd.eam"
+    path.write_bytes(train_gpt.ARTIFACT_PREFIX.pack(
+        train_gpt.ARTIFACT_MAGIC, train_gpt.ARTIFACT_VERSION, hashlib.sha256(blob).digest()) + blob)
+    with pytest.raises(ValueError, match=r"odd\.eam: unknown model kind 'lstm'"):
+        train_gpt.load_artifact(path, torch.device("cpu"))
+
+
+def test_every_shipped_model_has_an_artifact_kind_and_score_lines():
+    assert set(train_gpt.SHIPPED_MODELS) == set(train_gpt.ARTIFACT_CONFIGS)
+    assert set(train_gpt.SHIPPED_MODELS) == set(train_gpt.SCORE_RECORDS)
+    with pytest.raises(ValueError, match="MODEL='gpt'"):
+        tiny_args(model="gpt")

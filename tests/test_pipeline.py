@@ -58,3 +58,24 @@ def test_training_and_evaluation_report_their_time_against_the_limit(pipeline_ru
     assert train_gpt.TRAIN_TIME_RECORD not in logs["eval_ddp"]
     for name in logs:
         assert int(logs[name][train_gpt.EVAL_TIME_RECORD]["eval_time_ms"]) > 0
+
+
+def test_the_baseline_ships_the_same_teacher_and_is_scored_the_same_way(pipeline_runs):
+    """MODEL=transformer packs the teacher the memory model learned from (equal steps here) and
+    scores it from its artifact: its model-only score is the teacher's up to quantization."""
+    workdir, logs = pipeline_runs
+
+    def teacher_digest(name: str) -> str:
+        text = (workdir / "logs" / f"{name}.txt").read_text()
+        line = next(line for line in text.splitlines() if line.startswith("replicas teacher:"))
+        return train_gpt.parse_log(line)["replicas"]["digest"]
+
+    assert teacher_digest("baseline") == teacher_digest(PIPELINE_RUN_ID)
+    baseline, memory = logs["baseline"], logs[PIPELINE_RUN_ID]
+    for line in (train_gpt.BASELINE_RECORD, train_gpt.BASELINE_SCORE_RECORD):
+        assert 0 < float(baseline[line]["val_bpb"]) < 20
+    for absent in (train_gpt.SCORE_RECORD, train_gpt.stage_record("distill")):
+        assert absent not in baseline
+    teacher_bpb = float(memory[train_gpt.TEACHER_RECORD]["val_bpb"])
+    assert abs(float(baseline[train_gpt.BASELINE_RECORD]["val_bpb"]) - teacher_bpb) < 0.02
+    assert int(baseline[train_gpt.ARTIFACT_RECORD]["total_bytes"]) <= 16_000_000
