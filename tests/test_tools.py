@@ -338,31 +338,41 @@ def test_ablate_collect_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     write_log(logs / "ablate_xsa0.txt", bpb=1.25, memory_bpb=1.31, settings={"XSA_LAYERS": 0})
     write_log(logs / "ablate_noknn.txt", knn=False, memory_bpb=1.28)
     write_log(logs / "ablate_broken.txt", memory_bpb=None, complete=False)
+    # The built-in baseline logs its own lines; they fill the same columns.
+    baseline = log_text(bpb=1.27, memory_bpb=1.29, settings={"MODEL": "transformer"})
+    for eam, own in zip(train_gpt.SCORE_RECORDS["eam"], train_gpt.SCORE_RECORDS["transformer"],
+                        strict=True):
+        baseline = baseline.replace(f"{eam} ", f"{own} ")
+    (logs / "ablate_transformer.txt").write_text(baseline, encoding="utf-8")
     variants = tmp_path / "variants.json"
     variants.write_text(json.dumps({"base": {}, "xsa0": {"XSA_LAYERS": 0}, "noknn":
-                                    {"KNN_LAMBDA": 0}, "broken": {}}))
+                                    {"KNN_LAMBDA": 0}, "broken": {},
+                                    "transformer": {"MODEL": "transformer"}}))
     out = tmp_path / "ablation.json"
     code = ablate.main(["--collect-only", "--variants-json", str(variants), "--logs-dir",
                         str(logs), "--out", str(out), "--plot", str(tmp_path / "a.png")])
     assert code == 1  # 'broken' never reached its memory score
     captured = capsys.readouterr()
     table = [line for line in captured.out.splitlines() if line.startswith("| ")]
-    assert [line.split("|")[1].strip() for line in table[1:]] == ["xsa0", "base", "noknn",
-                                                                   "broken"]
+    assert [line.split("|")[1].strip() for line in table[1:]] == [
+        "xsa0", "transformer", "base", "noknn", "broken"]
     assert "| 1.2500 |" in table[1] and "XSA_LAYERS=0" in table[1]
-    noknn = table[3].split("|")
-    assert noknn[4].strip() == "1.2800" and noknn[5].strip() == "-"
+    transformer = [cell.strip() for cell in table[2].split("|")]
+    assert transformer[2:7] == ["transformer", "ok", "1.1000", "1.2900", "1.2700"]
+    noknn = table[4].split("|")
+    assert noknn[5].strip() == "1.2800" and noknn[6].strip() == "-"
     doc = json.loads(out.read_text())
-    assert [row["name"] for row in doc["variants"]] == ["xsa0", "base", "noknn", "broken"]
+    assert [row["name"] for row in doc["variants"]] == ["xsa0", "transformer", "base", "noknn",
+                                                        "broken"]
     assert doc["variants"][0]["knn_bpb"] == pytest.approx(1.25)
     assert doc["variants"][0]["teacher_bpb"] == pytest.approx(1.10)
     assert doc["variants"][0]["stage_time_ms"]["teacher"] == 1234
-    assert doc["variants"][2]["knn_bpb"] is None and doc["variants"][3]["status"] == "incomplete"
+    assert doc["variants"][3]["knn_bpb"] is None and doc["variants"][4]["status"] == "incomplete"
     if importlib.util.find_spec("matplotlib") is None:
         assert "matplotlib is not installed" in captured.err
     # Without variants, --collect-only finds every ablate_*.txt in the directory.
     assert ablate.main(["--collect-only", "--logs-dir", str(logs), "--out", str(out)]) == 1
-    assert len(json.loads(out.read_text())["variants"]) == 4
+    assert len(json.loads(out.read_text())["variants"]) == 5
 
 
 # ------------------------------------------------------------------------------------------------

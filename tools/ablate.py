@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import train_gpt
 from tools import _runs
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -57,15 +58,25 @@ def load_variants(specs: Sequence[str], json_path: Path | None) -> dict[str, dic
     return variants
 
 
+def shipped_model(settings: dict[str, str]) -> str:
+    """MODEL of a run (its settings or environment): the memory model unless it says otherwise."""
+    return settings.get("MODEL", train_gpt.SHIPPED_MODELS[0])
+
+
 def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
-    """One table row from a run's parsed log."""
+    """One table row from a run's parsed log. The baseline (MODEL=transformer) fills the model
+    and model + kNN columns from its own lines, so it stands beside the memory variants."""
     records = run.records
-    return dict(
+    model = shipped_model(records.get(_runs.SETTINGS_RECORD, {}))
+    model_record, score_record = train_gpt.SCORE_RECORDS[model]
+    if run.ok and model_record not in records:
+        run.status, run.detail = "incomplete", f"no {model_record} line"
+    return dict(model=model,
         name=name, env=env, status=run.status, detail=run.detail, returncode=run.returncode,
         log=str(run.log_path) if run.log_path else None,
         teacher_bpb=_runs.number(records, _runs.TEACHER_RECORD, "val_bpb"),
-        memory_bpb=_runs.number(records, _runs.MEMORY_RECORD, "val_bpb"),
-        knn_bpb=_runs.number(records, _runs.SCORE_RECORD, "val_bpb"),
+        memory_bpb=_runs.number(records, model_record, "val_bpb"),
+        knn_bpb=_runs.number(records, score_record, "val_bpb"),
         total_bytes=(None if _runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes") is None
                      else int(_runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes"))),
         stage_time_ms=_runs.stage_times_ms(records),
@@ -74,13 +85,13 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
 
 
 def sort_key(row: dict) -> tuple:
-    """By memory + kNN bpb, then memory-only bpb; missing values last."""
+    """By model + kNN bpb, then model-only bpb; missing values last."""
     knn, memory = row["knn_bpb"], row["memory_bpb"]
     return (knn is None, knn or 0.0, memory is None, memory or 0.0, row["name"])
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["variant", "status", "teacher bpb", "memory bpb", "memory+kNN bpb",
+    headers = ["variant", "model", "status", "teacher bpb", "model bpb", "model+kNN bpb",
                "total bytes", *(f"{stage} ms" for stage in _runs.STAGES),
                "changed settings"]
     body = []
@@ -90,7 +101,7 @@ def table(rows: list[dict]) -> str:
                  for s in _runs.STAGES]
         changed = row["changed_settings"] or row["env"]
         settings = ",".join(f"{k}={v}" for k, v in changed.items()) or None
-        body.append([row["name"], status, _runs.fmt(row["teacher_bpb"]),
+        body.append([row["name"], row["model"], status, _runs.fmt(row["teacher_bpb"]),
                      _runs.fmt(row["memory_bpb"]), _runs.fmt(row["knn_bpb"]),
                      row["total_bytes"], *times, settings])
     return _runs.markdown_table(headers, body)
@@ -177,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
         runs = {name: _runs.read_run(name, args.logs_dir / f"{RUN_PREFIX}{name}.txt",
-                                     required=(_runs.MEMORY_RECORD,))
+                                     required=())
                 for name in variants}
     else:
         if not variants:
@@ -204,9 +215,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_id = f"{RUN_PREFIX}{name}"
             full_env = {**common, **env, "PROFILE": profile, "RUN_ID": run_id,
                         "ARTIFACT_PATH": f"{run_id}.eam"}
+            model_record = train_gpt.SCORE_RECORDS[shipped_model(full_env)][0]
             runs[name] = _runs.run_training(name, command, full_env, args.logs_dir,
-                                            required=(_runs.MEMORY_RECORD,),
-                                            echo=not args.quiet)
+                                            required=(model_record,), echo=not args.quiet)
 
     rows = sorted((collect(name, variants[name], run) for name, run in runs.items()),
                   key=sort_key)
