@@ -50,6 +50,9 @@ import torch.nn.functional as F
 
 DEMO_DATA = "./data/demo_sp1024"
 SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
+# What a memory location stores (EAM_VALUES): the teacher's hidden state, read as a readout the
+# decoder turns into logits, or next-token counts, read as a distribution mixed with the model's.
+MEMORY_VALUES = ("hidden", "next_token")
 # What both CPU profiles share: the demo data, a capped validation split, no compilation, the
 # teacher scored beside the memory, and the teacher options that help at these small sizes
 # (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
@@ -156,6 +159,9 @@ class Hyperparameters:
     eam_read_steps: int = 1
     eam_read_damping: float = 0.5
     eam_read_tol: float = 0.0
+    eam_values: str = "hidden"
+    eam_top_tokens: int = 128
+    eam_read_alpha: float = 0.1
     # Distillation.
     enc_layers: int = 5
     enc_recur_steps: int = 1
@@ -220,7 +226,7 @@ class Hyperparameters:
                     "train_batch_tokens", "grad_accum_world", "train_log_every", "eam_locations",
                     "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "eam_tau",
                     "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
-                    "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k",
+                    "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k", "eam_top_tokens",
                     "knn_chunk_tokens", "knn_capacity", "max_wallclock_seconds",
                     "eam_read_steps", "enc_recur_steps", "size_limit"]
         for name in positive:
@@ -258,6 +264,13 @@ class Hyperparameters:
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be <= "
                              f"EVAL_SEQ_LEN={self.eval_seq_len}")
+        if self.eam_values not in MEMORY_VALUES:
+            raise ValueError(f"EAM_VALUES={self.eam_values!r}: expected one of {MEMORY_VALUES}")
+        if self.eam_values == "next_token" and (self.eam_read_steps != 1
+                                                or self.eam_read_alpha <= 0):
+            raise ValueError(f"EAM_VALUES=next_token reads once, smoothed: EAM_READ_STEPS="
+                             f"{self.eam_read_steps} must be 1 and EAM_READ_ALPHA="
+                             f"{self.eam_read_alpha} positive")
 
 
 def default_run_id(profile: str, seed: int) -> str:
@@ -1243,6 +1256,14 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # final one by default), normalized; values are the teacher's final normalized hidden state, so a
 # readout lives where the teacher's output head already knows how to read it.
 #
+# With EAM_VALUES=next_token a location instead counts the true next tokens of the keys written
+# to it (what the encoder cannot compute: statistics of far more tokens than the teacher saw; the
+# counts are additive, so writing is one index_add_). Addresses are then placed by a few k-means
+# passes over sampled keys: cheap, and every location ends up used (issue 12 measured the
+# novelty/split path leaving most of the capacity empty). A location ships its top EAM_TOP_TOKENS
+# tokens with their renormalized probabilities and its write count n; the read smooths each one
+# toward uniform, (n q + alpha / V) / (n + alpha), so the memory's distribution is full.
+#
 # Distributed build, identical on every rank: an organize phase learns the addresses on a sample
 # that all ranks share (gathered, each rank running the teacher on its part), then an accumulate
 # phase with frozen addresses in which each rank writes its own data and counters and counts are
@@ -1306,8 +1327,14 @@ class MemoryTables:
     """What a read needs: the memory as it ships in the artifact."""
 
     addresses: torch.Tensor  # [M, K] unit vectors
-    patterns: torch.Tensor  # [M, D] mean written value: counter / count
-    log_counts: torch.Tensor  # [M] log of the write count (used only by the count prior)
+    patterns: torch.Tensor  # [M, D] mean written value, or [M, T] next-token probabilities
+    log_counts: torch.Tensor  # [M] log of the write count (count prior, next-token smoothing)
+    next_tokens: torch.Tensor | None = None  # [M, T] the tokens of the probabilities, or None
+
+    def select(self, index: torch.Tensor) -> MemoryTables:
+        """The locations `index` only."""
+        return MemoryTables(*(None if table is None else table[index] for table in (
+            self.addresses, self.patterns, self.log_counts, self.next_tokens)))
 
 
 def read_memory(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float,
@@ -1344,6 +1371,32 @@ class MemoryReadConfig:
     steps: int  # 1: one read; more: the equilibrium read below
     damping: float
     tol: float
+    values: str  # EAM_VALUES: "hidden" or "next_token" (a distribution, smoothed by alpha)
+    alpha: float
+
+
+def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryReadConfig,
+                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory's next-token distribution p_mem [N, V] and the top-k similarities [N, k].
+
+    The locations' weights are read_memory's; each location's distribution is its top-T tokens
+    smoothed toward uniform, (n q + alpha / V) / (n + alpha) for a location written n times, so
+    p_mem sums to 1 and is positive everywhere. Differentiable with respect to the queries.
+    """
+    sims = queries @ tables.addresses.to(queries.dtype).T  # [N, M]
+    top_sims, top_index = sims.topk(min(read.k, sims.size(1)), dim=1)
+    scores = read.beta * top_sims.float()
+    if read.count_prior:
+        scores = scores + read.count_prior * tables.log_counts[top_index]
+    weights = torch.softmax(scores, dim=1)  # [N, k]
+    counts = tables.log_counts.exp()[top_index]
+    kept = weights * counts / (counts + read.alpha)  # [N, k] mass of the locations' top tokens
+    # Not weights - kept: for a location written millions of times that difference rounds to 0.
+    uniform = (weights * read.alpha / (counts + read.alpha)).sum(1, keepdim=True) / vocab_size
+    token_mass = kept[:, :, None] * tables.patterns[top_index]  # [N, k, T]
+    p_mem = torch.scatter_add(uniform.expand(-1, vocab_size), 1,
+                              tables.next_tokens[top_index].flatten(1), token_mass.flatten(1))
+    return p_mem, top_sims
 
 
 def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projection: torch.Tensor,
@@ -1397,10 +1450,29 @@ class MemoryWriteConfig:
     split_count: float
     merge_threshold: float
     seed: int
+    values: str
+    top_tokens: int
+    read_beta: float  # next-token writes spread over the top-k with the read's own softmax
 
 
 def memory_write_config(args: Hyperparameters) -> MemoryWriteConfig:
     return settings_view(MemoryWriteConfig, args, "eam_", seed=args.seed)
+
+
+def kmeans_addresses(sample: torch.Tensor, count: int, generator: torch.Generator,
+                     passes: int = 4, chunk: int = 8192) -> torch.Tensor:
+    """Up to `count` unit addresses placed on the sample's unit keys [S, K]: seeded with distinct
+    sampled keys, then a few passes of spherical k-means (Lloyd's algorithm on the cosine); a
+    centre that wins no key keeps its place. A few passes are cheap and use every location."""
+    order = torch.randperm(sample.size(0), generator=generator, device=generator.device)
+    centres = sample[order.to(sample.device)[:count]].clone()
+    for _ in range(passes):
+        nearest = torch.cat([(sample[begin: begin + chunk] @ centres.T).argmax(dim=1)
+                             for begin in range(0, sample.size(0), chunk)])
+        sums = torch.zeros_like(centres).index_add_(0, nearest, sample)
+        won = torch.bincount(nearest, minlength=centres.size(0)) > 0
+        centres = torch.where(won[:, None], F.normalize(sums, dim=1), centres)
+    return centres
 
 
 class ElasticMemory:
@@ -1417,6 +1489,12 @@ class ElasticMemory:
         self.events = dict(novel=0, splits=0, merges=0)
 
     # -- organize phase ---------------------------------------------------------------------------
+    def place(self, keys: torch.Tensor) -> None:
+        """EAM_VALUES=next_token: addresses by k-means on the keys, replacing organize."""
+        addresses = kmeans_addresses(keys, self.config.locations, self.generator)
+        self.addresses[: addresses.size(0)] = addresses
+        self.size = addresses.size(0)
+
     def organize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """One batched write with address learning, novelty, overload splits and merges."""
         config = self.config
@@ -1526,10 +1604,21 @@ class ElasticMemory:
         self.counts.zero_()
 
     def accumulate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Frozen addresses: counters += weight * value, counts += weight (additive, exact)."""
+        """Frozen addresses: counters += weight * value, counts += weight (additive, exact).
+
+        EAM_VALUES=next_token: values are the next tokens [N]; counters[location, token] +=
+        weight, the weights a softmax over the top-k similarities (each token adds mass 1).
+        """
         sims = keys @ self.addresses[: self.size].T
-        top_index, weights = topk_write_weights(sims, self.config.write_k)
-        self._accumulate(top_index, weights, values)
+        if self.config.values == "hidden":
+            top_index, weights = topk_write_weights(sims, self.config.write_k)
+            self._accumulate(top_index, weights, values)
+            return
+        top_sims, top_index = sims.topk(min(self.config.write_k, self.size), dim=1)
+        weights = torch.softmax(self.config.read_beta * top_sims, dim=1).flatten()
+        cells = top_index * self.counters.size(1) + values[:, None]
+        self.counters.view(-1).index_add_(0, cells.flatten(), weights)
+        self.counts.index_add_(0, top_index.flatten(), weights)
 
     def _accumulate(self, top_index: torch.Tensor, weights: torch.Tensor,
                     values: torch.Tensor) -> None:
@@ -1547,19 +1636,29 @@ class ElasticMemory:
     def tables(self) -> MemoryTables:
         """Non-empty locations only: empty ones must never dilute a read."""
         written = self.counts[: self.size] > 0
-        counts = self.counts[: self.size][written]
-        return MemoryTables(self.addresses[: self.size][written].clone(),
-                            self.counters[: self.size][written] / counts[:, None],
-                            counts.log())
+        addresses = self.addresses[: self.size][written].clone()
+        counters, counts = self.counters[: self.size][written], self.counts[: self.size][written]
+        if self.config.values == "next_token":
+            return next_token_tables(addresses, counters, self.config.top_tokens)
+        return MemoryTables(addresses, counters / counts[:, None], counts.log())
+
+
+def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
+                      top_tokens: int) -> MemoryTables:
+    """Locations with next-token counts [M, V] (every row written) as they ship: each keeps its
+    top_tokens tokens, their share of the kept mass, and the log of its total count."""
+    kept, tokens = counts.topk(min(top_tokens, counts.size(1)), dim=1)
+    return MemoryTables(addresses, kept / kept.sum(1, keepdim=True), counts.sum(1).log(), tokens)
 
 
 def memory_read_config(args: Hyperparameters) -> MemoryReadConfig:
-    return settings_view(MemoryReadConfig, args, "eam_read_", count_prior=args.eam_count_prior)
+    return settings_view(MemoryReadConfig, args, "eam_read_", count_prior=args.eam_count_prior,
+                         values=args.eam_values)
 
 
 def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tensor,
                         key_layer: int, runtime: Runtime):
-    """Teacher forward -> (unit keys [N, K], values [N, D]) for every position of idx [B, T]."""
+    """Teacher forward -> (unit keys [N, K], final states [N, D]) for every position of idx."""
     with torch.no_grad(), autocast(runtime):
         final, keyed = teacher.body(idx, key_layer)
     keys = F.normalize(keyed.float().flatten(0, 1) @ projection, dim=1)
@@ -1576,6 +1675,9 @@ def organize_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemo
     own_keys, own_values = teacher_batch(rank_tokens)
     counts = [own_keys.size(0)] * runtime.world_size
     keys, values = all_gather_rows(own_keys, counts), all_gather_rows(own_values, counts)
+    if memory.config.values == "next_token":
+        memory.place(keys)
+        return own_keys, own_values
     batch, next_end = args.eam_batch, step_clock()
     for number, begin in enumerate(range(0, keys.size(0), batch)):
         if begin and next_end() >= stop_at:
@@ -1648,8 +1750,20 @@ def memory_diagnostics(runtime: Runtime, read: MemoryReadConfig, memory: Elastic
                        ) -> dict[str, float]:
     """On teacher states that were never written: reconstruction cosine and explained variance
     against a one-location memory; with read.steps > 1 the equilibrium read's residuals and
-    energies are logged too."""
+    energies are logged too. Next-token values: the memory's own loss (nats per token) on
+    tokens never written, beside that of a single location holding all the writes, packed
+    alike (the unigram), and the share of the written mass the packed top tokens keep."""
     tables = memory.tables()
+    if read.values == "next_token":
+        written = memory.counters[: memory.size]
+        single = next_token_tables(tables.addresses[:1], written.sum(0, keepdim=True),
+                                   tables.patterns.size(1))
+        nll = {name: -read_next_tokens(keys, read_tables, read, written.size(1))[0].gather(
+            1, values[:, None]).log().mean().item()
+            for name, read_tables in (("memory", tables), ("unigram", single))}
+        kept = written.topk(tables.patterns.size(1), dim=1).values.sum() / written.sum()
+        return dict(memory_nll=nll["memory"], unigram_nll=nll["unigram"],
+                    top_tokens_mass=kept.item())
     readout = read_memory(keys, tables, read.k, read.beta, read.count_prior)
     counts = memory.counts[: memory.size]
     mean_value = (memory.counters[: memory.size].sum(0) / counts.sum().clamp_min(1e-12))
@@ -1669,12 +1783,16 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     stop_at = stage_end(run_started, args, args.teacher_time_frac + args.eam_time_frac)
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
     seq_len = args.train_seq_len
+    next_token = args.eam_values == "next_token"
 
     def teacher_batch(rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, _ = loader.next_batch(rank_tokens, seq_len)
-        return teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
+        """(keys [N, K], values: the teacher's states [N, D] or the next tokens [N])."""
+        x, y = loader.next_batch(rank_tokens, seq_len)
+        keys, states = teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
+        return keys, y.flatten() if next_token else states
 
-    memory = ElasticMemory(memory_write_config(args), args.model_dim, runtime.device)
+    memory = ElasticMemory(memory_write_config(args),
+                           args.vocab_size if next_token else args.model_dim, runtime.device)
     own = organize_memory(runtime, args, memory, teacher_batch, stop_at)
     broadcast_addresses(runtime, memory)
     organize_ms = elapsed_ms(started)
@@ -1692,10 +1810,10 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
               f"used_share:{(used > 0).float().mean().item():.4f} "
               f"median_count:{used.median().item():.1f} max_count:{used.max().item():.1f} "
               f"novel:{memory.events['novel']} splits:{memory.events['splits']} "
-              f"merges:{memory.events['merges']} recon_cos:{quality['recon_cos']:.4f} "
-              f"explained_var:{quality['explained_var']:.4f} "
-              f"held_share:{usage['held_share']:.4f} top1pct_mass:{usage['top1pct_mass']:.4f} "
-              f"max_mass:{usage['max_mass']:.4f}")
+              f"merges:{memory.events['merges']} "
+              + " ".join(f"{name}:{value:.4f}" for name, value in quality.items())
+              + f" held_share:{usage['held_share']:.4f} top1pct_mass:{usage['top1pct_mass']:.4f}"
+              f" max_mass:{usage['max_mass']:.4f}")
     return memory
 
 
@@ -1710,6 +1828,15 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
 # aligns the keys with the teacher's (cosine; the decoder is frozen, it plays no part); phase 2
 # trains end to end through the differentiable read on next-token cross-entropy plus KL to the
 # teacher's distribution.
+#
+# A memory of next-token statistics (EAM_VALUES=next_token) is read as a distribution p_mem. The
+# decoder's correction then starts from the encoder's own state (its logits are the encoder's
+# LM head at first) and sees p_mem's expected token embedding beside it; the model's
+# distribution is mixed with the memory's, p = (1 - g) p_model + g p_mem, through a gate g
+# computed from the prefix alone (the encoder's features, the read's similarities, p_mem's
+# entropy and peak): a normalized mixture for any g, as kNN-LM mixes its neighbours (Khandelwal
+# et al. 2020). The cross-entropy reads the mixture and the KL the model part only, so the
+# memory may add what the teacher lacks.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1721,10 +1848,13 @@ class Decoder(nn.Module):
         self.proj = nn.Linear(hidden, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, readout: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        inputs = torch.cat([readout, features], dim=-1) if self.sees_encoder else readout
+    def forward(self, base: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
+        """rms_norm(base + MLP([base, side])): the base is the memory's readout (hidden values)
+        or the encoder's state (next-token values), the side input the encoder's features or
+        the memory's expected next-token embedding; DEC_SEES_ENCODER=0 leaves the side out."""
+        inputs = torch.cat([base, side], dim=-1) if self.sees_encoder else base
         hidden = F.leaky_relu(self.fc(rms_norm(inputs)), 0.5).square()
-        return rms_norm(readout + self.proj(hidden))
+        return rms_norm(base + self.proj(hidden))
 
 
 class VocabPrior(nn.Module):
@@ -1743,6 +1873,40 @@ class VocabPrior(nn.Module):
 
     def forward(self, previous: torch.Tensor) -> torch.Tensor:
         return F.linear(self.previous_table(previous), self.next_table.weight).float()
+
+
+class MemoryGate(nn.Module):
+    """The mixture weight's logit from the prefix alone: a linear map of the encoder's features
+    [N, D], the read's top similarities [N, k] (zero-padded when the memory has fewer locations)
+    and p_mem's entropy and log peak (detached: the gate weighs them, it does not shape them).
+    Vector parameters (Adam, fp16 when packed); it starts as the constant GATE_INIT."""
+
+    GATE_INIT = 0.1  # the best fixed weight of issue 12's prototype (0.1-0.2)
+
+    def __init__(self, model_dim: int, read_k: int):
+        super().__init__()
+        self.read_k = read_k
+        self.weight = nn.Parameter(torch.zeros(model_dim + read_k + 2))
+        self.bias = nn.Parameter(torch.full((1,), math.log(self.GATE_INIT / (1 - self.GATE_INIT))))
+
+    def forward(self, features: torch.Tensor, top_sims: torch.Tensor,
+                p_mem: torch.Tensor) -> torch.Tensor:
+        p_mem = p_mem.detach()
+        entropy = torch.special.entr(p_mem).sum(1, keepdim=True)
+        peak = p_mem.max(1, keepdim=True).values.log()
+        sims = F.pad(top_sims.float(), (0, self.read_k - top_sims.size(1)))
+        inputs = torch.cat([features.float(), sims, entropy, peak], dim=1)
+        return inputs @ self.weight + self.bias
+
+
+def mix_with_memory(model_logits: torch.Tensor, p_mem: torch.Tensor,
+                    gate_logit: torch.Tensor) -> torch.Tensor:
+    """log((1 - g) softmax(model_logits) + g p_mem) with g = sigmoid(gate_logit) [N], in log
+    space (stable for any g). p_mem [N, V] is a positive distribution, so the result is a
+    normalized log-distribution; the target is not an argument: it cannot be."""
+    gate_logit = gate_logit.float()[:, None]
+    return torch.logaddexp(F.logsigmoid(-gate_logit) + F.log_softmax(model_logits.float(), -1),
+                           F.logsigmoid(gate_logit) + p_mem.log())
 
 
 @dataclass(frozen=True)
@@ -1781,15 +1945,18 @@ class MemoryLM(nn.Module):
         self.decoder = Decoder(dim, config.dec_hidden, config.dec_sees_encoder)
         rank = config.dec_prior_rank
         self.prior = VocabPrior(vocab, rank) if rank else None
+        next_token = config.read.values == "next_token"
+        self.gate = MemoryGate(dim, config.read.k) if next_token else None
         self.register_buffer("addresses", tables.addresses)
         self.register_buffer("patterns", tables.patterns)
         self.register_buffer("log_counts", tables.log_counts)
+        self.register_buffer("next_tokens", tables.next_tokens)  # None (no buffer) for hidden
         projection = key_projection(dim, config.key_dim, config.projection_seed)
         self.register_buffer("projection", projection, persistent=False)
 
     @property
     def tables(self) -> MemoryTables:
-        return MemoryTables(self.addresses, self.patterns, self.log_counts)
+        return MemoryTables(self.addresses, self.patterns, self.log_counts, self.next_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -1802,25 +1969,45 @@ class MemoryLM(nn.Module):
         return F.normalize(self.key_head(features).float(), dim=-1)
 
     def head(self, features: torch.Tensor, queries: torch.Tensor,
-             tokens: torch.Tensor) -> torch.Tensor:
-        """features [N, D], unit queries [N, K], current tokens [N] -> next-token logits [N, V]."""
-        readout = read_memory_iterative(queries, self.tables, self.projection, self.config.read)
-        logits = self.encoder.logits(self.decoder(readout.to(features.dtype), features))
-        return logits if self.prior is None else logits + self.prior(tokens)
+             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [N, D], unit queries [N, K], current tokens [N] -> (scores [N, V], the
+        model's own logits [N, V]). The scores are those logits, or with a next-token memory
+        the mixture's log-probabilities (normalized: log_softmax leaves them unchanged)."""
+        if self.gate is None:
+            readout = read_memory_iterative(queries, self.tables, self.projection,
+                                            self.config.read)
+            state = self.decoder(readout.to(features.dtype), features)
+        else:
+            p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read,
+                                               self.config.encoder.vocab_size)
+            expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
+            state = self.decoder(features, expected)
+        logits = self.encoder.logits(state)
+        logits = logits if self.prior is None else logits + self.prior(tokens)
+        if self.gate is None:
+            return logits, logits
+        return mix_with_memory(logits, p_mem, self.gate(features, top_sims, p_mem)), logits
 
     def forward(self, idx: torch.Tensor, keys_only: bool = False):
-        """idx [B, T] -> (unit queries [B*T, K], logits [B*T, V], or None when keys_only)."""
+        """idx [B, T] -> (unit queries [B*T, K], scores and model logits [B*T, V] as head's,
+        or None, None when keys_only)."""
         features = self.features(idx).flatten(0, 1)
         queries = self.query(features)
-        return queries, None if keys_only else self.head(features, queries, idx.flatten())
+        if keys_only:
+            return queries, None, None
+        return queries, *self.head(features, queries, idx.flatten())
 
 
-def distillation_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
-                      kl_weight: float, temperature: float) -> torch.Tensor:
-    """Cross-entropy on the next token + kl_weight * T^2 * KL(teacher || student) at temperature
-    T (Hinton et al. 2015: T^2 keeps the soft term's gradients on the hard term's scale)."""
-    loss = F.cross_entropy(logits, targets.reshape(-1))
+def distillation_loss(scores: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
+                      kl_weight: float, temperature: float,
+                      model_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of the scores (logits, or normalized log-probabilities) on the next token
+    + kl_weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015: T^2 keeps
+    the soft term's gradients on the hard term's scale). The KL reads model_logits when given
+    (the model's part of a memory mixture), else the scores."""
+    loss = F.cross_entropy(scores, targets.reshape(-1))
     if kl_weight:
+        logits = scores if model_logits is None else model_logits
         kl = F.kl_div(F.log_softmax(logits / temperature, -1),
                       F.log_softmax(teacher_logits / temperature, -1),
                       log_target=True, reduction="batchmean")
@@ -1850,20 +2037,21 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
         return teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
 
     def key_loss(model, x, y):
-        queries, _ = model(x, keys_only=True)
+        queries, _, _ = model(x, keys_only=True)
         return 1 - (queries * teacher_targets(x)[0]).sum(-1).mean()
 
     def lm_loss(model, x, y):
-        _, logits = model(x)
+        _, scores, logits = model(x)
         with torch.no_grad():
             teacher_logits = teacher.logits(teacher_targets(x)[1])
-        return distillation_loss(logits, y, teacher_logits, args.distill_kl_weight,
-                                 args.distill_temperature)
+        return distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
+                                 args.distill_temperature, logits)
 
     stop_at = stage_end(run_started, args,
                         args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
     batch = (args.distill_batch_tokens, args.train_seq_len)
-    readout_side = tuple(m for m in (student.decoder, student.prior) if m is not None)
+    readout_side = tuple(m for m in (student.decoder, student.prior, student.gate)
+                         if m is not None)
     phases = [Phase(KEY_PHASE, key_loss, *batch,
                     started + args.distill_key_frac * (stop_at - started),
                     args.distill_key_iterations, args.distill_lr_scale, frozen=readout_side),
@@ -1924,8 +2112,10 @@ class TransformerLM(nn.Module):
         return F.normalize(features.float() @ self.projection, dim=-1)
 
     def head(self, features: torch.Tensor, queries: torch.Tensor,
-             tokens: torch.Tensor) -> torch.Tensor:
-        return self.gpt.logits(features)
+             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """As MemoryLM.head: (scores, the model's own logits), here both the GPT's logits."""
+        logits = self.gpt.logits(features)
+        return logits, logits
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1942,7 +2132,8 @@ class TransformerLM(nn.Module):
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
 ARTIFACT_VERSION = 3  # 2: the header carries the model's config exactly; 3: and its kind
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
-MEMORY_BUFFERS = ("addresses", "patterns", "log_counts")  # packed from the tables, not the state
+# Packed from the tables, not the state; next-token ids as uint16 (the shards' own token type).
+MEMORY_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")
 # The header's "kind" names the shipped model (MODEL) and so the config type read back.
 ARTIFACT_CONFIGS: dict[str, type] = {"eam": StudentConfig, "transformer": BaselineConfig}
 
@@ -1987,8 +2178,11 @@ def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
     if tables is not None:
         add("addresses", tables.addresses, 8)
         add("patterns", tables.patterns, 8)
-        if model.config.read.count_prior:
+        if model.config.read.count_prior or tables.next_tokens is not None:
             add("log_counts", tables.log_counts, None)
+        if tables.next_tokens is not None:
+            arrays["next_tokens"] = tables.next_tokens.cpu().numpy().astype("<u2")
+            entries["next_tokens"] = dict(kind="uint16", shape=list(tables.next_tokens.shape))
     return entries, arrays
 
 
@@ -1999,6 +2193,8 @@ def unpack_tensors(entries: dict[str, dict], arrays: dict[str, np.ndarray]
     for name, entry in entries.items():
         if entry["kind"] == "fp16":
             tensors[name] = torch.from_numpy(arrays[name].astype(np.float32))
+        elif entry["kind"] == "uint16":
+            tensors[name] = torch.from_numpy(arrays[name].astype(np.int64))
         else:
             tensors[name] = dequantize_rows(torch.from_numpy(arrays[name + ".q"].copy()),
                                             torch.from_numpy(arrays[name + ".scale"].copy()))
@@ -2090,8 +2286,7 @@ def component_sizes(arrays: dict[str, np.ndarray], level: int) -> dict[str, tupl
     groups: dict[str, list[bytes]] = {}
     for name in sorted(arrays):
         group = name.split(".")[0]
-        group = {"addresses": "memory.addresses", "patterns": "memory.patterns",
-                 "log_counts": "memory.log_counts"}.get(group, group)
+        group = f"memory.{group}" if group in MEMORY_BUFFERS else group
         groups.setdefault(group, []).append(np.ascontiguousarray(arrays[name]).tobytes())
     return {group: (sum(map(len, parts)), len(compress(b"".join(parts), level)))
             for group, parts in groups.items()}
@@ -2136,15 +2331,11 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters,
     order = torch.argsort(tables.log_counts, descending=True, stable=True)
     keep = locations
     while True:
-        chosen = order[:keep].sort().values
-        kept = MemoryTables(tables.addresses[chosen], tables.patterns[chosen],
-                            tables.log_counts[chosen])
-        artifact = build_artifact(model, kept, args)
+        artifact = build_artifact(model, tables.select(order[:keep].sort().values), args)
         excess = code_bytes + len(artifact) - args.size_limit
         if excess <= 0:
             return artifact, locations - keep
-        empty = build_artifact(model, MemoryTables(
-            tables.addresses[:1], tables.patterns[:1], tables.log_counts[:1]), args)
+        empty = build_artifact(model, tables.select(order[:1]), args)
         per_location = max(1.0, (len(artifact) - len(empty)) / max(keep - 1, 1))
         if keep <= 1 or code_bytes + len(empty) > args.size_limit:
             raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not fit")
@@ -2198,8 +2389,17 @@ def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0
         addresses = F.normalize(tensors.pop("addresses"), dim=1)
         patterns = tensors.pop("patterns")
         log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
-        model = MemoryLM(config, MemoryTables(addresses, patterns, log_counts))
-        tensors.update(addresses=addresses, patterns=patterns, log_counts=log_counts)
+        next_tokens = tensors.pop("next_tokens", None)
+        if (next_tokens is None) != (config.read.values == "hidden"):
+            raise ValueError(f"{path}: its tensors do not match its model config: memory "
+                             f"values {config.read.values!r} with next-token ids "
+                             f"{next_tokens is not None}")
+        if next_tokens is not None:  # dequantized probabilities, each a distribution again
+            patterns = patterns / patterns.sum(1, keepdim=True)
+        tables = MemoryTables(addresses, patterns, log_counts, next_tokens)
+        model = MemoryLM(config, tables)
+        tensors.update({name: getattr(tables, name) for name in MEMORY_BUFFERS
+                        if getattr(tables, name) is not None})
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
@@ -2382,8 +2582,8 @@ def student_scorer(model: MemoryLM | TransformerLM):
     def score(inputs: torch.Tensor, mask: torch.Tensor):
         features = model.features(inputs)[mask]
         queries = model.query(features)
-        logits = model.head(features, queries, inputs[mask])
-        return F.log_softmax(logits.float(), dim=-1), queries
+        scores, _ = model.head(features, queries, inputs[mask])
+        return F.log_softmax(scores.float(), dim=-1), queries
     return score
 
 

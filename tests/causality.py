@@ -44,6 +44,11 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "everything": dict(knn_lambda=0.5, dec_prior_rank=4, enc_recur_steps=2,
                        eval_enc_recur_steps=3, eam_read_steps=4, eam_read_tol=1.1),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
+    # A next-token memory mixed in through its prefix-only gate (it reads once: no equilibrium).
+    "next_token": dict(eam_values="next_token", knn_lambda=0.5),
+    "next_token_everything": dict(eam_values="next_token", knn_lambda=0.5, dec_prior_rank=4,
+                                  enc_recur_steps=2, eval_enc_recur_steps=3,
+                                  eam_count_prior=0.5),
 }
 
 

@@ -41,9 +41,14 @@ def tiny_student(seed: int = 0, locations: int = 48, **overrides):
     """(settings, a MemoryLM, by default of vocabulary 256, with random tables and weights)."""
     torch.manual_seed(seed)
     args = tiny_args(**{"vocab_size": 256, "dec_hidden": 64, **overrides})
-    tables = train_gpt.MemoryTables(F.normalize(torch.randn(locations, args.eam_key_dim), dim=1),
-                                    torch.randn(locations, args.model_dim),
-                                    torch.randn(locations))
+    addresses = F.normalize(torch.randn(locations, args.eam_key_dim), dim=1)
+    if args.eam_values == "next_token":  # skewed counts, some locations written only a little
+        counts = torch.rand(locations, args.vocab_size) ** 8 * torch.logspace(-1, 3, locations)[
+            :, None]
+        tables = train_gpt.next_token_tables(addresses, counts, args.eam_top_tokens)
+    else:
+        tables = train_gpt.MemoryTables(addresses, torch.randn(locations, args.model_dim),
+                                        torch.randn(locations))
     student = train_gpt.MemoryLM(train_gpt.student_config(args), tables)
     with torch.no_grad():  # zero-initialised projections would hide packing mistakes
         for param in student.parameters():

@@ -63,6 +63,19 @@ def test_mixture_is_a_normalized_distribution():
     assert lam[0] == 0 and (lam < 1).all()
 
 
+@pytest.mark.parametrize("gate_logit", [-80.0, -5.0, 0.0, 3.0, 80.0])
+def test_the_memory_mixture_is_normalized_for_any_gate(gate_logit):
+    torch.manual_seed(0)
+    logits = 5 * torch.randn(6, 40)
+    p_mem = torch.softmax(3 * torch.randn(6, 40), dim=1)
+    mixed = train_gpt.mix_with_memory(logits, p_mem, torch.full((6,), gate_logit))
+    torch.testing.assert_close(mixed.exp().sum(1), torch.ones(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.log_softmax(mixed, 1), mixed, atol=1e-5, rtol=0)
+    gate = torch.sigmoid(torch.tensor(gate_logit))
+    expected = (1 - gate) * torch.softmax(logits, 1) + gate * p_mem
+    torch.testing.assert_close(mixed.exp(), expected, atol=1e-6, rtol=1e-5)
+
+
 def test_knn_store_finds_exact_neighbours_and_ignores_empty_slots():
     store = train_gpt.KnnStore(10, 4, torch.device("cpu"))
     keys = torch.nn.functional.normalize(torch.randn(6, 4), dim=1)

@@ -13,14 +13,12 @@ def new_memory(value_dim: int = 6, **overrides) -> train_gpt.ElasticMemory:
     config = train_gpt.memory_write_config(tiny_args(**overrides))
     return train_gpt.ElasticMemory(config, value_dim, torch.device("cpu"))
 
-
 def memory_with_addresses(addresses: torch.Tensor, value_dim: int = 6, **overrides):
     memory = new_memory(value_dim, eam_locations=max(64, addresses.size(0)),
                         eam_key_dim=addresses.size(1), **overrides)
     memory.addresses[: addresses.size(0)] = addresses
     memory.size = addresses.size(0)
     return memory
-
 
 def test_writes_in_one_region_leave_other_locations_untouched():
     memory = memory_with_addresses(torch.eye(8))
@@ -34,7 +32,6 @@ def test_writes_in_one_region_leave_other_locations_untouched():
     read_after = train_gpt.read_memory(query, memory.tables(), 4, 20.0, 0.0)
     torch.testing.assert_close(read_after, read_before, atol=1e-6, rtol=0)
 
-
 def test_memories_from_two_halves_sum_to_the_whole():
     torch.manual_seed(0)
     addresses = F.normalize(torch.randn(32, 8), dim=1)
@@ -45,7 +42,6 @@ def test_memories_from_two_halves_sum_to_the_whole():
     second.accumulate(keys[250:], values[250:])
     torch.testing.assert_close(first.counters + second.counters, whole.counters)
     torch.testing.assert_close(first.counts + second.counts, whole.counts)
-
 
 def test_splits_and_merges_conserve_mass():
     torch.manual_seed(0)
@@ -60,7 +56,6 @@ def test_splits_and_merges_conserve_mass():
     assert merged > 0
     torch.testing.assert_close((memory.counts.sum(), memory.counters.sum(0)), mass)
 
-
 def test_a_single_stored_key_reads_back_its_exact_pattern():
     memory = new_memory()
     key, value = F.normalize(torch.randn(1, 8), dim=1), torch.randn(1, 6)
@@ -68,7 +63,6 @@ def test_a_single_stored_key_reads_back_its_exact_pattern():
     assert memory.size == 1
     readout = train_gpt.read_memory(key, memory.tables(), 4, 20.0, 0.0)
     torch.testing.assert_close(readout, value)
-
 
 def test_empty_locations_never_contribute_to_a_read():
     memory = memory_with_addresses(torch.eye(8))
@@ -79,7 +73,6 @@ def test_empty_locations_never_contribute_to_a_read():
     readout = train_gpt.read_memory(torch.eye(8)[3:4], tables, 4, 20.0, 0.0)
     torch.testing.assert_close(readout, torch.ones(1, 6))
 
-
 def test_read_is_differentiable_with_respect_to_the_query():
     torch.manual_seed(0)
     memory = memory_with_addresses(F.normalize(torch.randn(16, 8), dim=1))
@@ -87,7 +80,6 @@ def test_read_is_differentiable_with_respect_to_the_query():
     query = F.normalize(torch.randn(3, 8), dim=1).requires_grad_()
     train_gpt.read_memory(query, memory.tables(), 4, 20.0, 0.0).square().sum().backward()
     assert query.grad is not None and query.grad.abs().sum() > 0
-
 
 def test_colliding_pulls_compose_like_sequential_updates():
     address = F.normalize(torch.tensor([[1.0, 0.0]]), dim=1)
@@ -98,7 +90,6 @@ def test_colliding_pulls_compose_like_sequential_updates():
     for rate in rates:
         sequential = sequential + rate * (key - sequential)
     torch.testing.assert_close(pulled[0], F.normalize(sequential, dim=0))
-
 
 def usage_entropy(gamma: float) -> float:
     torch.manual_seed(0)
@@ -116,10 +107,8 @@ def usage_entropy(gamma: float) -> float:
     share = share[share > 0]
     return -(share * share.log()).sum().item() / math.log(memory.size)
 
-
 def test_conscience_spreads_writes_on_clustered_data():
     assert usage_entropy(gamma=1.0) > usage_entropy(gamma=0.0) + 0.05
-
 
 def test_equilibrium_read_completes_a_stored_pattern():
     torch.manual_seed(0)
@@ -130,7 +119,7 @@ def test_equilibrium_read_completes_a_stored_pattern():
                                     torch.zeros(4))
     query = F.normalize(tables.addresses[:1] + F.normalize(torch.randn(1, 8), dim=1), dim=1)
     one_step = train_gpt.MemoryReadConfig(k=4, beta=8.0, count_prior=0.0, steps=1, damping=0.5,
-                                          tol=0.0)
+                                          tol=0.0, values="hidden", alpha=0.0)
     first = train_gpt.read_memory_iterative(query, tables, projection, one_step)
     torch.testing.assert_close(first, train_gpt.read_memory(query, tables, 4, 8.0, 0.0))
     read = dataclasses.replace(one_step, steps=8, damping=0.2)
@@ -169,3 +158,74 @@ def test_explained_variance_is_zero_for_the_mean_and_one_for_perfect_recall():
     assert train_gpt.explained_variance(values, values, mean) == pytest.approx(1)
     halfway = (values + mean) / 2  # error halves, squared error quarters
     assert train_gpt.explained_variance(halfway, values, mean) == pytest.approx(0.75)
+
+
+def test_next_token_writes_equal_a_per_item_loop():
+    """counters[location, next token] += softmax(beta * top-k sims) for every written item."""
+    torch.manual_seed(0)
+    addresses = F.normalize(torch.randn(12, 8), dim=1)
+    memory = memory_with_addresses(addresses, value_dim=10, eam_values="next_token",
+                                   eam_write_k=3, eam_read_beta=5.0)
+    keys, tokens = F.normalize(torch.randn(200, 8), dim=1), torch.randint(0, 10, (200,))
+    memory.accumulate(keys[:120], tokens[:120])
+    memory.accumulate(keys[120:], tokens[120:])
+    expected = torch.zeros(12, 10, dtype=torch.float64)
+    for key, token in zip(keys.double(), tokens.tolist(), strict=True):
+        sims = addresses.double() @ key
+        top = sims.topk(3)
+        weights = torch.exp(5.0 * top.values) / torch.exp(5.0 * top.values).sum()
+        for location, weight in zip(top.indices.tolist(), weights.tolist(), strict=True):
+            expected[location, token] += weight
+    torch.testing.assert_close(memory.counters[:12].double(), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(memory.counts[:12].double(), expected.sum(1), atol=1e-5, rtol=0)
+    assert memory.counts.sum().item() == pytest.approx(200, rel=1e-5)  # each item adds mass 1
+
+def test_kmeans_passes_fit_the_keys_better_than_the_seeds_and_use_every_address():
+    torch.manual_seed(0)
+    centres = F.normalize(torch.randn(16, 16), dim=1)
+    keys = F.normalize(centres.repeat(50, 1) + 0.3 * torch.randn(800, 16), dim=1)
+
+    def fit(passes: int) -> tuple[float, torch.Tensor]:
+        generator = torch.Generator().manual_seed(3)
+        addresses = train_gpt.kmeans_addresses(keys, 24, generator, passes=passes, chunk=100)
+        return (keys @ addresses.T).max(dim=1).values.mean().item(), addresses
+
+    seeded, _ = fit(0)
+    fitted, addresses = fit(4)
+    assert fitted > seeded + 0.01
+    assert torch.bincount((keys @ addresses.T).argmax(dim=1), minlength=24).min() > 0
+    torch.testing.assert_close(addresses.norm(dim=1), torch.ones(24))
+    memory = new_memory(eam_values="next_token", eam_locations=24, eam_key_dim=16)
+    memory.place(keys)
+    assert memory.size == 24
+
+
+def dense_location_distributions(tables: train_gpt.MemoryTables, vocab: int, alpha: float):
+    """Each location's smoothed distribution written out densely: (n q + alpha / V) / (n + a)."""
+    counts = tables.log_counts.exp()[:, None]
+    dense = torch.zeros(tables.patterns.size(0), vocab).scatter_add_(
+        1, tables.next_tokens, tables.patterns)
+    return (counts * dense + alpha / vocab) / (counts + alpha)
+
+def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions():
+    torch.manual_seed(0)
+    counts = torch.rand(20, 30) ** 6 * torch.logspace(-1, 2, 20)[:, None]
+    tables = train_gpt.next_token_tables(F.normalize(torch.randn(20, 8), dim=1), counts, 5)
+    torch.testing.assert_close(tables.patterns.sum(1), torch.ones(20))
+    assert torch.equal(tables.next_tokens, counts.topk(5, dim=1).indices)
+    read = train_gpt.MemoryReadConfig(k=4, beta=6.0, count_prior=0.0, steps=1, damping=0.5,
+                                      tol=0.0, values="next_token", alpha=0.3)
+    queries = F.normalize(torch.randn(7, 8), dim=1)
+    p_mem, top_sims = train_gpt.read_next_tokens(queries, tables, read, 30)
+    sims = queries @ tables.addresses.T
+    top = sims.topk(4, dim=1)
+    weights = torch.softmax(6.0 * top.values, dim=1)
+    expected = (weights[:, :, None] * dense_location_distributions(tables, 30, 0.3)[
+        top.indices]).sum(1)
+    torch.testing.assert_close(p_mem, expected)
+    torch.testing.assert_close(top_sims, top.values)
+    torch.testing.assert_close(p_mem.sum(1), torch.ones(7))
+    assert (p_mem > 0).all()
+    # A location written a billion times still leaves every token a positive probability.
+    heavy = train_gpt.next_token_tables(tables.addresses, counts * 1e9, 5)
+    assert (train_gpt.read_next_tokens(queries, heavy, read, 30)[0] > 0).all()

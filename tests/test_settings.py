@@ -40,6 +40,10 @@ def test_any_setting_overrides_the_profile():
     ({"ENC_LAYERS": "99"}, "ENC_LAYERS"),
     ({"QUANT_BITS": "4"}, "QUANT_BITS"),
     ({"TEACHER_TIME_FRAC": "0.9"}, "TEACHER_TIME_FRAC"),
+    ({"EAM_VALUES": "both"}, "EAM_VALUES='both'"),
+    ({"EAM_TOP_TOKENS": "0"}, "EAM_TOP_TOKENS=0"),
+    ({"EAM_VALUES": "next_token", "EAM_READ_STEPS": "3"}, "EAM_READ_STEPS=3"),
+    ({"EAM_VALUES": "next_token", "EAM_READ_ALPHA": "0"}, "EAM_READ_ALPHA=0.0"),
 ])
 def test_bad_values_name_the_variable(environ, variable):
     with pytest.raises(ValueError, match=variable):

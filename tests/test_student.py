@@ -97,3 +97,16 @@ def test_distillation_loss_is_cross_entropy_plus_the_scaled_kl():
     kl = (teacher * (teacher.log() - student.log())).sum(1).mean()
     got = train_gpt.distillation_loss(logits, targets, teacher_logits, 0.5, 2.0)
     assert got == pytest.approx((cross_entropy + 0.5 * 4 * kl).item(), rel=1e-6)
+
+
+def test_with_a_memory_mixture_the_cross_entropy_reads_it_and_the_kl_the_model_part():
+    torch.manual_seed(0)
+    model_logits, teacher_logits = torch.randn(5, 11), torch.randn(5, 11)
+    mixture = torch.log(0.7 * torch.softmax(model_logits, 1) + 0.3 * torch.softmax(
+        torch.randn(5, 11), 1))
+    targets = torch.randint(0, 11, (5,))
+    student, teacher = torch.softmax(model_logits, 1), torch.softmax(teacher_logits, 1)
+    kl = (teacher * (teacher.log() - student.log())).sum(1).mean()
+    expected = -mixture[torch.arange(5), targets].mean() + 0.5 * kl
+    got = train_gpt.distillation_loss(mixture, targets, teacher_logits, 0.5, 1.0, model_logits)
+    assert got == pytest.approx(expected.item(), rel=1e-6)

@@ -77,16 +77,20 @@ def test_parameter_groups_follow_what_a_parameter_is():
     assert in_adam | in_muon == {id(p) for p in student.parameters()}
 
 
-def test_each_distillation_phase_uses_every_parameter_it_trains():
+@pytest.mark.parametrize("values", train_gpt.MEMORY_VALUES)
+def test_each_distillation_phase_uses_every_parameter_it_trains(values):
     """What lets DDP run without find_unused_parameters: the key phase freezes the decoder side
-    and uses all the rest; the LM phase uses everything."""
-    _, student = tiny_student(dec_prior_rank=4)
+    (with a next-token memory, the gate too) and uses all the rest; the LM phase uses
+    everything."""
+    _, student = tiny_student(dec_prior_rank=4, eam_values=values)
     idx = torch.randint(0, 256, (2, 16))
-    readout_side = {id(p) for m in (student.decoder, student.prior) for p in m.parameters()}
+    readout_side = {id(p) for m in (student.decoder, student.prior, student.gate)
+                    if m is not None for p in m.parameters()}
+    assert (student.gate is not None) == (values == "next_token")
     for keys_only in (True, False):
         student.zero_grad(set_to_none=True)
-        queries, logits = student(idx, keys_only=keys_only)
-        (queries.sum() + (0 if logits is None else logits.sum())).backward()
+        queries, scores, logits = student(idx, keys_only=keys_only)
+        (queries.sum() + (0 if scores is None else scores.sum() + logits.sum())).backward()
         used = {id(p) for p in student.parameters() if p.grad is not None}
         expected = {id(p) for p in student.parameters()}
         assert used == (expected - readout_side if keys_only else expected)
