@@ -26,6 +26,7 @@ import math
 import os
 import platform
 import struct
+import sys
 import tempfile
 import time
 import traceback
@@ -2667,10 +2668,16 @@ def main() -> None:
             log_time_limit(runtime, TRAIN_TIME_RECORD, started, args.max_wallclock_seconds)
         evaluate_artifact(runtime, args, sha256, teacher)              # 8. evaluation
     if runtime.distributed:
-        # Leave together: a rank tearing gloo down while its peer is still logging was seen to
-        # abort at exit on a loaded machine ("terminate called without an active exception").
         dist.barrier()
         dist.destroy_process_group()
+        # A complete gloo run was seen to abort at interpreter finalization now and then
+        # ("terminate called without an active exception", SIGABRT after its last line, so
+        # torchrun reported a failure): gloo's worker threads can outlive the process group
+        # (pytorch/pytorch PR 179291). Everything is written by now, so leave without
+        # finalizing; a failure never gets here and keeps its traceback and exit status.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
