@@ -8,7 +8,8 @@ The pipeline, in the order this file reads:
   5. memory        teacher hidden states -> keys/values -> Elastic Associative Memory (EAM)
   6. distillation  encoder (tokens -> memory keys) and decoder (readout -> logits)
   7. packing       int8 + zstandard artifact that fits 16,000,000 bytes with this file counted
-  8. evaluation    from the artifact bytes alone: sliding windows and a score-first kNN store
+  8. evaluation    from the artifact bytes alone: sliding windows, a score-first kNN store and
+                   score-first test-time training
 
 Run `PROFILE=cpu_smoke python train_gpt.py` on a laptop or
 `torchrun --standalone --nproc_per_node=8 train_gpt.py` on 8xH100. Nothing runs at import.
@@ -25,6 +26,7 @@ import json
 import math
 import os
 import platform
+import re
 import struct
 import sys
 import tempfile
@@ -61,7 +63,7 @@ CPU_BASE: dict[str, object] = dict(
     data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model", val_tokens=65536,
     compile=False, teacher_reference=True, grad_accum_world=2, distill_time_frac=0.35,
     num_kv_heads=2, rope_dims=0, qk_gain_init=1.5, ln_scale=False, eam_read_k=16,
-    knn_chunk_tokens=4096,
+    eval_chunk_tokens=4096,
 )
 # Where they differ, as (cpu_smoke, cpu_proxy). cpu_smoke runs the whole pipeline in about a
 # minute on 2 CPU cores (it proves it runs, not that it is good); cpu_proxy is the fixed
@@ -75,6 +77,7 @@ CPU_SIZES: dict[str, tuple[object, object]] = dict(
     eam_split_count=(512.0, 2048.0), enc_layers=(2, 3), dec_hidden=(256, 512),
     distill_batch_tokens=(4096, 8192), eval_seq_len=(128, 256), eval_batch_windows=(64, 32),
 )
+RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
 PROFILES: dict[str, dict[str, object]] = {
     # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
     "competition": {},
@@ -189,8 +192,14 @@ class Hyperparameters:
     knn_k: int = 32
     knn_beta: float = 20.0
     knn_lambda: float = 0.15
-    knn_chunk_tokens: int = 65536
+    eval_chunk_tokens: int = 65536  # score-first learning (kNN, TTT) after each chunk
     knn_capacity: int = 4_000_000
+    # Score-first test-time training (README, "Test-time training, measured": the best of 12
+    # settings on cpu_proxy, and it helps the baseline too). TTT_STEPS=0 turns it off.
+    ttt_steps: int = 1  # optimizer steps per scored chunk
+    ttt_params: str = "all"  # what adapts: parameter name prefixes, comma-separated, or all
+    ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
+    ttt_batch_rows: int = 8  # windows per gradient micro-batch, fixed whatever the world size
     teacher_reference: bool = False
 
     @classmethod
@@ -199,6 +208,9 @@ class Hyperparameters:
         profile = environ.get("PROFILE", "competition")
         if profile not in PROFILES:
             raise ValueError(f"PROFILE={profile!r}: expected one of {sorted(PROFILES)}")
+        for old, new in RENAMED_SETTINGS.items():
+            if old in environ:
+                raise ValueError(f"{old}={environ[old]!r}: this setting is now called {new}")
         values: dict[str, object] = {"profile": profile, **PROFILES[profile]}
         types = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
@@ -228,8 +240,8 @@ class Hyperparameters:
                     "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "eam_tau",
                     "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k", "eam_top_tokens",
-                    "knn_chunk_tokens", "knn_capacity", "max_wallclock_seconds",
-                    "eam_read_steps", "enc_recur_steps", "size_limit"]
+                    "eval_chunk_tokens", "knn_capacity", "ttt_batch_rows",
+                    "max_wallclock_seconds", "eam_read_steps", "enc_recur_steps", "size_limit"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
@@ -526,6 +538,7 @@ FIT_RECORD = "artifact_fit"  # dropped_locations kept_locations
 # likewise eval_time (log_time_limit writes them; tools fall back to the stage lines in older
 # logs, which lack them).
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
+TTT_RECORD = "ttt"  # test-time training's cost: ttt_time_ms (inside eval_time) steps params ...
 # The training loops (Phase.name), each logging 'NAME step:N loss:X ...' every TRAIN_LOG_EVERY.
 TEACHER_PHASE, KEY_PHASE, LM_PHASE = STEP_RECORDS = ("teacher", "distill_keys", "distill_lm")
 
@@ -817,6 +830,8 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
     for name in ("TRAIN_BATCH_TOKENS", "DISTILL_BATCH_TOKENS"):
         rank_batch_tokens(getattr(args, name.lower()), args.train_seq_len, runtime.world_size,
                           args.grad_accum_world, name)
+    if args.ttt_steps:
+        adapted_parameters(model_skeleton(args), args.ttt_params)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1086,7 +1101,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 def build_optimizers(model: nn.Module, args: Hyperparameters,
                      lr_scale: float = 1.0) -> dict[str, torch.optim.Optimizer]:
-    """{"adam": token tables and vectors, "muon": matrices}, over the parameters that train."""
+    """{"adam": token tables and vectors, "muon": matrices}, over the parameters that train;
+    an optimizer with nothing to train is left out."""
     named = dict(model.named_parameters())
     groups = {group: [named[name] for name in names if named[name].requires_grad]
               for group, names in parameter_groups(model).items()}
@@ -1094,11 +1110,14 @@ def build_optimizers(model: nn.Module, args: Hyperparameters,
     adam_groups = [dict(params=groups["table"], lr=args.embed_lr * lr_scale),
                    dict(params=groups["vector"], lr=args.scalar_lr * lr_scale)]
     adam_groups = [group | {"base_lr": group["lr"]} for group in adam_groups if group["params"]]
-    adam = torch.optim.Adam(adam_groups, betas=(args.adam_beta1, args.adam_beta2), eps=1e-8,
-                            **fused)
-    muon = Muon(groups["matrix"], args.matrix_lr * lr_scale, args.muon_momentum,
-                args.muon_weight_decay, args.muon_row_norm)
-    return dict(adam=adam, muon=muon)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    if adam_groups:
+        optimizers["adam"] = torch.optim.Adam(adam_groups, betas=(args.adam_beta1, args.adam_beta2),
+                                              eps=1e-8, **fused)
+    if groups["matrix"]:
+        optimizers["muon"] = Muon(groups["matrix"], args.matrix_lr * lr_scale, args.muon_momentum,
+                                  args.muon_weight_decay, args.muon_row_norm)
+    return optimizers
 
 
 def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
@@ -1193,9 +1212,9 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
         momentum_ramp = min(1.0, step / max(1, args.muon_momentum_warmup_steps))
-        optimizers["muon"].param_groups[0]["momentum"] = (
-            args.muon_momentum_warmup_start
-            + momentum_ramp * (args.muon_momentum - args.muon_momentum_warmup_start))
+        for group in optimizers["muon"].param_groups if "muon" in optimizers else ():
+            group["momentum"] = (args.muon_momentum_warmup_start + momentum_ramp
+                                 * (args.muon_momentum - args.muon_momentum_warmup_start))
         total = torch.zeros((), device=runtime.device)
         for micro in range(accum):
             x, y = loader.next_batch(rank_tokens, phase.seq_len)
@@ -2418,8 +2437,10 @@ def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0
 # chunk is scored, identically on every rank, so the result does not depend on the world size.
 # The kNN mixture p = (1 - lambda) p_model + lambda p_knn (kNN-LM, Khandelwal et al. 2020, fed
 # only with tokens already scored) is normalized over the vocabulary and lambda depends on the
-# neighbours' similarities alone, never on the target. Dimensions and vocabulary come from the
-# model that was loaded, and the tokenizer must agree with it.
+# neighbours' similarities alone, never on the target. Test-time training (TTT_STEPS > 0) is the
+# other score-first learner: once a chunk is scored the model takes a few optimizer steps on it,
+# so later chunks are scored by a model that has read the earlier ones, and never the reverse.
+# Dimensions and vocabulary come from the model that was loaded; the tokenizer must agree.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -2519,19 +2540,137 @@ class ScoreTotals:
         return nll / count, nll / math.log(2) / byte_count, int(count)
 
 
+def window_batch(tokens: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
+                 last_position: int) -> tuple[torch.Tensor, ...]:
+    """Rows (start, score_from, score_to) [B, 3] -> (inputs [B, L], mask of the targets to
+    score [B, L], those targets [N], the tokens before them [N]).
+
+    Positions past last_position repeat it (the padded tail of a split shorter than a window,
+    or of a chunk's first training row): the mask, taken before that clamp, scores none of
+    them (C4), and no input ever reaches past last_position + 1.
+    """
+    unclamped = rows[:, :1] + offsets  # [B, L]
+    mask = (unclamped >= rows[:, 1:2]) & (unclamped < rows[:, 2:3])
+    positions = unclamped.clamp(max=last_position)
+    return tokens[positions], mask, tokens[positions + 1][mask], tokens[positions][mask]
+
+
+def model_scores(model: MemoryLM | TransformerLM, inputs: torch.Tensor, mask: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shipped model on windows inputs [B, L]: (scores [N, V], unit queries [N, K]) for the
+    masked positions in row-major order; what is scored and what test-time training trains."""
+    features = model.features(inputs)[mask]
+    queries = model.query(features)
+    scores, _ = model.head(features, queries, inputs[mask])
+    return scores, queries
+
+
+def chunk_rows(score_from: int, score_to: int, seq_len: int) -> torch.Tensor:
+    """[R, 3] rows (start, from, to) that cover targets [score_from, score_to) once, seq_len
+    targets a row, each row's window ending at its last target: a scored chunk as training
+    sequences, reading no token past score_to (target score_to - 1)."""
+    ends = torch.arange(score_from + seq_len, score_to + seq_len, seq_len).clamp(max=score_to)
+    starts = (ends - seq_len).clamp(min=0)
+    froms = torch.cat([torch.tensor([score_from]), ends[:-1]])
+    return torch.stack([starts, froms, ends], dim=1)
+
+
+def adapted_parameters(model: nn.Module, spec: str) -> dict[str, nn.Parameter]:
+    """The parameters TTT_PARAMS names: comma-separated name prefixes ("decoder", "gate",
+    "encoder.blocks.4", ...), each matching whole name parts, or "all"."""
+    named = dict(model.named_parameters())
+    if spec == "all":
+        return named
+    prefixes = [prefix.strip() for prefix in spec.split(",") if prefix.strip()]
+    chosen = {name: param for name, param in named.items()
+              if any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)}
+    missing = [prefix for prefix in prefixes
+               if not any(name == prefix or name.startswith(prefix + ".") for name in chosen)]
+    if missing or not chosen:
+        # Where parameters lie, blocks collapsed: 'encoder.blocks.3.mlp.fc.weight' -> .N
+        parts = sorted({re.sub(r"\.\d+\..*", ".N", name.rsplit(".", 1)[0]) for name in named})
+        raise ValueError(f"TTT_PARAMS={spec!r}: {missing or 'nothing'} names no parameter of the "
+                         f"{model.kind} model; its parameters lie in {parts} (N: a block "
+                         "index), or use 'all'")
+    return chosen
+
+
+def model_skeleton(args: Hyperparameters) -> MemoryLM | TransformerLM:
+    """The model these settings will ship, without weights or memory (on the meta device):
+    what checks before training may ask of it."""
+    with torch.device("meta"):
+        if args.model == "transformer":
+            gpt = settings_view(GPTConfig, args, recur_steps=1)
+            return TransformerLM(BaselineConfig(gpt, args.eam_key_dim, args.seed))
+        empty = torch.zeros(0)
+        return MemoryLM(student_config(args), MemoryTables(empty, empty, empty))
+
+
+class TestTimeTraining:
+    """Score-first test-time training (the seed record's Muon-TTT, done legally): once a chunk
+    has been scored, TTT_STEPS optimizer steps on its targets, each over the whole chunk, before
+    the next chunk is scored. The optimizers are the training's (Muon for matrices, Adam for
+    the rest; Jordan et al. 2024) at TTT_LR_SCALE times its rates, on TTT_PARAMS only.
+
+    World-size invariant by construction: the chunk is cut into fixed micro-batches of
+    TTT_BATCH_ROWS rows, rank r computes the gradients of micro-batches r, r + world, ...,
+    one all_reduce of the [micro-batches, parameters] table adds nothing but zeros to each
+    entry, and the rows are summed in one order, so every rank and every world size takes the
+    identical step.
+    """
+
+    def __init__(self, runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM):
+        self.runtime, self.args, self.model = runtime, args, model
+        self.params = list(adapted_parameters(model, args.ttt_params).values())
+        model.requires_grad_(False)
+        for param in self.params:
+            param.requires_grad_(True)
+        self.optimizers = build_optimizers(model, args, args.ttt_lr_scale)
+        self.steps, self.time_ms = 0, 0.0
+
+    def learn(self, tokens: torch.Tensor, score_from: int, score_to: int) -> None:
+        """Train on targets [score_from, score_to), all of them already scored."""
+        started, device = time.perf_counter(), self.runtime.device
+        micro_batches = chunk_rows(score_from, score_to, self.args.eval_seq_len).split(
+            self.args.ttt_batch_rows)
+        offsets = torch.arange(self.args.eval_seq_len)
+        sizes = [param.numel() for param in self.params]
+        for _ in range(self.args.ttt_steps):
+            table = torch.zeros(len(micro_batches), sum(sizes), device=device)
+            for index in range(self.runtime.rank, len(micro_batches), self.runtime.world_size):
+                inputs, mask, targets, _ = window_batch(tokens, micro_batches[index], offsets,
+                                                        score_to - 1)
+                with autocast(self.runtime):
+                    scores, _ = model_scores(self.model, inputs.to(device), mask.to(device))
+                loss = F.cross_entropy(scores.float(), targets.to(device), reduction="sum")
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                table[index] = torch.cat([torch.zeros(size, device=device) if grad is None
+                                          else grad.flatten().float()
+                                          for grad, size in zip(grads, sizes, strict=True)])
+            gradient = all_reduce_(table).sum(0) / (score_to - score_from)
+            for param, grad in zip(self.params, gradient.split(sizes), strict=True):
+                param.grad = grad.view_as(param).to(param.dtype)
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+            self.steps += 1
+        self.model.zero_grad(set_to_none=True)
+        self.time_ms += elapsed_ms(started)
+
+
 def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch.Tensor,
-             tables: ByteTables, knn_key_dim: int | None, keep_rows: bool = False
-             ) -> dict[str, ScoreTotals]:
+             tables: ByteTables, knn_key_dim: int | None, keep_rows: bool = False,
+             ttt: TestTimeTraining | None = None) -> dict[str, ScoreTotals]:
     """Score every validation target once; with a kNN key dim also the mixture, in one pass.
 
     score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], knn keys [N, knn_key_dim] or
     None) for the masked positions in row-major order. Returns this rank's totals ('model', and
     'knn' with a store); .reduced(runtime) sums them over ranks. keep_rows keeps every scored
-    distribution, in target order on one rank (what the causality tests compare).
+    distribution, in target order on one rank (what the causality tests compare). ttt: trained
+    on each chunk once it is scored (the model score_batch reads).
     """
     use_knn = knn_key_dim is not None
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
-    chunk_windows = max(1, args.knn_chunk_tokens // args.eval_stride)
+    chunk_windows = max(1, args.eval_chunk_tokens // args.eval_stride)
     # Never more slots than there are targets to store.
     capacity = min(args.knn_capacity, tokens.numel())
     store = KnnStore(capacity, knn_key_dim, runtime.device) if use_knn else None
@@ -2544,17 +2683,11 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
         mine = chunk[shares[runtime.rank]]
         new_keys, new_targets = [], []
         for begin in range(0, mine.size(0), args.eval_batch_windows):
-            batch = mine[begin: begin + args.eval_batch_windows]
-            unclamped = batch[:, :1] + offsets  # [B, L]
-            mask = (unclamped >= batch[:, 1:2]) & (unclamped < batch[:, 2:3])
-            # Only a split shorter than one window clamps: its padded tail repeats the last
-            # token, and the mask, taken before the clamp, scores none of it (C4).
-            positions = unclamped.clamp(max=tokens.numel() - 2)
-            inputs = tokens[positions].to(runtime.device)
-            targets = tokens[positions + 1][mask].to(runtime.device)
-            previous = tokens[positions][mask]
+            inputs, mask, targets, previous = window_batch(
+                tokens, mine[begin: begin + args.eval_batch_windows], offsets, tokens.numel() - 2)
+            targets = targets.to(runtime.device)
             with torch.no_grad(), autocast(runtime):
-                log_probs, keys = score_batch(inputs, mask.to(runtime.device))
+                log_probs, keys = score_batch(inputs.to(runtime.device), mask.to(runtime.device))
             log_probs = log_probs.float()
             target_bytes = tables.target_bytes(previous, targets.cpu())
             totals["model"].add(log_probs, targets, target_bytes)
@@ -2565,25 +2698,29 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
                 totals["knn"].add(mixed, targets, target_bytes)
                 new_keys.append(keys.float())
                 new_targets.append(targets)
+        # Score first, then learn: the chunk's targets reach the store and the model only now.
         if store is not None:
-            # Score first, then learn: the chunk's entries join the store only now, in order.
             counts = [int((chunk[s, 2] - chunk[s, 1]).sum()) for s in shares]
             empty_keys = torch.zeros(0, knn_key_dim, device=runtime.device)
             empty_targets = torch.zeros(0, dtype=torch.long, device=runtime.device)
             keys = all_gather_rows(torch.cat([empty_keys, *new_keys]), counts)
             targets = all_gather_rows(torch.cat([empty_targets, *new_targets]), counts)
             store.add(keys, targets)
+        if ttt is not None and chunk_begin + chunk_windows < windows.size(0):  # more to score
+            ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))
     if store is not None:
         runtime.log(f"knn_store entries:{store.size} capacity:{capacity} "
                     f"bytes:{store.keys.nbytes + store.targets.nbytes}")
+    if ttt is not None:
+        runtime.log(f"{TTT_RECORD} ttt_time_ms:{ttt.time_ms:.0f} steps:{ttt.steps} "
+                    f"params:{sum(p.numel() for p in ttt.params)} adapts:{args.ttt_params} "
+                    f"lr_scale:{args.ttt_lr_scale}")
     return totals
 
 
 def student_scorer(model: MemoryLM | TransformerLM):
     def score(inputs: torch.Tensor, mask: torch.Tensor):
-        features = model.features(inputs)[mask]
-        queries = model.query(features)
-        scores, _ = model.head(features, queries, inputs[mask])
+        scores, queries = model_scores(model, inputs, mask)
         return F.log_softmax(scores.float(), dim=-1), queries
     return score
 
@@ -2610,8 +2747,10 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
     check_token_ids(tokens.numpy(), model.vocab_size,
                     f"DATA_PATH={args.data_path!r} validation split", f"the vocabulary of {path}")
     use_knn = args.knn_lambda > 0
+    # Every run adapts a fresh copy of the artifact's weights: nothing learned persists.
+    ttt = TestTimeTraining(runtime, args, model) if args.ttt_steps else None
     return model.kind, evaluate(runtime, args, student_scorer(model), tokens, tables,
-                                model.config.key_dim if use_knn else None, keep_rows)
+                                model.config.key_dim if use_knn else None, keep_rows, ttt)
 
 
 def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
@@ -2631,7 +2770,8 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
     loss, bpb, count = results["knn" if use_knn else "model"].reduced(runtime)
     runtime.log(f"{score_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
     log_stage(runtime, "eval", time_ms,
-              f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)}")
+              f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)} "
+              f"ttt_steps:{args.ttt_steps}")
     log_time_limit(runtime, EVAL_TIME_RECORD, started, args.max_wallclock_seconds)
     if teacher is not None and args.teacher_reference and kind == "eam":
         started = time.perf_counter()

@@ -11,7 +11,7 @@ a path that ignores its input cannot pass by accident.
 EVAL_PATHS names every evaluation path and option by the settings that switch it on, and
 `artifact_distributions` runs one through the real scoring code (`train_gpt.score_artifact`:
 artifact file -> load -> evaluate). To cover a new path (evaluation-time memory writes,
-test-time training, ...), add one line to EVAL_PATHS with the settings that turn it on; a path
+...), add one line to EVAL_PATHS with the settings that turn it on; a path
 that is not a setting wraps its own scorer in a `distributions` function and calls
 `assert_causal` with it (as tests/test_causality.py does for its deliberate leaks).
 """
@@ -33,6 +33,11 @@ Distributions = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 # 32-token windows, stride 8, a kNN chunk every 2 windows). The tiny random memory's read
 # residuals lie around 1, so a tolerance of 1.1 stops rows of the equilibrium read at different
 # steps (and a batch-wide residual would cross it or not depending on later tokens).
+# Test-time training on every parameter, two steps a chunk, learning fast enough to move every
+# later score: 32-token chunks (4 windows; the first chunk scores targets 0..55, the next ones 32
+# each), cut into one-row micro-batches, so two ranks share a chunk's gradients.
+TTT = dict(ttt_steps=2, ttt_params="all", ttt_lr_scale=1.0, eval_chunk_tokens=32,
+           ttt_batch_rows=1)
 EVAL_PATHS: dict[str, dict[str, object]] = {
     "memory": dict(knn_lambda=0.0),
     "knn": dict(knn_lambda=0.5),
@@ -42,13 +47,16 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "equilibrium": dict(eam_read_steps=4),
     "equilibrium_tol": dict(eam_read_steps=4, eam_read_tol=1.1),
     "everything": dict(knn_lambda=0.5, dec_prior_rank=4, enc_recur_steps=2,
-                       eval_enc_recur_steps=3, eam_read_steps=4, eam_read_tol=1.1),
+                       eval_enc_recur_steps=3, eam_read_steps=4, eam_read_tol=1.1, **TTT),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
+    "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
     # A next-token memory mixed in through its prefix-only gate (it reads once: no equilibrium).
     "next_token": dict(eam_values="next_token", knn_lambda=0.5),
     "next_token_everything": dict(eam_values="next_token", knn_lambda=0.5, dec_prior_rank=4,
                                   enc_recur_steps=2, eval_enc_recur_steps=3,
-                                  eam_count_prior=0.5),
+                                  eam_count_prior=0.5, **TTT | dict(ttt_params="decoder,gate")),
+    "ttt": dict(knn_lambda=0.0, **TTT),
+    "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),
 }
 
 

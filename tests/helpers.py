@@ -18,7 +18,8 @@ CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
 TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads=2,
             num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
             eam_key_dim=8, eam_locations=64, eam_read_k=4, eam_write_k=4, eval_seq_len=32,
-            eval_stride=8, eval_batch_windows=4, knn_chunk_tokens=16, knn_k=4, compile=False)
+            eval_stride=8, eval_batch_windows=4, eval_chunk_tokens=16, knn_k=4, compile=False,
+            ttt_steps=0)  # test-time training only where a test turns it on
 
 
 # The pipeline as users run it, with budgets by steps, not seconds, so runs are reproducible
@@ -27,7 +28,7 @@ TINY_RUN = {
     "PROFILE": "cpu_smoke", "MAX_WALLCLOCK_SECONDS": "600", "VAL_TOKENS": "3000",
     "ITERATIONS": "6", "TRAIN_BATCH_TOKENS": "2048", "EAM_ORGANIZE_TOKENS": "4096",
     "EAM_WRITE_TOKENS": "8192", "EAM_LOCATIONS": "256", "DISTILL_KEY_ITERATIONS": "2",
-    "DISTILL_ITERATIONS": "3", "DISTILL_BATCH_TOKENS": "2048", "KNN_CHUNK_TOKENS": "512",
+    "DISTILL_ITERATIONS": "3", "DISTILL_BATCH_TOKENS": "2048", "EVAL_CHUNK_TOKENS": "512",
     "TRAIN_LOG_EVERY": "1000",
 }
 PIPELINE_RUN_ID = "single"  # the one-process run; its artifact is PIPELINE_RUN_ID.eam

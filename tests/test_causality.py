@@ -1,5 +1,6 @@
 """Legality of every evaluation path (tests/causality.py), and proof the harness catches leaks."""
 
+import datetime
 import inspect
 import textwrap
 from pathlib import Path
@@ -62,7 +63,7 @@ def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
             torch.testing.assert_close(other[name], scores[0][name], atol=1e-5, rtol=0)
 
 
-# ---- the harness catches leaks: four deliberate ones, each must fail it ----------------------
+# ---- the harness catches leaks: five deliberate ones, each must fail it ----------------------
 
 
 def mutated(function, old: str, new: str):
@@ -108,13 +109,21 @@ def leaky_query(scorer):
     return score
 
 
-@pytest.mark.parametrize("target, leak", [
-    ("evaluate", leaky_store), ("evaluate", leaky_gate),
-    ("student_scorer", leaky_input), ("student_scorer", leaky_query)])
-def test_the_harness_catches_each_deliberate_leak(target, leak, tmp_path, monkeypatch):
+def leaky_training(evaluate):
+    # Test-time training learns each chunk (its targets included) before scoring it.
+    return mutated(evaluate, "new_keys, new_targets = [], []",
+                   "new_keys, new_targets = [], []; "
+                   "ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
+
+
+@pytest.mark.parametrize("target, leak, path", [
+    ("evaluate", leaky_store, "knn"), ("evaluate", leaky_gate, "knn"),
+    ("student_scorer", leaky_input, "knn"), ("student_scorer", leaky_query, "knn"),
+    ("evaluate", leaky_training, "ttt")])
+def test_the_harness_catches_each_deliberate_leak(target, leak, path, tmp_path, monkeypatch):
     monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
     with pytest.raises(AssertionError, match="leak"):
-        assert_causal(artifact_distributions(EVAL_PATHS["knn"], tmp_path), TOKENS, CUTS)
+        assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS, CUTS)
 
 
 # ---- the same score at every world size ------------------------------------------------------
@@ -125,8 +134,12 @@ def score_on_ranks(rank: int, world: int, folder: str) -> None:
     and, on rank 0, save (val_loss, val_bpb, tokens) of each distribution."""
     torch.set_num_threads(1)
     if world > 1:
-        torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous",
-                                             rank=rank, world_size=world)
+        # A rendezvous file per world size: a file a finished group leaves behind (its last
+        # process may exit before removing it) once hung the next group that opened it. A
+        # timeout turns any other hang into a failure.
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank,
+            world_size=world, timeout=datetime.timedelta(seconds=120))
     runtime = train_gpt.Runtime(rank, world, 0, torch.device("cpu"), None)
     args = tiny_args(vocab_size=VOCAB, dec_hidden=64, **EVAL_PATHS["everything"])
     results = []

@@ -75,6 +75,8 @@ def bad_token(ids: list[int]):
     ({"VAL_TOKENS": "1"}, None, "VAL_TOKENS=1: 1 validation tokens, at least 2"),
     ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "absent.eam"}, None,
      "ARTIFACT_PATH='absent.eam': no such file"),
+    ({"TTT_STEPS": "1", "TTT_PARAMS": "decoder", "MODEL": "transformer"}, None,
+     r"TTT_PARAMS='decoder': \['decoder'\] names no parameter of the transformer model"),
 ])
 def test_bad_input_fails_before_training_and_the_log_says_why(run_dir, monkeypatch, env,
                                                                damage, message):

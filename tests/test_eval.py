@@ -19,12 +19,29 @@ def test_windows_score_every_target_exactly_once_with_full_context(num_tokens, s
         assert ((score_from[1:] - starts[1:]) >= seq_len - stride).all()
 
 
+@pytest.mark.parametrize("score_from, score_to, seq_len", [
+    (0, 40, 16), (100, 140, 32), (5, 6, 8), (64, 128, 64), (3, 200, 7)])
+def test_chunk_rows_train_on_each_scored_target_once_reading_nothing_later(score_from, score_to,
+                                                                          seq_len):
+    rows = train_gpt.chunk_rows(score_from, score_to, seq_len)
+    trained = torch.cat([torch.arange(f, t) for _, f, t in rows.tolist()])
+    assert torch.equal(trained, torch.arange(score_from, score_to))
+    tokens = torch.arange(1000)  # each token is its own position
+    inputs, mask, targets, previous = train_gpt.window_batch(tokens, rows, torch.arange(seq_len),
+                                                             score_to - 1)
+    # No input or target past token score_to (the target of score_to - 1, the last scored).
+    assert inputs.max() < score_to and targets.max() == score_to
+    assert torch.equal(targets, trained + 1) and torch.equal(previous, trained)
+
+
 def run_eval(tokens: torch.Tensor, **overrides):
     """Per-target NLLs ('model', 'knn') of one evaluation, and its totals."""
     args, student = tiny_student(**overrides)
-    student.eval()
+    student.eval().requires_grad_(False)
+    ttt = train_gpt.TestTimeTraining(CPU, args, student) if args.ttt_steps else None
     totals = train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
-                                unit_byte_tables(256), student.config.key_dim, keep_rows=True)
+                                unit_byte_tables(256), student.config.key_dim, keep_rows=True,
+                                ttt=ttt)
     return {name: -torch.cat(total.rows).gather(1, tokens[1:, None]).squeeze(1)
             for name, total in totals.items()}, totals
 
@@ -48,6 +65,42 @@ def test_knn_helps_on_repeated_text():
     tokens = torch.randint(0, 256, (100,)).repeat(4)
     per_token, _ = run_eval(tokens, knn_lambda=0.5)
     assert per_token["knn"][200:].mean() < per_token["model"][200:].mean()
+
+
+@pytest.mark.parametrize("adapts", ["decoder", "all"])
+def test_test_time_training_learns_repeated_text_once_it_is_scored(adapts):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (64,)).repeat(4)
+    settings = dict(knn_lambda=0.0, eval_chunk_tokens=64, ttt_params=adapts, ttt_lr_scale=1.0)
+    before, _ = run_eval(tokens, **settings)
+    after, _ = run_eval(tokens, **settings, ttt_steps=2)
+    # The first chunk is scored before anything is learned; the repeats are then predicted better.
+    first = train_gpt.sliding_windows(tokens.numel(), 32, 8)[7, 2]  # end of the first chunk
+    torch.testing.assert_close(after["model"][:first], before["model"][:first], atol=0, rtol=0)
+    assert after["model"][first:].mean() < before["model"][first:].mean() - 0.02
+
+
+def test_test_time_training_changes_only_what_it_adapts():
+    args, student = tiny_student(eval_chunk_tokens=32, ttt_steps=1, ttt_params="decoder,key_head")
+    student.eval().requires_grad_(False)
+    before = {name: param.clone() for name, param in student.named_parameters()}
+    ttt = train_gpt.TestTimeTraining(CPU, args, student)
+    train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), torch.randint(0, 256, (120,)),
+                       unit_byte_tables(256), None, ttt=ttt)
+    changed = {name for name, param in student.named_parameters()
+               if not torch.equal(param, before[name])}
+    assert changed == {"decoder.fc.weight", "decoder.proj.weight", "key_head.weight"}
+    assert ttt.steps == 2  # chunks of targets end at 56, 88 and 119; the last one teaches nothing
+
+
+def test_ttt_params_must_name_parameters_of_the_model():
+    args, student = tiny_student()
+    with pytest.raises(ValueError, match=r"TTT_PARAMS='decoder,gpt.blocks': \['gpt.blocks'\] "
+                                         r"names no parameter of the eam model.*'key_head'"):
+        train_gpt.adapted_parameters(student, "decoder,gpt.blocks")
+    # Whole name parts: 'encoder.blocks.1' is one block, never also 'encoder.blocks.10'.
+    names = train_gpt.adapted_parameters(student, "encoder.blocks.1")
+    assert names and all(name.startswith("encoder.blocks.1.") for name in names)
 
 
 def test_mixture_is_a_normalized_distribution():

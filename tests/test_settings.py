@@ -44,6 +44,9 @@ def test_any_setting_overrides_the_profile():
     ({"EAM_TOP_TOKENS": "0"}, "EAM_TOP_TOKENS=0"),
     ({"EAM_VALUES": "next_token", "EAM_READ_STEPS": "3"}, "EAM_READ_STEPS=3"),
     ({"EAM_VALUES": "next_token", "EAM_READ_ALPHA": "0"}, "EAM_READ_ALPHA=0.0"),
+    ({"TTT_BATCH_ROWS": "0"}, "TTT_BATCH_ROWS=0"),
+    ({"KNN_CHUNK_TOKENS": "512"}, "KNN_CHUNK_TOKENS='512': this setting is now called "
+                                  "EVAL_CHUNK_TOKENS"),
 ])
 def test_bad_values_name_the_variable(environ, variable):
     with pytest.raises(ValueError, match=variable):

@@ -197,7 +197,8 @@ def test_submission_from_three_logs(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert doc["compliance"] == dict(train_under_600s=True, eval_under_600s=True,
                                      artifact_under_16mb=True, three_seeds=True,
                                      train_time_max_s=2.0, eval_time_max_s=0.05,
-                                     artifact_bytes_max=302, eval_knn_store=True)
+                                     artifact_bytes_max=302, eval_knn_store=True,
+                                     eval_score_first_ttt=False)  # no ttt_steps in these logs
     # improvement_nats = reference_bpb * (loss / bpb) - loss, per seed, each with its own ratio.
     improvements = [1.2 * (loss / bpb) - loss for _, bpb, loss in SEEDS]
     test = doc["statistics"]
@@ -254,7 +255,10 @@ FAKE_TRAINER = textwrap.dedent('''
     log.parent.mkdir(exist_ok=True)
     lines = TEMPLATE.format(run_id=run_id, seed=seed, profile=env["PROFILE"],
                             bpb=1.1 + seed / 1e5, xsa=env.get("XSA_LAYERS", "2")).splitlines()
-    pathlib.Path(env["ARTIFACT_PATH"]).write_bytes(b"artifact")
+    if env.get("EVAL_ONLY") != "1":  # a training run packs; EVAL_ONLY only reads it
+        pathlib.Path(env["ARTIFACT_PATH"]).write_bytes(b"artifact")
+    elif not pathlib.Path(env["ARTIFACT_PATH"]).is_file():
+        sys.exit(f"ARTIFACT_PATH={env['ARTIFACT_PATH']!r}: no such file")
     with log.open("w") as handle:
         for number, line in enumerate(lines):
             if seed == int(env.get("FAIL_SEED", "-1")) and number == 8:
@@ -315,6 +319,17 @@ def test_ablate_runs_variants(tmp_path: Path, fake_trainer: str) -> None:
     xsa0 = next(row for row in doc["variants"] if row["name"] == "xsa0")
     assert xsa0["env"] == {"XSA_LAYERS": "0"} and xsa0["changed_settings"]["XSA_LAYERS"] == "0"
     assert (tmp_path / "logs/ablate_xsa0.txt").exists() and (tmp_path / "ablate_xsa0.eam").exists()
+
+
+def test_ablate_scores_a_given_artifact_with_eval_only_and_keeps_it(tmp_path: Path,
+                                                                     fake_trainer: str) -> None:
+    (tmp_path / "shared.eam").write_bytes(b"packed earlier")
+    code = ablate.main(["--command", fake_trainer, "--profile", "cpu_smoke", "--env",
+                        "EVAL_ONLY=1", "--env", "ARTIFACT_PATH=shared.eam", "--variant",
+                        "off:TTT_STEPS=0", "--variant", "on:TTT_STEPS=1", "--quiet"])
+    assert code == 0
+    assert (tmp_path / "shared.eam").read_bytes() == b"packed earlier"  # neither run removed it
+    assert not list(tmp_path.glob("ablate_*.eam"))
 
 
 # ------------------------------------------------------------------------------------------------

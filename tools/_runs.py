@@ -149,6 +149,11 @@ def launch(command: Sequence[str], env: Mapping[str, str], output_path: Path,
             raise
 
 
+def scores_only(env: dict[str, str]) -> bool:
+    """Whether a run's environment makes it score an existing ARTIFACT_PATH (EVAL_ONLY)."""
+    return bool(train_gpt._parse_setting("EVAL_ONLY", env.get("EVAL_ONLY", "0"), bool))
+
+
 def run_training(label: str, command: Sequence[str], env: Mapping[str, str], logs_dir: Path,
                  required: Sequence[str] = (SCORE_RECORD,), echo: bool = True) -> Run:
     """Launch one run with RUN_ID=env['RUN_ID'] and read its log back.
@@ -163,7 +168,7 @@ def run_training(label: str, command: Sequence[str], env: Mapping[str, str], log
     train_log = TRAIN_LOG_DIR / f"{run_id}.txt"
     target = logs_dir / f"{run_id}.txt"
     stale_outputs = {train_log.resolve(), target.resolve()}
-    if env.get("ARTIFACT_PATH"):
+    if env.get("ARTIFACT_PATH") and not scores_only(env):  # EVAL_ONLY reads it: never removed
         stale_outputs.add(Path(env["ARTIFACT_PATH"]).resolve())
     for stale in stale_outputs:
         stale.unlink(missing_ok=True)

@@ -255,6 +255,7 @@ def compliance(valid: Sequence[SeedResult]) -> dict:
     evals = [r.eval_time_s for r in valid]
     totals = [r.bytes("total_bytes") for r in valid]
     knn = [r.value(EVAL_STAGE, "knn") for r in valid]
+    ttt = [r.value(EVAL_STAGE, "ttt_steps") for r in valid]  # absent from older logs
     return dict(
         train_under_600s=bool(valid) and all(t is not None and t <= TIME_LIMIT_S for t in train),
         eval_under_600s=bool(valid) and all(t is not None and t <= TIME_LIMIT_S for t in evals),
@@ -264,7 +265,8 @@ def compliance(valid: Sequence[SeedResult]) -> dict:
         train_time_max_s=max((t for t in train if t is not None), default=None),
         eval_time_max_s=max((t for t in evals if t is not None), default=None),
         artifact_bytes_max=max((b for b in totals if b is not None), default=None),
-        eval_knn_store=bool(valid) and all(k == 1 for k in knn))
+        eval_knn_store=bool(valid) and all(k == 1 for k in knn),
+        eval_score_first_ttt=bool(valid) and all(t is not None and t > 0 for t in ttt))
 
 
 def technique_summary(valid: Sequence[SeedResult]) -> str | None:
@@ -278,12 +280,15 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
 
     knn = (f" + score-first kNN store (lambda {s('KNN_LAMBDA')}, k {s('KNN_K')})"
            if first.value(EVAL_STAGE, "knn") == 1 else "")
+    ttt = (f" + score-first test-time training ({s('TTT_STEPS')} steps a chunk on "
+           f"{s('TTT_PARAMS')}, lr scale {s('TTT_LR_SCALE')})"
+           if (first.value(EVAL_STAGE, "ttt_steps") or 0) > 0 else "")
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "
             f"Elastic Associative Memory (up to {s('EAM_LOCATIONS')} locations, keys "
             f"{s('EAM_KEY_DIM')}-dim) -> "
             f"distilled {s('ENC_LAYERS')}-layer encoder + decoder; int{s('QUANT_BITS')} per-row + "
             f"zstd-{s('ZSTD_LEVEL')} artifact; scored from the artifact with sliding windows "
-            f"({s('EVAL_SEQ_LEN')}/{s('EVAL_STRIDE')}){knn}; vocabulary {s('VOCAB_SIZE')}")
+            f"({s('EVAL_SEQ_LEN')}/{s('EVAL_STRIDE')}){knn}{ttt}; vocabulary {s('VOCAB_SIZE')}")
 
 
 def default_blurb(valid: Sequence[SeedResult], stats: dict) -> str | None:

@@ -67,7 +67,9 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
     """One table row from a run's parsed log. The baseline (MODEL=transformer) fills the model
     and model + kNN columns from its own lines, so it stands beside the memory variants."""
     records = run.records
-    model = shipped_model(records.get(_runs.SETTINGS_RECORD, {}))
+    # The kind whose lines the log has (EVAL_ONLY scores whatever the artifact is), else MODEL.
+    logged = [kind for kind, (record, _) in train_gpt.SCORE_RECORDS.items() if record in records]
+    model = logged[0] if logged else shipped_model(records.get(_runs.SETTINGS_RECORD, {}))
     model_record, score_record = train_gpt.SCORE_RECORDS[model]
     if run.ok and model_record not in records:
         run.status, run.detail = "incomplete", f"no {model_record} line"
@@ -80,6 +82,7 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
         total_bytes=(None if _runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes") is None
                      else int(_runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes"))),
         stage_time_ms=_runs.stage_times_ms(records),
+        ttt_time_ms=_runs.number(records, train_gpt.TTT_RECORD, "ttt_time_ms"),
         changed_settings=_runs.changed_settings(records),
         profile=records.get(_runs.HEADER_RECORD, {}).get("profile"))
 
@@ -92,7 +95,7 @@ def sort_key(row: dict) -> tuple:
 
 def table(rows: list[dict]) -> str:
     headers = ["variant", "model", "status", "teacher bpb", "model bpb", "model+kNN bpb",
-               "total bytes", *(f"{stage} ms" for stage in _runs.STAGES),
+               "total bytes", *(f"{stage} ms" for stage in _runs.STAGES), "of which ttt ms",
                "changed settings"]
     body = []
     for row in rows:
@@ -103,7 +106,8 @@ def table(rows: list[dict]) -> str:
         settings = ",".join(f"{k}={v}" for k, v in changed.items()) or None
         body.append([row["name"], row["model"], status, _runs.fmt(row["teacher_bpb"]),
                      _runs.fmt(row["memory_bpb"]), _runs.fmt(row["knn_bpb"]),
-                     row["total_bytes"], *times, settings])
+                     row["total_bytes"], *times,
+                     None if row["ttt_time_ms"] is None else int(row["ttt_time_ms"]), settings])
     return _runs.markdown_table(headers, body)
 
 
@@ -213,11 +217,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = {}
         for name, env in variants.items():
             run_id = f"{RUN_PREFIX}{name}"
-            full_env = {**common, **env, "PROFILE": profile, "RUN_ID": run_id,
-                        "ARTIFACT_PATH": f"{run_id}.eam"}
-            model_record = train_gpt.SCORE_RECORDS[shipped_model(full_env)][0]
+            full_env = {**common, **env, "PROFILE": profile, "RUN_ID": run_id}
+            if not _runs.scores_only(full_env):  # each training run packs its own artifact
+                full_env["ARTIFACT_PATH"] = f"{run_id}.eam"
+            # What an EVAL_ONLY run scores is known from its log only (collect checks it).
+            required = () if _runs.scores_only(full_env) else (
+                train_gpt.SCORE_RECORDS[shipped_model(full_env)][0],)
             runs[name] = _runs.run_training(name, command, full_env, args.logs_dir,
-                                            required=(model_record,), echo=not args.quiet)
+                                            required=required, echo=not args.quiet)
 
     rows = sorted((collect(name, variants[name], run) for name, run in runs.items()),
                   key=sort_key)

@@ -206,6 +206,7 @@ def method_section(results: Sequence[SeedResult]) -> list[str]:
     sees_encoder = first.value(train_gpt.stage_record("distill"), "dec_sees_encoder")
     sees = "and the encoder's features " if sees_encoder == 1 else ""
     knn = first.value(_submission.EVAL_STAGE, "knn") == 1
+    ttt = (first.value(_submission.EVAL_STAGE, "ttt_steps") or 0) > 0
     return [
         "## Method", "",
         f"**Teacher.** A {s('NUM_LAYERS')}-layer, {s('MODEL_DIM')}-wide GPT ({s('NUM_HEADS')} "
@@ -236,7 +237,11 @@ def method_section(results: Sequence[SeedResult]) -> list[str]:
         f"stride {s('EVAL_STRIDE')}"
         + (f", mixing in a kNN store of already-scored tokens ({s('KNN_K')} neighbours, weight "
            f"{s('KNN_LAMBDA')} x the best neighbour's similarity, filled chunk by chunk of "
-           f"{s('KNN_CHUNK_TOKENS')} tokens after each chunk is scored)." if knn else "."),
+           f"{s('EVAL_CHUNK_TOKENS')} tokens after each chunk is scored)." if knn else ".")
+        + (f" After each chunk is scored, the model takes {s('TTT_STEPS')} optimizer step(s) "
+           f"on that chunk's tokens (test-time training of `{s('TTT_PARAMS')}`, Muon and Adam "
+           f"at {s('TTT_LR_SCALE')} x the training rates), so only tokens already scored teach "
+           "it." if ttt else ""),
         ""]
 
 
