@@ -200,6 +200,7 @@ class Hyperparameters:
     ttt_params: str = "all"  # what adapts: parameter name prefixes, comma-separated, or all
     ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
     ttt_batch_rows: int = 8  # windows per gradient micro-batch, fixed whatever the world size
+    eval_memory_writes: bool = False  # a next-token memory counts the scored tokens (score-first)
     teacher_reference: bool = False
 
     @classmethod
@@ -279,6 +280,10 @@ class Hyperparameters:
                              f"EVAL_SEQ_LEN={self.eval_seq_len}")
         if self.eam_values not in MEMORY_VALUES:
             raise ValueError(f"EAM_VALUES={self.eam_values!r}: expected one of {MEMORY_VALUES}")
+        if self.eval_memory_writes and not self.eval_only and (
+                self.model != "eam" or self.eam_values != "next_token"):
+            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into a next-token memory: MODEL="
+                             f"{self.model!r} EAM_VALUES={self.eam_values!r} has none")
         if self.eam_values == "next_token" and (self.eam_read_steps != 1
                                                 or self.eam_read_alpha <= 0):
             raise ValueError(f"EAM_VALUES=next_token reads once, smoothed: EAM_READ_STEPS="
@@ -1350,11 +1355,14 @@ class MemoryTables:
     patterns: torch.Tensor  # [M, D] mean written value, or [M, T] next-token probabilities
     log_counts: torch.Tensor  # [M] log of the write count (count prior, next-token smoothing)
     next_tokens: torch.Tensor | None = None  # [M, T] the tokens of the probabilities, or None
+    # [M, V] next-token counts written during evaluation from scored tokens (MemoryWrites)
+    scored_counts: torch.Tensor | None = None
 
     def select(self, index: torch.Tensor) -> MemoryTables:
         """The locations `index` only."""
         return MemoryTables(*(None if table is None else table[index] for table in (
-            self.addresses, self.patterns, self.log_counts, self.next_tokens)))
+            self.addresses, self.patterns, self.log_counts, self.next_tokens,
+            self.scored_counts)))
 
 
 def read_memory(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float,
@@ -1410,12 +1418,17 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
         scores = scores + read.count_prior * tables.log_counts[top_index]
     weights = torch.softmax(scores, dim=1)  # [N, k]
     counts = tables.log_counts.exp()[top_index]
-    kept = weights * counts / (counts + read.alpha)  # [N, k] mass of the locations' top tokens
+    scored = None if tables.scored_counts is None else tables.scored_counts[top_index]  # [N,k,V]
+    # Counts written at evaluation join the location's: (n q + s + alpha / V) / (n + |s| + alpha).
+    total = counts + read.alpha + (0 if scored is None else scored.sum(2))
+    kept = weights * counts / total  # [N, k] mass of the locations' top tokens
     # Not weights - kept: for a location written millions of times that difference rounds to 0.
-    uniform = (weights * read.alpha / (counts + read.alpha)).sum(1, keepdim=True) / vocab_size
+    uniform = (weights * read.alpha / total).sum(1, keepdim=True) / vocab_size
     token_mass = kept[:, :, None] * tables.patterns[top_index]  # [N, k, T]
     p_mem = torch.scatter_add(uniform.expand(-1, vocab_size), 1,
                               tables.next_tokens[top_index].flatten(1), token_mass.flatten(1))
+    if scored is not None:
+        p_mem = p_mem + torch.einsum("nk,nkv->nv", weights / total, scored)
     return p_mem, top_sims
 
 
@@ -1971,12 +1984,14 @@ class MemoryLM(nn.Module):
         self.register_buffer("patterns", tables.patterns)
         self.register_buffer("log_counts", tables.log_counts)
         self.register_buffer("next_tokens", tables.next_tokens)  # None (no buffer) for hidden
+        self.register_buffer("scored_counts", None, persistent=False)  # MemoryWrites fills it
         projection = key_projection(dim, config.key_dim, config.projection_seed)
         self.register_buffer("projection", projection, persistent=False)
 
     @property
     def tables(self) -> MemoryTables:
-        return MemoryTables(self.addresses, self.patterns, self.log_counts, self.next_tokens)
+        return MemoryTables(self.addresses, self.patterns, self.log_counts, self.next_tokens,
+                            self.scored_counts)
 
     @property
     def vocab_size(self) -> int:
@@ -2517,6 +2532,29 @@ class KnnStore:
         return best_sims, self.targets[best_index]
 
 
+class MemoryWrites:
+    """Score-first memory writes (EVAL_MEMORY_WRITES, a next-token memory): once a chunk is
+    scored, each of its targets adds a count of 1 at its query's nearest location, and later
+    reads weigh those counts beside the artifact's (read_next_tokens). The memory keeps learning
+    from the text it was scored on (the seed's continual-learning claim), as the kNN store does
+    with exact neighbours. Whole counts: any order of adding gives the identical table."""
+
+    def __init__(self, model: MemoryLM | TransformerLM):
+        if not isinstance(model, MemoryLM) or model.next_tokens is None:
+            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into a next-token memory, and this "
+                             f"artifact's {model.kind} model has none")
+        self.model, self.key_dim, self.written = model, model.config.key_dim, 0
+        model.scored_counts = torch.zeros(model.addresses.size(0), model.vocab_size,
+                                          device=model.addresses.device)
+
+    def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
+        nearest = (keys @ self.model.addresses.T).argmax(1)
+        self.model.scored_counts.index_put_((nearest, targets),
+                                            torch.ones_like(targets, dtype=torch.float),
+                                            accumulate=True)
+        self.written += targets.numel()
+
+
 @dataclass
 class ScoreTotals:
     nll: float = 0.0
@@ -2659,14 +2697,16 @@ class TestTimeTraining:
 
 def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch.Tensor,
              tables: ByteTables, knn_key_dim: int | None, keep_rows: bool = False,
-             ttt: TestTimeTraining | None = None) -> dict[str, ScoreTotals]:
+             ttt: TestTimeTraining | None = None, writes: MemoryWrites | None = None
+             ) -> dict[str, ScoreTotals]:
     """Score every validation target once; with a kNN key dim also the mixture, in one pass.
 
     score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], knn keys [N, knn_key_dim] or
     None) for the masked positions in row-major order. Returns this rank's totals ('model', and
     'knn' with a store); .reduced(runtime) sums them over ranks. keep_rows keeps every scored
     distribution, in target order on one rank (what the causality tests compare). ttt: trained
-    on each chunk once it is scored (the model score_batch reads).
+    on each chunk once it is scored (the model score_batch reads); writes: given each chunk's
+    (key, target) pairs once it is scored, like the store (the keys are the model's queries).
     """
     use_knn = knn_key_dim is not None
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
@@ -2674,6 +2714,8 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
     # Never more slots than there are targets to store.
     capacity = min(args.knn_capacity, tokens.numel())
     store = KnnStore(capacity, knn_key_dim, runtime.device) if use_knn else None
+    learners = [learner for learner in (store, writes) if learner is not None]
+    key_dim = knn_key_dim if use_knn else writes.key_dim if writes is not None else 0
     totals = {name: ScoreTotals(rows=[] if keep_rows else None)
               for name in (("model", "knn") if use_knn else ("model",))}
     offsets = torch.arange(args.eval_seq_len)
@@ -2696,21 +2738,27 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
                 mixed = knn_mix(log_probs, sims, neighbour_targets, args.knn_beta,
                                 knn_lambda(sims, args.knn_lambda))
                 totals["knn"].add(mixed, targets, target_bytes)
+            if learners:
                 new_keys.append(keys.float())
                 new_targets.append(targets)
-        # Score first, then learn: the chunk's targets reach the store and the model only now.
-        if store is not None:
+        # Score first, then learn: the chunk's targets reach the store, the memory and the
+        # model only now, in order, identically on every rank.
+        if learners:
             counts = [int((chunk[s, 2] - chunk[s, 1]).sum()) for s in shares]
-            empty_keys = torch.zeros(0, knn_key_dim, device=runtime.device)
+            empty_keys = torch.zeros(0, key_dim, device=runtime.device)
             empty_targets = torch.zeros(0, dtype=torch.long, device=runtime.device)
             keys = all_gather_rows(torch.cat([empty_keys, *new_keys]), counts)
             targets = all_gather_rows(torch.cat([empty_targets, *new_targets]), counts)
-            store.add(keys, targets)
+            for learner in learners:
+                learner.add(keys, targets)
         if ttt is not None and chunk_begin + chunk_windows < windows.size(0):  # more to score
             ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))
     if store is not None:
         runtime.log(f"knn_store entries:{store.size} capacity:{capacity} "
                     f"bytes:{store.keys.nbytes + store.targets.nbytes}")
+    if writes is not None:
+        touched = int((writes.model.scored_counts.sum(1) > 0).sum())
+        runtime.log(f"memory_writes written:{writes.written} locations:{touched}")
     if ttt is not None:
         runtime.log(f"{TTT_RECORD} ttt_time_ms:{ttt.time_ms:.0f} steps:{ttt.steps} "
                     f"params:{sum(p.numel() for p in ttt.params)} adapts:{args.ttt_params} "
@@ -2749,8 +2797,9 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
     use_knn = args.knn_lambda > 0
     # Every run adapts a fresh copy of the artifact's weights: nothing learned persists.
     ttt = TestTimeTraining(runtime, args, model) if args.ttt_steps else None
+    writes = MemoryWrites(model) if args.eval_memory_writes else None
     return model.kind, evaluate(runtime, args, student_scorer(model), tokens, tables,
-                                model.config.key_dim if use_knn else None, keep_rows, ttt)
+                                model.config.key_dim if use_knn else None, keep_rows, ttt, writes)
 
 
 def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
@@ -2771,7 +2820,7 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
     runtime.log(f"{score_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
     log_stage(runtime, "eval", time_ms,
               f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)} "
-              f"ttt_steps:{args.ttt_steps}")
+              f"ttt_steps:{args.ttt_steps} memory_writes:{int(args.eval_memory_writes)}")
     log_time_limit(runtime, EVAL_TIME_RECORD, started, args.max_wallclock_seconds)
     if teacher is not None and args.teacher_reference and kind == "eam":
         started = time.perf_counter()

@@ -52,9 +52,14 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
     # A next-token memory mixed in through its prefix-only gate (it reads once: no equilibrium).
     "next_token": dict(eam_values="next_token", knn_lambda=0.5),
+    # Evaluation-time writes into it, with the kNN store beside them and without.
+    "next_token_writes": dict(eam_values="next_token", knn_lambda=0.0, eval_memory_writes=True),
+    "next_token_writes_knn": dict(eam_values="next_token", knn_lambda=0.5,
+                                  eval_memory_writes=True),
     "next_token_everything": dict(eam_values="next_token", knn_lambda=0.5, dec_prior_rank=4,
-                                  enc_recur_steps=2, eval_enc_recur_steps=3,
-                                  eam_count_prior=0.5, **TTT | dict(ttt_params="decoder,gate")),
+                                  enc_recur_steps=2, eval_enc_recur_steps=3, eam_count_prior=0.5,
+                                  eval_memory_writes=True,
+                                  **TTT | dict(ttt_params="decoder,gate")),
     "ttt": dict(knn_lambda=0.0, **TTT),
     "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),
 }

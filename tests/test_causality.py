@@ -63,7 +63,7 @@ def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
             torch.testing.assert_close(other[name], scores[0][name], atol=1e-5, rtol=0)
 
 
-# ---- the harness catches leaks: five deliberate ones, each must fail it ----------------------
+# ---- the harness catches leaks: six deliberate ones, each must fail it -----------------------
 
 
 def mutated(function, old: str, new: str):
@@ -116,10 +116,18 @@ def leaky_training(evaluate):
                    "ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
 
 
+def leaky_writes(evaluate):
+    # The memory counts each batch's targets before the batch is scored (scored again after).
+    return mutated(evaluate, "log_probs = log_probs.float()",
+                   "writes.add(keys.float(), targets); "
+                   "log_probs, keys = score_batch(inputs.to(runtime.device), "
+                   "mask.to(runtime.device)); log_probs = log_probs.float()")
+
+
 @pytest.mark.parametrize("target, leak, path", [
     ("evaluate", leaky_store, "knn"), ("evaluate", leaky_gate, "knn"),
     ("student_scorer", leaky_input, "knn"), ("student_scorer", leaky_query, "knn"),
-    ("evaluate", leaky_training, "ttt")])
+    ("evaluate", leaky_training, "ttt"), ("evaluate", leaky_writes, "next_token_writes")])
 def test_the_harness_catches_each_deliberate_leak(target, leak, path, tmp_path, monkeypatch):
     monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
     with pytest.raises(AssertionError, match="leak"):
@@ -129,7 +137,7 @@ def test_the_harness_catches_each_deliberate_leak(target, leak, path, tmp_path, 
 # ---- the same score at every world size ------------------------------------------------------
 
 
-def score_on_ranks(rank: int, world: int, folder: str) -> None:
+def score_on_ranks(rank: int, world: int, folder: str, path: str) -> None:
     """One rank of a gloo group: score two splits (one shorter than a window) from the artifact
     and, on rank 0, save (val_loss, val_bpb, tokens) of each distribution."""
     torch.set_num_threads(1)
@@ -141,7 +149,7 @@ def score_on_ranks(rank: int, world: int, folder: str) -> None:
             "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank,
             world_size=world, timeout=datetime.timedelta(seconds=120))
     runtime = train_gpt.Runtime(rank, world, 0, torch.device("cpu"), None)
-    args = tiny_args(vocab_size=VOCAB, dec_hidden=64, **EVAL_PATHS["everything"])
+    args = tiny_args(vocab_size=VOCAB, dec_hidden=64, **EVAL_PATHS[path])
     results = []
     for tokens in (TOKENS, TOKENS[:20]):
         _, totals = train_gpt.score_artifact(runtime, args, Path(folder) / "causality.eam", tokens,
@@ -153,15 +161,16 @@ def score_on_ranks(rank: int, world: int, folder: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-def test_world_sizes_one_two_and_eight_give_the_identical_score(tmp_path):
-    artifact_distributions(EVAL_PATHS["everything"], tmp_path)  # writes the artifact
+@pytest.mark.parametrize("path", ["everything", "next_token_everything"])
+def test_world_sizes_one_two_and_eight_give_the_identical_score(path, tmp_path):
+    artifact_distributions(EVAL_PATHS[path], tmp_path)  # writes the artifact
     scores = {}
     for world in (1, 2, 8):
         if world == 1:
-            score_on_ranks(0, 1, str(tmp_path))
+            score_on_ranks(0, 1, str(tmp_path), path)
         else:
             # fork: the ranks start in milliseconds and share this process's imports.
-            torch.multiprocessing.start_processes(score_on_ranks, (world, str(tmp_path)),
+            torch.multiprocessing.start_processes(score_on_ranks, (world, str(tmp_path), path),
                                                   nprocs=world, start_method="fork")
         scores[world] = torch.load(tmp_path / f"world{world}.pt")
     assert scores[1][1]["model"][2] == 19  # the short split: 19 targets, each scored once

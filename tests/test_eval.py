@@ -39,9 +39,10 @@ def run_eval(tokens: torch.Tensor, **overrides):
     args, student = tiny_student(**overrides)
     student.eval().requires_grad_(False)
     ttt = train_gpt.TestTimeTraining(CPU, args, student) if args.ttt_steps else None
+    writes = train_gpt.MemoryWrites(student) if args.eval_memory_writes else None
     totals = train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
                                 unit_byte_tables(256), student.config.key_dim, keep_rows=True,
-                                ttt=ttt)
+                                ttt=ttt, writes=writes)
     return {name: -torch.cat(total.rows).gather(1, tokens[1:, None]).squeeze(1)
             for name, total in totals.items()}, totals
 
@@ -78,6 +79,25 @@ def test_test_time_training_learns_repeated_text_once_it_is_scored(adapts):
     first = train_gpt.sliding_windows(tokens.numel(), 32, 8)[7, 2]  # end of the first chunk
     torch.testing.assert_close(after["model"][:first], before["model"][:first], atol=0, rtol=0)
     assert after["model"][first:].mean() < before["model"][first:].mean() - 0.02
+
+
+def test_memory_writes_learn_repeated_text_once_it_is_scored():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 256, (64,)).repeat(4)
+    settings = dict(eam_values="next_token", knn_lambda=0.0, eval_chunk_tokens=64)
+    before, _ = run_eval(tokens, **settings)
+    after, totals = run_eval(tokens, **settings, eval_memory_writes=True)
+    first = train_gpt.sliding_windows(tokens.numel(), 32, 8)[7, 2]  # end of the first chunk
+    torch.testing.assert_close(after["model"][:first], before["model"][:first], atol=0, rtol=0)
+    assert after["model"][first:].mean() < before["model"][first:].mean() - 0.02
+
+
+def test_memory_writes_need_a_next_token_memory(tmp_path):
+    with pytest.raises(ValueError, match="EVAL_MEMORY_WRITES=1 writes into a next-token memory: "
+                                         "MODEL='eam' EAM_VALUES='hidden' has none"):
+        tiny_args(eval_memory_writes=True)
+    with pytest.raises(ValueError, match="this artifact's eam model has none"):
+        train_gpt.MemoryWrites(tiny_student()[1])  # a hidden-state memory, as EVAL_ONLY finds it
 
 
 def test_test_time_training_changes_only_what_it_adapts():

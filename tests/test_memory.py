@@ -201,11 +201,15 @@ def test_kmeans_passes_fit_the_keys_better_than_the_seeds_and_use_every_address(
 
 
 def dense_location_distributions(tables: train_gpt.MemoryTables, vocab: int, alpha: float):
-    """Each location's smoothed distribution written out densely: (n q + alpha / V) / (n + a)."""
+    """Each location's smoothed distribution written out densely: (n q + s + alpha / V) /
+    (n + |s| + alpha), s the counts written at evaluation (none: zero)."""
     counts = tables.log_counts.exp()[:, None]
     dense = torch.zeros(tables.patterns.size(0), vocab).scatter_add_(
         1, tables.next_tokens, tables.patterns)
-    return (counts * dense + alpha / vocab) / (counts + alpha)
+    scored = (torch.zeros(tables.patterns.size(0), vocab) if tables.scored_counts is None
+              else tables.scored_counts)
+    return (counts * dense + scored + alpha / vocab) / (counts + scored.sum(1, keepdim=True)
+                                                        + alpha)
 
 def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions():
     torch.manual_seed(0)
@@ -229,3 +233,11 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
     # A location written a billion times still leaves every token a positive probability.
     heavy = train_gpt.next_token_tables(tables.addresses, counts * 1e9, 5)
     assert (train_gpt.read_next_tokens(queries, heavy, read, 30)[0] > 0).all()
+    # Counts written at evaluation (some locations only) join each location's own.
+    scored = torch.poisson(torch.rand(20, 30) * 3) * (torch.rand(20, 1) < 0.5)
+    written = dataclasses.replace(tables, scored_counts=scored)
+    p_written, _ = train_gpt.read_next_tokens(queries, written, read, 30)
+    expected = (weights[:, :, None] * dense_location_distributions(written, 30, 0.3)[
+        top.indices]).sum(1)
+    torch.testing.assert_close(p_written, expected)
+    torch.testing.assert_close(p_written.sum(1), torch.ones(7))

@@ -283,6 +283,8 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
     ttt = (f" + score-first test-time training ({s('TTT_STEPS')} steps a chunk on "
            f"{s('TTT_PARAMS')}, lr scale {s('TTT_LR_SCALE')})"
            if (first.value(EVAL_STAGE, "ttt_steps") or 0) > 0 else "")
+    ttt += (" + score-first writes into the memory"
+            if first.value(EVAL_STAGE, "memory_writes") == 1 else "")
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "
             f"Elastic Associative Memory (up to {s('EAM_LOCATIONS')} locations, keys "
             f"{s('EAM_KEY_DIM')}-dim) -> "
