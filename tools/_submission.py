@@ -280,7 +280,7 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
 
     knn = (f" + score-first kNN store (lambda {s('KNN_LAMBDA')}, k {s('KNN_K')})"
            if first.value(EVAL_STAGE, "knn") == 1 else "")
-    ttt = (f" + score-first test-time training ({s('TTT_STEPS')} steps a chunk on "
+    ttt = (f" + score-first test-time training (steps per chunk {s('TTT_STEPS')}, adapting "
            f"{s('TTT_PARAMS')}, lr scale {s('TTT_LR_SCALE')})"
            if (first.value(EVAL_STAGE, "ttt_steps") or 0) > 0 else "")
     ttt += (" + score-first writes into the memory"
