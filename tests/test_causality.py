@@ -75,18 +75,28 @@ def mutated(function, old: str, new: str):
     return namespace[function.__name__]
 
 
-def leaky_store(evaluate):
-    # The kNN store learns each batch (its targets included) before scoring it.
-    return mutated(evaluate, "sims, neighbour_targets = store.search(keys, args.knn_k)",
-                   "store.add(keys.float(), targets); "
-                   "sims, neighbour_targets = store.search(keys, args.knn_k)")
+def source_leak(old: str, new: str):
+    """A leak made by replacing a piece of a function's source (see mutated)."""
+    return lambda function: mutated(function, old, new)
 
 
-def leaky_gate(evaluate):
-    # The mixture weight looks at the model's probability of the target.
-    return mutated(evaluate, "knn_lambda(sims, args.knn_lambda)",
-                   "knn_lambda(sims, args.knn_lambda) "
-                   "* log_probs.exp().gather(1, targets[:, None]).squeeze(1)")
+# The kNN store learns each batch (its targets included) before scoring it.
+leaky_store = source_leak("sims, neighbour_targets = store.search(keys, args.knn_k)",
+                          "store.add(keys.float(), targets); "
+                          "sims, neighbour_targets = store.search(keys, args.knn_k)")
+# The mixture weight looks at the model's probability of the target.
+leaky_gate = source_leak("knn_lambda(sims, args.knn_lambda)",
+                         "knn_lambda(sims, args.knn_lambda) "
+                         "* log_probs.exp().gather(1, targets[:, None]).squeeze(1)")
+# Test-time training learns each chunk (its targets included) before scoring it.
+leaky_training = source_leak("new_keys, new_targets = [], []",
+                             "new_keys, new_targets = [], []; "
+                             "ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
+# The memory counts each batch's targets before the batch is scored (scored again after).
+leaky_writes = source_leak("log_probs = log_probs.float()",
+                           "writes.add(keys.float(), targets); "
+                           "log_probs, keys = score_batch(inputs.to(runtime.device), "
+                           "mask.to(runtime.device)); log_probs = log_probs.float()")
 
 
 def leaky_input(scorer):
@@ -107,21 +117,6 @@ def leaky_query(scorer):
             return log_probs, real(torch.roll(inputs, -1, dims=1), mask)[1]
         return both
     return score
-
-
-def leaky_training(evaluate):
-    # Test-time training learns each chunk (its targets included) before scoring it.
-    return mutated(evaluate, "new_keys, new_targets = [], []",
-                   "new_keys, new_targets = [], []; "
-                   "ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
-
-
-def leaky_writes(evaluate):
-    # The memory counts each batch's targets before the batch is scored (scored again after).
-    return mutated(evaluate, "log_probs = log_probs.float()",
-                   "writes.add(keys.float(), targets); "
-                   "log_probs, keys = score_batch(inputs.to(runtime.device), "
-                   "mask.to(runtime.device)); log_probs = log_probs.float()")
 
 
 @pytest.mark.parametrize("target, leak, path", [
