@@ -1217,9 +1217,10 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * multiplier
         momentum_ramp = min(1.0, step / max(1, args.muon_momentum_warmup_steps))
-        for group in optimizers["muon"].param_groups if "muon" in optimizers else ():
-            group["momentum"] = (args.muon_momentum_warmup_start + momentum_ramp
-                                 * (args.muon_momentum - args.muon_momentum_warmup_start))
+        if "muon" in optimizers:  # absent only when a phase trains no matrix
+            optimizers["muon"].param_groups[0]["momentum"] = (
+                args.muon_momentum_warmup_start
+                + momentum_ramp * (args.muon_momentum - args.muon_momentum_warmup_start))
         total = torch.zeros((), device=runtime.device)
         for micro in range(accum):
             x, y = loader.next_batch(rank_tokens, phase.seq_len)
@@ -1418,9 +1419,9 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
         scores = scores + read.count_prior * tables.log_counts[top_index]
     weights = torch.softmax(scores, dim=1)  # [N, k]
     counts = tables.log_counts.exp()[top_index]
-    scored = None if tables.scored_counts is None else tables.scored_counts[top_index]  # [N,k,V]
     # Counts written at evaluation join the location's: (n q + s + alpha / V) / (n + |s| + alpha).
-    total = counts + read.alpha + (0 if scored is None else scored.sum(2))
+    scored = tables.scored_counts
+    total = counts + read.alpha + (0 if scored is None else scored.sum(1)[top_index])
     kept = weights * counts / total  # [N, k] mass of the locations' top tokens
     # Not weights - kept: for a location written millions of times that difference rounds to 0.
     uniform = (weights * read.alpha / total).sum(1, keepdim=True) / vocab_size
@@ -1428,7 +1429,7 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
     p_mem = torch.scatter_add(uniform.expand(-1, vocab_size), 1,
                               tables.next_tokens[top_index].flatten(1), token_mass.flatten(1))
     if scored is not None:
-        p_mem = p_mem + torch.einsum("nk,nkv->nv", weights / total, scored)
+        p_mem = p_mem + torch.einsum("nk,nkv->nv", weights / total, scored[top_index])
     return p_mem, top_sims
 
 
