@@ -1,4 +1,5 @@
 import math
+import time
 
 import pytest
 import torch
@@ -112,3 +113,24 @@ def test_teacher_loss_falls_on_demo_data(demo_data):
     with torch.no_grad():
         after = model(x, y).item()
     assert after < before - 1.0, (before, after)
+
+
+def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkeypatch):
+    """On one H100 the key phase's compiled graph took its whole share of time to build (README,
+    "Measured on one H100"), so distill asks for compilation only in the long phase."""
+    args = tiny_args(eam_values="next_token")
+    torch.manual_seed(0)
+    teacher = train_gpt.GPT(gpt_config(args))
+    memory = train_gpt.ElasticMemory(train_gpt.memory_write_config(args), args.vocab_size,
+                                     CPU.device)
+    keys = torch.nn.functional.normalize(torch.randn(256, args.eam_key_dim), dim=1)
+    memory.place(keys)
+    phases = []
+
+    def record(runtime, args, model, phase, loader):
+        phases.append((phase.name, phase.compiled))
+        return dict(steps=0, loss=0.0, time_s=0.0, tokens=0, step_ms=0.0)
+
+    monkeypatch.setattr(train_gpt, "run_training", record)
+    train_gpt.distill(CPU, args, teacher, memory, None, run_started=time.perf_counter())
+    assert phases == [(train_gpt.KEY_PHASE, False), (train_gpt.LM_PHASE, True)]
