@@ -1430,11 +1430,15 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
     kept = weights * counts / total  # [N, k] mass of the locations' top tokens
     # Not weights - kept: for a location written millions of times that difference rounds to 0.
     uniform = (weights * read.alpha / total).sum(1, keepdim=True) / vocab_size
-    token_mass = kept[:, :, None] * tables.patterns[top_index]  # [N, k, T]
-    p_mem = torch.scatter_add(uniform.expand(-1, vocab_size), 1,
-                              tables.next_tokens[top_index].flatten(1), token_mass.flatten(1))
+    # Each location's kept tokens as a dense row [M, V]; a weighted bag of rows sums them in a
+    # fixed order (a scatter_add of [N, k T] tokens would sum colliding tokens in no fixed order
+    # on CUDA) and stays fp32 under autocast, so p_mem sums to 1 to float precision.
+    dense = tables.patterns.new_zeros(tables.patterns.size(0), vocab_size).scatter_add_(
+        1, tables.next_tokens, tables.patterns)
+    p_mem = uniform + F.embedding_bag(top_index, dense, per_sample_weights=kept, mode="sum")
     if scored is not None:
-        p_mem = p_mem + torch.einsum("nk,nkv->nv", weights / total, scored[top_index])
+        p_mem = p_mem + F.embedding_bag(top_index, scored, per_sample_weights=weights / total,
+                                        mode="sum")
     return p_mem, top_sims
 
 
@@ -1498,8 +1502,13 @@ def memory_write_config(args: Hyperparameters) -> MemoryWriteConfig:
     return settings_view(MemoryWriteConfig, args, "eam_", seed=args.seed)
 
 
+# Rows per block when keys meet every address: [8192, 16384] fp32 similarities are 0.5 GB, where
+# a rank's whole organize sample (262,144 keys) at once would be 17 GB.
+SIMILARITY_ROWS = 8192
+
+
 def kmeans_addresses(sample: torch.Tensor, count: int, generator: torch.Generator,
-                     passes: int = 4, chunk: int = 8192) -> torch.Tensor:
+                     passes: int = 4, chunk: int = SIMILARITY_ROWS) -> torch.Tensor:
     """Up to `count` unit addresses placed on the sample's unit keys [S, K]: seeded with distinct
     sampled keys, then a few passes of spherical k-means (Lloyd's algorithm on the cosine); a
     centre that wins no key keeps its place. A few passes are cheap and use every location."""
@@ -1648,6 +1657,11 @@ class ElasticMemory:
         EAM_VALUES=next_token: values are the next tokens [N]; counters[location, token] +=
         weight, the weights a softmax over the top-k similarities (each token adds mass 1).
         """
+        for begin in range(0, keys.size(0), SIMILARITY_ROWS):
+            self._accumulate_rows(keys[begin: begin + SIMILARITY_ROWS],
+                                  values[begin: begin + SIMILARITY_ROWS])
+
+    def _accumulate_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         sims = keys @ self.addresses[: self.size].T
         if self.config.values == "hidden":
             top_index, weights = topk_write_weights(sims, self.config.write_k)
@@ -2563,7 +2577,8 @@ class MemoryWrites:
                                           device=model.addresses.device)
 
     def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
-        nearest = (keys @ self.model.addresses.T).argmax(1)
+        nearest = torch.cat([(keys[begin: begin + SIMILARITY_ROWS] @ self.model.addresses.T)
+                             .argmax(1) for begin in range(0, keys.size(0), SIMILARITY_ROWS)])
         self.model.scored_counts.index_put_((nearest, targets),
                                             torch.ones_like(targets, dtype=torch.float),
                                             accumulate=True)
