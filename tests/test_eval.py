@@ -92,6 +92,20 @@ def test_memory_writes_learn_repeated_text_once_it_is_scored():
     assert after["model"][first:].mean() < before["model"][first:].mean() - 0.02
 
 
+def test_memory_writes_count_each_target_at_its_nearest_location(monkeypatch):
+    monkeypatch.setattr(train_gpt, "SIMILARITY_ROWS", 5)  # keys meet the addresses in blocks
+    torch.manual_seed(0)
+    args, student = tiny_student(eam_values="next_token", eam_top_tokens=16)
+    writes = train_gpt.MemoryWrites(student)
+    keys = torch.nn.functional.normalize(torch.randn(23, args.eam_key_dim), dim=1)
+    targets = torch.randint(0, args.vocab_size, (23,))
+    writes.add(keys, targets)
+    expected = torch.zeros_like(student.scored_counts)
+    for key, target in zip(keys, targets.tolist(), strict=True):
+        expected[(student.addresses @ key).argmax(), target] += 1
+    assert torch.equal(student.scored_counts, expected) and writes.written == 23
+
+
 def test_memory_writes_need_a_next_token_memory(tmp_path):
     with pytest.raises(ValueError, match="EVAL_MEMORY_WRITES=1 writes into a next-token memory: "
                                          "MODEL='eam' EAM_VALUES='hidden' has none"):

@@ -160,8 +160,11 @@ def test_explained_variance_is_zero_for_the_mean_and_one_for_perfect_recall():
     assert train_gpt.explained_variance(halfway, values, mean) == pytest.approx(0.75)
 
 
-def test_next_token_writes_equal_a_per_item_loop():
-    """counters[location, next token] += softmax(beta * top-k sims) for every written item."""
+@pytest.mark.parametrize("block_rows", [train_gpt.SIMILARITY_ROWS, 7])
+def test_next_token_writes_equal_a_per_item_loop(monkeypatch, block_rows):
+    """counters[location, next token] += softmax(beta * top-k sims) for every written item,
+    however many rows a block of similarities holds."""
+    monkeypatch.setattr(train_gpt, "SIMILARITY_ROWS", block_rows)
     torch.manual_seed(0)
     addresses = F.normalize(torch.randn(12, 8), dim=1)
     memory = memory_with_addresses(addresses, value_dim=10, eam_values="next_token",
