@@ -19,7 +19,10 @@ TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads
             num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
             eam_key_dim=8, eam_locations=64, eam_read_k=4, eam_write_k=4, eval_seq_len=32,
             eval_stride=8, eval_batch_windows=4, eval_chunk_tokens=16, knn_k=4, compile=False,
-            ttt_steps=0)  # test-time training only where a test turns it on
+            eam_values="hidden", ttt_steps=0)
+# The unit tests build the hidden-state memory unless they ask for the next-token one (the
+# default the pipeline runs, which TINY_RUN and the next_token paths cover); test-time training
+# runs only where a test turns it on.
 
 
 # The pipeline as users run it, with budgets by steps, not seconds, so runs are reproducible

@@ -77,7 +77,9 @@ class Synthetic:
 
 def new_memory(cfg: argparse.Namespace, addresses_from=None) -> train_gpt.ElasticMemory:
     """An empty memory, or one with the (frozen) addresses of another and zero counters."""
-    args = train_gpt.Hyperparameters(profile="bench", eam_locations=cfg.locations,
+    # The hidden-state memory: its writes carry value vectors, which this bench measures.
+    args = train_gpt.Hyperparameters(profile="bench", eam_values="hidden",
+                                     eam_locations=cfg.locations,
                                      eam_key_dim=cfg.key_dim, eam_write_k=cfg.write_k,
                                      eam_batch=cfg.batch, seed=cfg.seed)
     memory = train_gpt.ElasticMemory(train_gpt.memory_write_config(args), cfg.value_dim,
