@@ -80,7 +80,8 @@ CPU_SIZES: dict[str, tuple[object, object]] = dict(
 RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
 # Ideas removed from the code after they measured no gain (README, "Memory ideas, measured"):
 # refused too, so that no run silently goes without what it asked for.
-REMOVED_SETTINGS = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL")
+REMOVED_SETTINGS = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
+                    "EVAL_ENC_RECUR_STEPS")
 PROFILES: dict[str, dict[str, object]] = {
     # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
     "competition": {},
@@ -168,8 +169,6 @@ class Hyperparameters:
     eam_read_alpha: float = 0.1
     # Distillation.
     enc_layers: int = 5
-    enc_recur_steps: int = 1
-    eval_enc_recur_steps: int = 0
     enc_init_from_teacher: bool = True
     dec_hidden: int = 1024
     dec_sees_encoder: bool = True
@@ -246,7 +245,7 @@ class Hyperparameters:
                     "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k", "eam_top_tokens",
                     "eval_chunk_tokens", "knn_capacity", "ttt_batch_rows",
-                    "max_wallclock_seconds", "enc_recur_steps", "size_limit"]
+                    "max_wallclock_seconds", "size_limit"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
@@ -931,7 +930,6 @@ class GPTConfig:
     qk_gain_init: float
     ln_scale: bool
     xsa_layers: int
-    recur_steps: int = 1  # passes over the (weight-tied) blocks; the input re-enters each pass
 
 
 class Attention(nn.Module):
@@ -1003,16 +1001,12 @@ class GPT(nn.Module):
         head_dim = self.config.model_dim // self.config.num_heads
         cos, sin = rotary_tables(idx.size(1), self.config.rope_dims or head_dim,
                                  self.config.rope_base, idx.device)
-        x = inputs = self.embed(idx)
+        x = self.embed(idx)
         captured = None
-        for step in range(self.config.recur_steps):
-            # Recurrent depth: later passes re-inject the embedding, so extra passes refine the
-            # state instead of drifting from the tokens (one pass is the plain network).
-            x = x + inputs if step else x
-            for index, block in enumerate(self.blocks):
-                x = block(x, cos, sin)
-                if index + 1 == capture_layer:
-                    captured = rms_norm(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin)
+            if index + 1 == capture_layer:
+                captured = rms_norm(x)
         final = rms_norm(x)
         return final, final if captured is None else captured
 
@@ -1260,7 +1254,7 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
                   run_started: float) -> GPT:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    teacher = GPT(settings_view(GPTConfig, args, recur_steps=1)).to(runtime.device)
+    teacher = GPT(settings_view(GPTConfig, args)).to(runtime.device)
     params = sum(p.numel() for p in teacher.parameters())
     # The baseline's teacher is the shipped model: it gets the whole training budget.
     teacher_share = 1.0 if args.model == "transformer" else args.teacher_time_frac
@@ -1924,8 +1918,7 @@ class StudentConfig:
 
 def student_config(args: Hyperparameters) -> StudentConfig:
     return StudentConfig(
-        encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers,
-                              recur_steps=args.enc_recur_steps),
+        encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers),
         read=memory_read_config(args), key_dim=args.eam_key_dim, dec_hidden=args.dec_hidden,
         dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank)
 
@@ -2131,8 +2124,8 @@ class TransformerLM(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
-# 2: the header carries the model's config exactly; 3: and its kind; 4: the read's config
-# without the equilibrium read's steps, damping and tolerance
+# 2: the header carries the model's config exactly; 3: and its kind; 4: without the removed
+# ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes)
 ARTIFACT_VERSION = 4
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state; next-token ids as uint16 (the shards' own token type).
@@ -2380,23 +2373,17 @@ def log_artifact_components(runtime: Runtime, args: Hyperparameters) -> None:
             runtime.log(f"{COMPONENT_RECORD} name:{group} raw_bytes:{raw} zstd_bytes:{packed}")
 
 
-def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0,
-                  sha256: str = "") -> MemoryLM | TransformerLM:
+def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryLM | TransformerLM:
     """Rebuild the shipped model (encoder + memory + decoder, or the baseline) from the artifact
     bytes alone: its header's kind and config and its tensors, nothing from the environment.
 
-    encoder_recur_steps > 0 runs the tied encoder that many passes (EVAL_ENC_RECUR_STEPS: a
-    test-time compute knob that changes no weight); sha256: the digest the file must have (see
-    read_artifact).
+    sha256: the digest the file must have (see read_artifact).
     """
     config, entries, arrays = read_artifact(path, sha256)
     tensors = unpack_tensors(entries, arrays)
     if isinstance(config, BaselineConfig):
         model = TransformerLM(config)
     else:
-        if encoder_recur_steps:
-            config = dataclasses.replace(config, encoder=dataclasses.replace(
-                config.encoder, recur_steps=encoder_recur_steps))
         addresses = F.normalize(tensors.pop("addresses"), dim=1)
         patterns = tensors.pop("patterns")
         log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
@@ -2615,7 +2602,7 @@ def model_skeleton(args: Hyperparameters) -> MemoryLM | TransformerLM:
     what checks before training may ask of it."""
     with torch.device("meta"):
         if args.model == "transformer":
-            gpt = settings_view(GPTConfig, args, recur_steps=1)
+            gpt = settings_view(GPTConfig, args)
             return TransformerLM(BaselineConfig(gpt, args.eam_key_dim, args.seed))
         empty = torch.zeros(0)
         return MemoryLM(student_config(args), MemoryTables(empty, empty, empty))
@@ -2765,8 +2752,7 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
     path added here is tested with the rest. tables: the byte tables, by default the
     tokenizer's, checked against the artifact's vocabulary. Returns (the shipped model's kind,
     the totals)."""
-    # Recurrent depth is a test-time-compute knob: more passes than in training, same weights.
-    model = load_artifact(path, runtime.device, args.eval_enc_recur_steps, sha256)
+    model = load_artifact(path, runtime.device, sha256)
     if tables is None:
         tables = build_byte_tables(args.tokenizer_path, model.vocab_size, str(path))
     check_token_ids(tokens.numpy(), model.vocab_size,

@@ -40,10 +40,7 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "memory": dict(knn_lambda=0.0),
     "knn": dict(knn_lambda=0.5),
     "prior": dict(dec_prior_rank=4),
-    "recurrence": dict(enc_recur_steps=2),
-    "recurrence_at_eval": dict(enc_recur_steps=2, eval_enc_recur_steps=3),
-    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, enc_recur_steps=2,
-                       eval_enc_recur_steps=3, **TTT),
+    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, **TTT),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
     "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
     # A next-token memory mixed in through its prefix-only gate.
@@ -53,8 +50,7 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "next_token_writes_knn": dict(eam_values="next_token", knn_lambda=0.5,
                                   eval_memory_writes=True),
     "next_token_everything": dict(eam_values="next_token", knn_lambda=0.5, dec_prior_rank=4,
-                                  enc_recur_steps=2, eval_enc_recur_steps=3, eam_count_prior=0.5,
-                                  eval_memory_writes=True,
+                                  eam_count_prior=0.5, eval_memory_writes=True,
                                   **TTT | dict(ttt_params="decoder,gate")),
     "ttt": dict(knn_lambda=0.0, **TTT),
     "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),

@@ -54,7 +54,8 @@ def test_bad_values_name_the_variable(environ, variable):
         Hyperparameters.from_env(environ)
 
 
-@pytest.mark.parametrize("name", ["EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL"])
+@pytest.mark.parametrize("name", ["EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL",
+                                  "ENC_RECUR_STEPS", "EVAL_ENC_RECUR_STEPS"])
 def test_a_removed_setting_is_refused_saying_so(name):
     assert name.lower() not in {field.name for field in dataclasses.fields(Hyperparameters)}
     with pytest.raises(ValueError, match=f"{name}='1': this setting was removed \\(it measured "
