@@ -78,6 +78,10 @@ CPU_SIZES: dict[str, tuple[object, object]] = dict(
     distill_batch_tokens=(4096, 8192), eval_seq_len=(128, 256), eval_batch_windows=(64, 32),
 )
 RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
+# Ideas removed from the code after they measured no gain (README, "Memory ideas, measured"):
+# refused too, so that no run silently goes without what it asked for.
+REMOVED_SETTINGS = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
+                    "EVAL_ENC_RECUR_STEPS")
 PROFILES: dict[str, dict[str, object]] = {
     # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
     "competition": {},
@@ -162,17 +166,12 @@ class Hyperparameters:
     eam_organize_tokens: int = 262144
     eam_write_tokens: int = 0
     eam_batch: int = 8192
-    eam_read_steps: int = 1
-    eam_read_damping: float = 0.5
-    eam_read_tol: float = 0.0
     # Next-token counts beat hidden states on both CPU profiles (README, "Next-token memory").
     eam_values: str = "next_token"
     eam_top_tokens: int = 128
     eam_read_alpha: float = 0.1
     # Distillation.
     enc_layers: int = 5
-    enc_recur_steps: int = 1
-    eval_enc_recur_steps: int = 0
     enc_init_from_teacher: bool = True
     dec_hidden: int = 1024
     dec_sees_encoder: bool = True
@@ -215,6 +214,10 @@ class Hyperparameters:
         for old, new in RENAMED_SETTINGS.items():
             if old in environ:
                 raise ValueError(f"{old}={environ[old]!r}: this setting is now called {new}")
+        for old in REMOVED_SETTINGS:
+            if old in environ:
+                raise ValueError(f"{old}={environ[old]!r}: this setting was removed (it measured "
+                                 "no gain; see README, \"Memory ideas, measured\")")
         values: dict[str, object] = {"profile": profile, **PROFILES[profile]}
         types = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
@@ -245,12 +248,12 @@ class Hyperparameters:
                     "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k", "eam_top_tokens",
                     "eval_chunk_tokens", "knn_capacity", "ttt_batch_rows",
-                    "max_wallclock_seconds", "eam_read_steps", "enc_recur_steps", "size_limit"]
+                    "max_wallclock_seconds", "size_limit"]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
         fractions = ["teacher_time_frac", "eam_time_frac", "distill_time_frac", "warmdown_frac",
-                     "distill_key_frac", "ema_decay", "eam_eta_decay", "eam_read_damping"]
+                     "distill_key_frac", "ema_decay", "eam_eta_decay"]
         for name in fractions:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must lie in [0, 1]")
@@ -287,11 +290,9 @@ class Hyperparameters:
                 self.model != "eam" or self.eam_values != "next_token"):
             raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into a next-token memory: MODEL="
                              f"{self.model!r} EAM_VALUES={self.eam_values!r} has none")
-        if self.eam_values == "next_token" and (self.eam_read_steps != 1
-                                                or self.eam_read_alpha <= 0):
-            raise ValueError(f"EAM_VALUES=next_token reads once, smoothed: EAM_READ_STEPS="
-                             f"{self.eam_read_steps} must be 1 and EAM_READ_ALPHA="
-                             f"{self.eam_read_alpha} positive")
+        if self.eam_values == "next_token" and self.eam_read_alpha <= 0:
+            raise ValueError(f"EAM_VALUES=next_token reads a smoothed distribution: "
+                             f"EAM_READ_ALPHA={self.eam_read_alpha} must be positive")
 
 
 def default_run_id(profile: str, seed: int) -> str:
@@ -932,7 +933,6 @@ class GPTConfig:
     qk_gain_init: float
     ln_scale: bool
     xsa_layers: int
-    recur_steps: int = 1  # passes over the (weight-tied) blocks; the input re-enters each pass
 
 
 class Attention(nn.Module):
@@ -1004,16 +1004,12 @@ class GPT(nn.Module):
         head_dim = self.config.model_dim // self.config.num_heads
         cos, sin = rotary_tables(idx.size(1), self.config.rope_dims or head_dim,
                                  self.config.rope_base, idx.device)
-        x = inputs = self.embed(idx)
+        x = self.embed(idx)
         captured = None
-        for step in range(self.config.recur_steps):
-            # Recurrent depth: later passes re-inject the embedding, so extra passes refine the
-            # state instead of drifting from the tokens (one pass is the plain network).
-            x = x + inputs if step else x
-            for index, block in enumerate(self.blocks):
-                x = block(x, cos, sin)
-                if index + 1 == capture_layer:
-                    captured = rms_norm(x)
+        for index, block in enumerate(self.blocks):
+            x = block(x, cos, sin)
+            if index + 1 == capture_layer:
+                captured = rms_norm(x)
         final = rms_norm(x)
         return final, final if captured is None else captured
 
@@ -1261,7 +1257,7 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
                   run_started: float) -> GPT:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
-    teacher = GPT(settings_view(GPTConfig, args, recur_steps=1)).to(runtime.device)
+    teacher = GPT(settings_view(GPTConfig, args)).to(runtime.device)
     params = sum(p.numel() for p in teacher.parameters())
     # The baseline's teacher is the shipped model: it gets the whole training budget.
     teacher_share = 1.0 if args.model == "transformer" else args.teacher_time_frac
@@ -1390,24 +1386,14 @@ def read_memory(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float
     return F.embedding_bag(top_index, tables.patterns, per_sample_weights=weights, mode="sum")
 
 
-def read_energy(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float) -> float:
-    """Hopfield-style energy -logsumexp(beta * top-k similarities) / beta, batch mean."""
-    top_sims = (queries @ tables.addresses.to(queries.dtype).T).topk(
-        min(k, tables.addresses.size(0)), dim=1).values
-    return (-torch.logsumexp(beta * top_sims.float(), dim=1) / beta).mean().item()
-
-
 @dataclass(frozen=True)
 class MemoryReadConfig:
-    """How the shipped model reads its memory (EAM_READ_K, _BETA, _STEPS, _DAMPING, _TOL and
-    EAM_COUNT_PRIOR); part of the artifact."""
+    """How the shipped model reads its memory (EAM_READ_K, _BETA and EAM_COUNT_PRIOR); part of
+    the artifact."""
 
     k: int
     beta: float
     count_prior: float
-    steps: int  # 1: one read; more: the equilibrium read below
-    damping: float
-    tol: float
     values: str  # EAM_VALUES: "hidden" or "next_token" (a distribution, smoothed by alpha)
     alpha: float
 
@@ -1443,41 +1429,6 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
         p_mem = p_mem + F.embedding_bag(top_index, scored, per_sample_weights=weights / total,
                                         mode="sum")
     return p_mem, top_sims
-
-
-def read_memory_iterative(queries: torch.Tensor, tables: MemoryTables, projection: torch.Tensor,
-                          read: MemoryReadConfig, trace: list | None = None) -> torch.Tensor:
-    """Equilibrium read (pattern completion): iterate the read toward a fixed point.
-
-    z_s = read(q_s), q_{s+1} = normalize(d q_0 + (1 - d) normalize(z_s P)): the readout is
-    re-keyed through the key projection P and the encoder's query q_0 is re-injected with
-    damping d = read.damping, for up to read.steps reads; with read.tol a row stops at the first
-    read whose residual ||z_{s+1} - z_s|| / ||z_s|| falls below it. Convergence is decided per
-    row: one residual over the batch would let later positions set how often an earlier one is
-    read (a C1 leak). Earlier readouts are detached, so the gradient reaches q_0 through the
-    last read only and memory does not grow with the steps. With a trace list, the batch's
-    (residual, energy) of every extra step is appended to it.
-    """
-    readout = read_memory(queries, tables, read.k, read.beta, read.count_prior)
-    converged = torch.zeros(readout.size(0), dtype=torch.bool, device=readout.device)
-    for _ in range(read.steps - 1):
-        rekey = F.normalize(readout.detach() @ projection.to(readout.dtype), dim=-1)
-        state = F.normalize(read.damping * queries + (1 - read.damping) * rekey, dim=-1)
-        following = read_memory(state, tables, read.k, read.beta, read.count_prior)
-        if read.tol:
-            following = torch.where(converged[:, None], readout, following)
-            row_residual = ((following - readout).norm(dim=-1)
-                            / readout.norm(dim=-1).clamp_min(1e-9))
-            converged = converged | (row_residual < read.tol)
-        if trace is not None:
-            residual = ((following - readout).norm() / readout.norm().clamp_min(1e-9)).item()
-            trace.append((residual, read_energy(state, tables, read.k, read.beta)))
-        readout = following
-        # The hot path never waits for a residual; with a tolerance, stopping once every row
-        # has converged changes no row's result.
-        if read.tol and bool(converged.all()):
-            break
-    return readout
 
 
 @dataclass(frozen=True)
@@ -1801,12 +1752,10 @@ def write_mass_usage(counts: torch.Tensor, capacity: int) -> dict[str, float]:
                 max_mass=(busiest[:1].sum() / total).item())
 
 
-def memory_diagnostics(runtime: Runtime, read: MemoryReadConfig, memory: ElasticMemory,
-                       keys: torch.Tensor, values: torch.Tensor, projection: torch.Tensor
-                       ) -> dict[str, float]:
+def memory_diagnostics(read: MemoryReadConfig, memory: ElasticMemory, keys: torch.Tensor,
+                       values: torch.Tensor) -> dict[str, float]:
     """On teacher states that were never written: reconstruction cosine and explained variance
-    against a one-location memory; with read.steps > 1 the equilibrium read's residuals and
-    energies are logged too. Next-token values: the memory's own loss (nats per token) on
+    against a one-location memory. Next-token values: the memory's own loss (nats per token) on
     tokens never written, beside that of a single location holding all the writes, packed
     alike (the unigram), and the share of the written mass the packed top tokens keep."""
     tables = memory.tables()
@@ -1823,12 +1772,6 @@ def memory_diagnostics(runtime: Runtime, read: MemoryReadConfig, memory: Elastic
     readout = read_memory(keys, tables, read.k, read.beta, read.count_prior)
     counts = memory.counts[: memory.size]
     mean_value = (memory.counters[: memory.size].sum(0) / counts.sum().clamp_min(1e-12))
-    if read.steps > 1:
-        trace: list[tuple[float, float]] = []
-        read_memory_iterative(keys, tables, projection, read, trace)
-        runtime.log("eam_read_equilibrium " + " ".join(
-            f"step{step}_residual:{residual:.5f} step{step}_energy:{energy:.5f}"
-            for step, (residual, energy) in enumerate(trace, 2)))
     return dict(recon_cos=F.cosine_similarity(readout, values, dim=1).mean().item(),
                 explained_var=explained_variance(readout, values, mean_value))
 
@@ -1854,8 +1797,7 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     organize_ms = elapsed_ms(started)
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
     written = accumulate_memory(runtime, args, memory, teacher_batch, own, rank_batch, stop_at)
-    quality = memory_diagnostics(runtime, memory_read_config(args), memory,
-                                 *teacher_batch(rank_batch), projection)
+    quality = memory_diagnostics(memory_read_config(args), memory, *teacher_batch(rank_batch))
     used = memory.counts[: memory.size]
     usage = write_mass_usage(used, args.eam_locations)
     time_ms = elapsed_ms(started)
@@ -1975,16 +1917,13 @@ class StudentConfig:
     dec_hidden: int
     dec_sees_encoder: bool
     dec_prior_rank: int
-    projection_seed: int  # rebuilds the fixed key projection used by the equilibrium read
 
 
 def student_config(args: Hyperparameters) -> StudentConfig:
     return StudentConfig(
-        encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers,
-                              recur_steps=args.enc_recur_steps),
+        encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers),
         read=memory_read_config(args), key_dim=args.eam_key_dim, dec_hidden=args.dec_hidden,
-        dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank,
-        projection_seed=args.seed)
+        dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank)
 
 
 class MemoryLM(nn.Module):
@@ -2008,8 +1947,6 @@ class MemoryLM(nn.Module):
         self.register_buffer("log_counts", tables.log_counts)
         self.register_buffer("next_tokens", tables.next_tokens)  # None (no buffer) for hidden
         self.register_buffer("scored_counts", None, persistent=False)  # MemoryWrites fills it
-        projection = key_projection(dim, config.key_dim, config.projection_seed)
-        self.register_buffer("projection", projection, persistent=False)
 
     @property
     def tables(self) -> MemoryTables:
@@ -2032,8 +1969,8 @@ class MemoryLM(nn.Module):
         model's own logits [N, V]). The scores are those logits, or with a next-token memory
         the mixture's log-probabilities (normalized: log_softmax leaves them unchanged)."""
         if self.gate is None:
-            readout = read_memory_iterative(queries, self.tables, self.projection,
-                                            self.config.read)
+            read = self.config.read
+            readout = read_memory(queries, self.tables, read.k, read.beta, read.count_prior)
             state = self.decoder(readout.to(features.dtype), features)
         else:
             p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read,
@@ -2081,7 +2018,8 @@ def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> M
         for mine, theirs in zip(student.encoder.blocks, teacher.blocks, strict=False):
             mine.load_state_dict(theirs.state_dict())
     with torch.no_grad():
-        student.key_head.weight.copy_(student.projection.T)
+        student.key_head.weight.copy_(key_projection(args.model_dim, args.eam_key_dim,
+                                                     args.seed).T)
     return student
 
 
@@ -2089,7 +2027,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
             loader: DistributedTokenLoader, run_started: float) -> MemoryLM:
     started = time.perf_counter()
     student = init_student(args, teacher, memory.tables())
-    projection = student.projection
+    projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
 
     def teacher_targets(x: torch.Tensor):
         return teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
@@ -2189,7 +2127,9 @@ class TransformerLM(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
-ARTIFACT_VERSION = 3  # 2: the header carries the model's config exactly; 3: and its kind
+# 2: the header carries the model's config exactly; 3: and its kind; 4: without the removed
+# ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes)
+ARTIFACT_VERSION = 4
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state; next-token ids as uint16 (the shards' own token type).
 MEMORY_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")
@@ -2436,23 +2376,17 @@ def log_artifact_components(runtime: Runtime, args: Hyperparameters) -> None:
             runtime.log(f"{COMPONENT_RECORD} name:{group} raw_bytes:{raw} zstd_bytes:{packed}")
 
 
-def load_artifact(path: Path, device: torch.device, encoder_recur_steps: int = 0,
-                  sha256: str = "") -> MemoryLM | TransformerLM:
+def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryLM | TransformerLM:
     """Rebuild the shipped model (encoder + memory + decoder, or the baseline) from the artifact
     bytes alone: its header's kind and config and its tensors, nothing from the environment.
 
-    encoder_recur_steps > 0 runs the tied encoder that many passes (EVAL_ENC_RECUR_STEPS: a
-    test-time compute knob that changes no weight); sha256: the digest the file must have (see
-    read_artifact).
+    sha256: the digest the file must have (see read_artifact).
     """
     config, entries, arrays = read_artifact(path, sha256)
     tensors = unpack_tensors(entries, arrays)
     if isinstance(config, BaselineConfig):
         model = TransformerLM(config)
     else:
-        if encoder_recur_steps:
-            config = dataclasses.replace(config, encoder=dataclasses.replace(
-                config.encoder, recur_steps=encoder_recur_steps))
         addresses = F.normalize(tensors.pop("addresses"), dim=1)
         patterns = tensors.pop("patterns")
         log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
@@ -2671,7 +2605,7 @@ def model_skeleton(args: Hyperparameters) -> MemoryLM | TransformerLM:
     what checks before training may ask of it."""
     with torch.device("meta"):
         if args.model == "transformer":
-            gpt = settings_view(GPTConfig, args, recur_steps=1)
+            gpt = settings_view(GPTConfig, args)
             return TransformerLM(BaselineConfig(gpt, args.eam_key_dim, args.seed))
         empty = torch.zeros(0)
         return MemoryLM(student_config(args), MemoryTables(empty, empty, empty))
@@ -2821,8 +2755,7 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
     path added here is tested with the rest. tables: the byte tables, by default the
     tokenizer's, checked against the artifact's vocabulary. Returns (the shipped model's kind,
     the totals)."""
-    # Recurrent depth is a test-time-compute knob: more passes than in training, same weights.
-    model = load_artifact(path, runtime.device, args.eval_enc_recur_steps, sha256)
+    model = load_artifact(path, runtime.device, sha256)
     if tables is None:
         tables = build_byte_tables(args.tokenizer_path, model.vocab_size, str(path))
     check_token_ids(tokens.numpy(), model.vocab_size,

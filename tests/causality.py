@@ -30,9 +30,7 @@ VOCAB = 256  # the tiny student's vocabulary
 Distributions = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 # Every evaluation path and option, as the settings that switch it on (tiny_student's sizes:
-# 32-token windows, stride 8, a kNN chunk every 2 windows). The tiny random memory's read
-# residuals lie around 1, so a tolerance of 1.1 stops rows of the equilibrium read at different
-# steps (and a batch-wide residual would cross it or not depending on later tokens).
+# 32-token windows, stride 8, a kNN chunk every 2 windows).
 # Test-time training on every parameter, two steps a chunk, learning fast enough to move every
 # later score: 32-token chunks (4 windows; the first chunk scores targets 0..55, the next ones 32
 # each), cut into one-row micro-batches, so two ranks share a chunk's gradients.
@@ -42,23 +40,17 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "memory": dict(knn_lambda=0.0),
     "knn": dict(knn_lambda=0.5),
     "prior": dict(dec_prior_rank=4),
-    "recurrence": dict(enc_recur_steps=2),
-    "recurrence_at_eval": dict(enc_recur_steps=2, eval_enc_recur_steps=3),
-    "equilibrium": dict(eam_read_steps=4),
-    "equilibrium_tol": dict(eam_read_steps=4, eam_read_tol=1.1),
-    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, enc_recur_steps=2,
-                       eval_enc_recur_steps=3, eam_read_steps=4, eam_read_tol=1.1, **TTT),
+    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, **TTT),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
     "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
-    # A next-token memory mixed in through its prefix-only gate (it reads once: no equilibrium).
+    # A next-token memory mixed in through its prefix-only gate.
     "next_token": dict(eam_values="next_token", knn_lambda=0.5),
     # Evaluation-time writes into it, with the kNN store beside them and without.
     "next_token_writes": dict(eam_values="next_token", knn_lambda=0.0, eval_memory_writes=True),
     "next_token_writes_knn": dict(eam_values="next_token", knn_lambda=0.5,
                                   eval_memory_writes=True),
     "next_token_everything": dict(eam_values="next_token", knn_lambda=0.5, dec_prior_rank=4,
-                                  enc_recur_steps=2, eval_enc_recur_steps=3, eam_count_prior=0.5,
-                                  eval_memory_writes=True,
+                                  eam_count_prior=0.5, eval_memory_writes=True,
                                   **TTT | dict(ttt_params="decoder,gate")),
     "ttt": dict(knn_lambda=0.0, **TTT),
     "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),

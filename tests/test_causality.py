@@ -40,19 +40,6 @@ def test_a_split_shorter_than_one_window_scores_each_target_once(path, tmp_path)
     assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS[:20], [0, 9, 18])
 
 
-def test_the_equilibrium_read_decides_convergence_per_row():
-    torch.manual_seed(0)
-    tables = train_gpt.MemoryTables(torch.nn.functional.normalize(torch.randn(48, 8), dim=1),
-                                    torch.randn(48, 32), torch.zeros(48))
-    projection = torch.randn(32, 8) / 32**0.5
-    queries = torch.nn.functional.normalize(torch.randn(64, 8), dim=1)
-    read = train_gpt.memory_read_config(tiny_args(eam_read_steps=6, eam_read_tol=1.0))
-    together = train_gpt.read_memory_iterative(queries, tables, projection, read)
-    for row in range(0, queries.size(0), 3):
-        alone = train_gpt.read_memory_iterative(queries[row: row + 1], tables, projection, read)
-        torch.testing.assert_close(together[row: row + 1], alone, atol=1e-4, rtol=0)
-
-
 def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
     scores = []
     for windows in (1, 4, 8):

@@ -189,8 +189,7 @@ def test_no_training_step_ends_after_its_deadline(demo_data, monkeypatch):
                      grad_accum_world=1, train_log_every=1000)
     loader = train_gpt.DistributedTokenLoader(train_gpt.shard_paths(str(demo_data), "train"),
                                               CPU)
-    model = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=1,
-                                                  recur_steps=1))
+    model = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=1))
     clock = types.SimpleNamespace(now=100.0)
     clock.perf_counter = lambda: clock.now
     monkeypatch.setattr(train_gpt, "time", clock)  # the loop's clock, moved by the steps alone

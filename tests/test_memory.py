@@ -110,39 +110,6 @@ def usage_entropy(gamma: float) -> float:
 def test_conscience_spreads_writes_on_clustered_data():
     assert usage_entropy(gamma=1.0) > usage_entropy(gamma=0.0) + 0.05
 
-def test_equilibrium_read_completes_a_stored_pattern():
-    torch.manual_seed(0)
-    projection = torch.randn(16, 8) / 4
-    patterns = torch.randn(4, 16)
-    # Each pattern is stored at the address its own re-key points to: a fixed point of the read.
-    tables = train_gpt.MemoryTables(F.normalize(patterns @ projection, dim=1), patterns,
-                                    torch.zeros(4))
-    query = F.normalize(tables.addresses[:1] + F.normalize(torch.randn(1, 8), dim=1), dim=1)
-    one_step = train_gpt.MemoryReadConfig(k=4, beta=8.0, count_prior=0.0, steps=1, damping=0.5,
-                                          tol=0.0, values="hidden", alpha=0.0)
-    first = train_gpt.read_memory_iterative(query, tables, projection, one_step)
-    torch.testing.assert_close(first, train_gpt.read_memory(query, tables, 4, 8.0, 0.0))
-    read = dataclasses.replace(one_step, steps=8, damping=0.2)
-    trace: list = []
-    final = train_gpt.read_memory_iterative(query, tables, projection, read, trace)
-    residuals = [residual for residual, _ in trace]
-    assert len(trace) == 7 and residuals[-1] < 0.05 * residuals[0]
-    assert all(math.isfinite(energy) for _, energy in trace)
-    cosine = [F.cosine_similarity(read, patterns[:1]).item() for read in (first, final)]
-    assert cosine[1] > cosine[0] and cosine[1] > 0.99, cosine
-
-    # A tolerance ends the iteration at the first residual below it.
-    trace = []
-    train_gpt.read_memory_iterative(query, tables, projection,
-                                    dataclasses.replace(read, tol=0.01), trace)
-    assert len(trace) == next(i for i, r in enumerate(residuals, 1) if r < 0.01) < 7
-
-    # Gradients reach the encoder's query through the last read only, and do reach it.
-    query = query.clone().requires_grad_(True)
-    train_gpt.read_memory_iterative(query, tables, projection, read).sum().backward()
-    assert query.grad is not None and query.grad.abs().sum() > 0
-
-
 def test_write_mass_usage_against_a_direct_count():
     counts = torch.tensor([50.0, 30.0, 0.0, 20.0] + [0.0] * 196)  # 200 slots, 3 written
     usage = train_gpt.write_mass_usage(counts[:4], capacity=200)
@@ -220,8 +187,8 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
     tables = train_gpt.next_token_tables(F.normalize(torch.randn(20, 8), dim=1), counts, 5)
     torch.testing.assert_close(tables.patterns.sum(1), torch.ones(20))
     assert torch.equal(tables.next_tokens, counts.topk(5, dim=1).indices)
-    read = train_gpt.MemoryReadConfig(k=4, beta=6.0, count_prior=0.0, steps=1, damping=0.5,
-                                      tol=0.0, values="next_token", alpha=0.3)
+    read = train_gpt.MemoryReadConfig(k=4, beta=6.0, count_prior=0.0, values="next_token",
+                                      alpha=0.3)
     queries = F.normalize(torch.randn(7, 8), dim=1)
     p_mem, top_sims = train_gpt.read_next_tokens(queries, tables, read, 30)
     sims = queries @ tables.addresses.T

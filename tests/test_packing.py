@@ -34,10 +34,9 @@ def scores(model, tokens):
         return train_gpt.student_scorer(model.eval())(tokens, mask)[0]
 
 
-# The options of the ideas ablation change what is packed: a prior's tables, tied passes, the
-# count prior's log counts, and a next-token memory (token ids, log counts and the gate).
-@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, enc_recur_steps=2,
-                                              eam_read_steps=3, eam_count_prior=0.5),
+# The options of the ideas ablation change what is packed: a prior's tables, the count prior's
+# log counts, and a next-token memory (token ids, log counts and the gate).
+@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, eam_count_prior=0.5),
                                      dict(eam_values="next_token", eam_top_tokens=16)])
 def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes_nothing(
         tmp_path, options):
@@ -188,6 +187,10 @@ def test_fit_drops_least_written_locations_until_under_the_limit(values):
 @pytest.mark.parametrize("corrupt, message", [
     (lambda raw: b"NOTEAM!!" + raw[8:], "not an eam-golf artifact"),
     (lambda raw: raw[:8] + (99).to_bytes(4, "little") + raw[12:], "version 99"),
+    # An artifact of the previous format (its configs had the removed ideas' fields).
+    (lambda raw: raw[:8] + (train_gpt.ARTIFACT_VERSION - 1).to_bytes(4, "little") + raw[12:],
+     f"artifact version {train_gpt.ARTIFACT_VERSION - 1}, expected "
+     f"{train_gpt.ARTIFACT_VERSION}"),
     (lambda raw: raw[:-10] + bytes(10), "checksum mismatch"),
     (lambda raw: raw[: len(raw) // 2], "checksum mismatch"),
     (lambda raw: raw[:20], "truncated"),
@@ -207,7 +210,7 @@ def test_the_baseline_round_trips_as_a_transformer_and_says_so(tmp_path):
     a TransformerLM with the same config, and its scores are the teacher's up to quantization."""
     args = tiny_args(vocab_size=256)
     torch.manual_seed(0)
-    teacher = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args, recur_steps=1))
+    teacher = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args))
     with torch.no_grad():
         for param in teacher.parameters():
             param.add_(0.02 * torch.randn_like(param))

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 import train_gpt
@@ -42,7 +44,6 @@ def test_any_setting_overrides_the_profile():
     ({"TEACHER_TIME_FRAC": "0.9"}, "TEACHER_TIME_FRAC"),
     ({"EAM_VALUES": "both"}, "EAM_VALUES='both'"),
     ({"EAM_TOP_TOKENS": "0"}, "EAM_TOP_TOKENS=0"),
-    ({"EAM_VALUES": "next_token", "EAM_READ_STEPS": "3"}, "EAM_READ_STEPS=3"),
     ({"EAM_VALUES": "next_token", "EAM_READ_ALPHA": "0"}, "EAM_READ_ALPHA=0.0"),
     ({"TTT_BATCH_ROWS": "0"}, "TTT_BATCH_ROWS=0"),
     ({"KNN_CHUNK_TOKENS": "512"}, "KNN_CHUNK_TOKENS='512': this setting is now called "
@@ -51,6 +52,15 @@ def test_any_setting_overrides_the_profile():
 def test_bad_values_name_the_variable(environ, variable):
     with pytest.raises(ValueError, match=variable):
         Hyperparameters.from_env(environ)
+
+
+@pytest.mark.parametrize("name", ["EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL",
+                                  "ENC_RECUR_STEPS", "EVAL_ENC_RECUR_STEPS"])
+def test_a_removed_setting_is_refused_saying_so(name):
+    assert name.lower() not in {field.name for field in dataclasses.fields(Hyperparameters)}
+    with pytest.raises(ValueError, match=f"{name}='1': this setting was removed \\(it measured "
+                                         "no gain"):
+        Hyperparameters.from_env({name: "1"})
 
 
 def test_settings_are_frozen():

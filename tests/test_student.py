@@ -1,4 +1,4 @@
-"""The student's options: a recurrent (weight-tied) encoder and a low-rank vocabulary prior."""
+"""The student's low-rank vocabulary prior, and its distillation loss."""
 
 import dataclasses
 
@@ -6,63 +6,7 @@ import pytest
 import torch
 
 import train_gpt
-from tests.helpers import tiny_args, tiny_student, write_artifact
-
-
-class PassBoundary(torch.nn.Module):
-    """A block that first adds the token embeddings back: where one pass over the tied blocks
-    ends and the next begins, built from the outside of the plain network."""
-
-    def __init__(self, block: torch.nn.Module, embeddings: dict):
-        super().__init__()
-        self.block, self.embeddings = block, embeddings
-
-    def forward(self, x, cos, sin):
-        return self.block(x + self.embeddings["output"], cos, sin)
-
-
-def test_recurrent_passes_equal_a_deeper_plain_stack_of_the_same_blocks():
-    args = tiny_args()
-    config = train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=2, recur_steps=3)
-    torch.manual_seed(0)
-    recurrent = train_gpt.GPT(config)
-    with torch.no_grad():
-        for param in recurrent.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    idx = torch.randint(0, args.vocab_size, (2, 16))
-
-    # The reference: the plain network, six blocks deep, blocks 3-6 the same two again, the
-    # embeddings re-entering before blocks 3 and 5 (through a hook on the embedding's output).
-    plain = train_gpt.GPT(dataclasses.replace(config, num_layers=6, recur_steps=1))
-    plain.embed = recurrent.embed
-    embeddings: dict = {}
-    plain.embed.register_forward_hook(lambda module, inputs, out: embeddings.update(output=out))
-    blocks = list(recurrent.blocks)
-    plain.blocks = torch.nn.ModuleList(
-        [*blocks, PassBoundary(blocks[0], embeddings), blocks[1],
-         PassBoundary(blocks[0], embeddings), blocks[1]])
-    torch.testing.assert_close(recurrent.body(idx)[0], plain.body(idx)[0])
-
-    # The tied passes add no parameter: a one-pass network loads the same weights.
-    once = train_gpt.GPT(dataclasses.replace(config, recur_steps=1))
-    once.load_state_dict(recurrent.state_dict())
-    assert not torch.allclose(once.body(idx)[0], recurrent.body(idx)[0])
-
-
-def test_more_passes_at_evaluation_than_in_training_still_give_a_distribution(tmp_path):
-    args, student = tiny_student(enc_recur_steps=2)
-    path = write_artifact(tmp_path / "model.eam", args, student)
-    tokens = torch.randint(0, 256, (2, 32))
-    mask = torch.ones(2, 32, dtype=torch.bool)
-    scores = {}
-    for steps in (2, 4):
-        model = train_gpt.load_artifact(path, torch.device("cpu"), encoder_recur_steps=steps)
-        assert model.encoder.config.recur_steps == steps
-        with torch.no_grad():
-            scores[steps], _ = train_gpt.student_scorer(model)(tokens, mask)
-        assert torch.isfinite(scores[steps]).all()
-        torch.testing.assert_close(scores[steps].exp().sum(1), torch.ones(64))
-    assert not torch.equal(scores[2], scores[4])
+from tests.helpers import tiny_student
 
 
 def test_a_fresh_prior_leaves_the_logits_unchanged_and_then_adds_a_bigram_term():

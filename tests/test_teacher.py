@@ -9,8 +9,7 @@ from tests.helpers import CPU, tiny_args, tiny_student
 
 
 def gpt_config(args, num_layers: int = 2) -> train_gpt.GPTConfig:
-    return train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=num_layers,
-                                   recur_steps=1)
+    return train_gpt.settings_view(train_gpt.GPTConfig, args, num_layers=num_layers)
 
 
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (96, 96)])
