@@ -40,11 +40,13 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "memory": dict(knn_lambda=0.0),
     "knn": dict(knn_lambda=0.5),
     "prior": dict(dec_prior_rank=4),
-    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, **TTT),
+    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, eam_count_prior=0.5, **TTT),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
     "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
     # A next-token memory mixed in through its prefix-only gate.
     "next_token": dict(eam_values="next_token", knn_lambda=0.5),
+    # The shipped defaults' combination: that memory, the kNN store and TTT of every parameter.
+    "next_token_ttt": dict(eam_values="next_token", knn_lambda=0.5, **TTT),
     # Evaluation-time writes into it, with the kNN store beside them and without.
     "next_token_writes": dict(eam_values="next_token", knn_lambda=0.0, eval_memory_writes=True),
     "next_token_writes_knn": dict(eam_values="next_token", knn_lambda=0.5,
