@@ -745,3 +745,8 @@ def test_record_from_a_real_tiny_run(pipeline_runs, tmp_path: Path,
     doc = json.loads((folder / "submission.json").read_text())
     assert doc["cuda_version"] and doc["flash_attn_version"] and doc["pytorch_version"]
     assert "Teacher GPT 2x128" in doc["technique_summary"]
+    # The record describes the memory the run built: the default, next-token counts.
+    assert "Memory of next-token counts" in doc["technique_summary"]
+    assert doc["blurb"].startswith("An Elastic Associative Memory counts the tokens")
+    readme = (folder / "README.md").read_text()
+    assert "spherical k-means" in readme and "hidden state" not in readme
