@@ -5,8 +5,9 @@ The pipeline, in the order this file reads:
   2. runtime       torchrun or single process, NCCL on CUDA, gloo on CPU, one log function
   3. data          challenge-format shards, each rank its own part, bits-per-byte tables
   4. teacher       a modern GPT trained with DDP + Muon inside its share of the time budget
-  5. memory        teacher hidden states -> keys/values -> Elastic Associative Memory (EAM)
-  6. distillation  encoder (tokens -> memory keys) and decoder (readout -> logits)
+  5. memory        teacher states -> keys; the next tokens (or the states) -> Elastic
+                   Associative Memory (EAM) counts
+  6. distillation  encoder (tokens -> memory keys), decoder and gate (features, read -> logits)
   7. packing       int8 + zstandard artifact that fits 16,000,000 bytes with this file counted
   8. evaluation    from the artifact bytes alone: sliding windows, a score-first kNN store and
                    score-first test-time training
@@ -1283,13 +1284,13 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # merge. Reads take a softmax over the top-k similarities of the mean patterns counter / count.
 #
 # Keys are a fixed random projection of the teacher's hidden state (layer EAM_KEY_LAYER, the
-# final one by default), normalized; values are the teacher's final normalized hidden state, so a
-# readout lives where the teacher's output head already knows how to read it.
+# final one by default), normalized; with EAM_VALUES=hidden, values are the teacher's final
+# normalized hidden state, so a readout lives where the teacher's output head can read it.
 #
-# With EAM_VALUES=next_token a location instead counts the true next tokens of the keys written
-# to it (what the encoder cannot compute: statistics of far more tokens than the teacher saw; the
-# counts are additive, so writing is one index_add_). Addresses are then placed by a few k-means
-# passes over sampled keys: cheap, and every location ends up used (issue 12 measured the
+# With EAM_VALUES=next_token (the default) a location counts the true next tokens of the keys
+# written to it (what the encoder cannot compute: statistics of far more tokens than the teacher
+# saw; the counts are additive, so writing is one index_add_). Addresses are then placed by a few
+# k-means passes over sampled keys: cheap, and every location ends up used (issue 12 measured the
 # novelty/split path leaving most of the capacity empty). A location ships its top EAM_TOP_TOKENS
 # tokens with their renormalized probabilities and its write count n; the read smooths each one
 # toward uniform, (n q + alpha / V) / (n + alpha), so the memory's distribution is full.
