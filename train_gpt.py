@@ -1399,13 +1399,21 @@ class MemoryReadConfig:
     alpha: float
 
 
+def next_token_rows(tables: MemoryTables, vocab_size: int) -> torch.Tensor:
+    """Each location's kept tokens as a dense row of probabilities [M, V]: what a read sums, made
+    once per memory rather than on every read."""
+    return tables.patterns.new_zeros(tables.patterns.size(0), vocab_size).scatter_add_(
+        1, tables.next_tokens, tables.patterns)
+
+
 def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryReadConfig,
-                     vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     token_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The memory's next-token distribution p_mem [N, V] and the top-k similarities [N, k].
 
     The locations' weights are read_memory's; each location's distribution is its top-T tokens
-    smoothed toward uniform, (n q + alpha / V) / (n + alpha) for a location written n times, so
-    p_mem sums to 1 and is positive everywhere. Differentiable with respect to the queries.
+    (token_rows, next_token_rows of the tables) smoothed toward uniform, (n q + alpha / V) /
+    (n + alpha) for a location written n times, so p_mem sums to 1 and is positive everywhere.
+    Differentiable with respect to the queries.
     """
     sims = queries @ tables.addresses.to(queries.dtype).T  # [N, M]
     top_sims, top_index = sims.topk(min(read.k, sims.size(1)), dim=1)
@@ -1419,13 +1427,11 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
     total = counts + read.alpha + (0 if scored is None else scored.sum(1)[top_index])
     kept = weights * counts / total  # [N, k] mass of the locations' top tokens
     # Not weights - kept: for a location written millions of times that difference rounds to 0.
-    uniform = (weights * read.alpha / total).sum(1, keepdim=True) / vocab_size
-    # Each location's kept tokens as a dense row [M, V]; a weighted bag of rows sums them in a
-    # fixed order (a scatter_add of [N, k T] tokens would sum colliding tokens in no fixed order
-    # on CUDA) and stays fp32 under autocast, so p_mem sums to 1 to float precision.
-    dense = tables.patterns.new_zeros(tables.patterns.size(0), vocab_size).scatter_add_(
-        1, tables.next_tokens, tables.patterns)
-    p_mem = uniform + F.embedding_bag(top_index, dense, per_sample_weights=kept, mode="sum")
+    uniform = (weights * read.alpha / total).sum(1, keepdim=True) / token_rows.size(1)
+    # A weighted bag of dense rows sums them in a fixed order (a scatter_add of [N, k T] tokens
+    # would sum colliding tokens in no fixed order on CUDA) and stays fp32 under autocast, so
+    # p_mem sums to 1 to float precision.
+    p_mem = uniform + F.embedding_bag(top_index, token_rows, per_sample_weights=kept, mode="sum")
     if scored is not None:
         p_mem = p_mem + F.embedding_bag(top_index, scored, per_sample_weights=weights / total,
                                         mode="sum")
@@ -1462,6 +1468,12 @@ def memory_write_config(args: Hyperparameters) -> MemoryWriteConfig:
 SIMILARITY_ROWS = 8192
 
 
+def nearest_addresses(keys: torch.Tensor, addresses: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The index of each unit key's most similar address [N], in blocks of `chunk` keys."""
+    return torch.cat([(keys[begin: begin + chunk] @ addresses.T).argmax(dim=1)
+                      for begin in range(0, keys.size(0), chunk)])
+
+
 def kmeans_addresses(sample: torch.Tensor, count: int, generator: torch.Generator,
                      passes: int = 4, chunk: int = SIMILARITY_ROWS) -> torch.Tensor:
     """Up to `count` unit addresses placed on the sample's unit keys [S, K]: seeded with distinct
@@ -1470,8 +1482,7 @@ def kmeans_addresses(sample: torch.Tensor, count: int, generator: torch.Generato
     order = torch.randperm(sample.size(0), generator=generator, device=generator.device)
     centres = sample[order.to(sample.device)[:count]].clone()
     for _ in range(passes):
-        nearest = torch.cat([(sample[begin: begin + chunk] @ centres.T).argmax(dim=1)
-                             for begin in range(0, sample.size(0), chunk)])
+        nearest = nearest_addresses(sample, centres, chunk)
         sums = torch.zeros_like(centres).index_add_(0, nearest, sample)
         won = torch.bincount(nearest, minlength=centres.size(0)) > 0
         centres = torch.where(won[:, None], F.normalize(sums, dim=1), centres)
@@ -1764,9 +1775,11 @@ def memory_diagnostics(read: MemoryReadConfig, memory: ElasticMemory, keys: torc
         written = memory.counters[: memory.size]
         single = next_token_tables(tables.addresses[:1], written.sum(0, keepdim=True),
                                    tables.patterns.size(1))
-        nll = {name: -read_next_tokens(keys, read_tables, read, written.size(1))[0].gather(
-            1, values[:, None]).log().mean().item()
-            for name, read_tables in (("memory", tables), ("unigram", single))}
+        nll = {}
+        for name, read_tables in (("memory", tables), ("unigram", single)):
+            rows = next_token_rows(read_tables, written.size(1))
+            p_mem = read_next_tokens(keys, read_tables, read, rows)[0]
+            nll[name] = -p_mem.gather(1, values[:, None]).log().mean().item()
         kept = written.topk(tables.patterns.size(1), dim=1).values.sum() / written.sum()
         return dict(memory_nll=nll["memory"], unigram_nll=nll["unigram"],
                     top_tokens_mass=kept.item())
@@ -1948,6 +1961,8 @@ class MemoryLM(nn.Module):
         self.register_buffer("log_counts", tables.log_counts)
         self.register_buffer("next_tokens", tables.next_tokens)  # None (no buffer) for hidden
         self.register_buffer("scored_counts", None, persistent=False)  # MemoryWrites fills it
+        rows = next_token_rows(tables, vocab) if next_token else None
+        self.register_buffer("token_rows", rows, persistent=False)  # derived, never packed
 
     @property
     def tables(self) -> MemoryTables:
@@ -1975,7 +1990,7 @@ class MemoryLM(nn.Module):
             state = self.decoder(readout.to(features.dtype), features)
         else:
             p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read,
-                                               self.config.encoder.vocab_size)
+                                               self.token_rows)
             expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
             state = self.decoder(features, expected)
         logits = self.encoder.logits(state)
@@ -2515,8 +2530,7 @@ class MemoryWrites:
                                           device=model.addresses.device)
 
     def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
-        nearest = torch.cat([(keys[begin: begin + SIMILARITY_ROWS] @ self.model.addresses.T)
-                             .argmax(1) for begin in range(0, keys.size(0), SIMILARITY_ROWS)])
+        nearest = nearest_addresses(keys, self.model.addresses, SIMILARITY_ROWS)
         self.model.scored_counts.index_put_((nearest, targets),
                                             torch.ones_like(targets, dtype=torch.float),
                                             accumulate=True)

@@ -190,7 +190,8 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
     read = train_gpt.MemoryReadConfig(k=4, beta=6.0, count_prior=0.0, values="next_token",
                                       alpha=0.3)
     queries = F.normalize(torch.randn(7, 8), dim=1)
-    p_mem, top_sims = train_gpt.read_next_tokens(queries, tables, read, 30)
+    rows = train_gpt.next_token_rows(tables, 30)
+    p_mem, top_sims = train_gpt.read_next_tokens(queries, tables, read, rows)
     sims = queries @ tables.addresses.T
     top = sims.topk(4, dim=1)
     weights = torch.softmax(6.0 * top.values, dim=1)
@@ -202,11 +203,12 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
     assert (p_mem > 0).all()
     # A location written a billion times still leaves every token a positive probability.
     heavy = train_gpt.next_token_tables(tables.addresses, counts * 1e9, 5)
-    assert (train_gpt.read_next_tokens(queries, heavy, read, 30)[0] > 0).all()
+    heavy_rows = train_gpt.next_token_rows(heavy, 30)
+    assert (train_gpt.read_next_tokens(queries, heavy, read, heavy_rows)[0] > 0).all()
     # Counts written at evaluation (some locations only) join each location's own.
     scored = torch.poisson(torch.rand(20, 30) * 3) * (torch.rand(20, 1) < 0.5)
     written = dataclasses.replace(tables, scored_counts=scored)
-    p_written, _ = train_gpt.read_next_tokens(queries, written, read, 30)
+    p_written, _ = train_gpt.read_next_tokens(queries, written, read, rows)
     expected = (weights[:, :, None] * dense_location_distributions(written, 30, 0.3)[
         top.indices]).sum(1)
     torch.testing.assert_close(p_written, expected)
