@@ -1961,8 +1961,9 @@ class MemoryLM(nn.Module):
         self.register_buffer("log_counts", tables.log_counts)
         self.register_buffer("next_tokens", tables.next_tokens)  # None (no buffer) for hidden
         self.register_buffer("scored_counts", None, persistent=False)  # MemoryWrites fills it
-        rows = next_token_rows(tables, vocab) if next_token else None
-        self.register_buffer("token_rows", rows, persistent=False)  # derived, never packed
+        # Derived, never packed (absent for a hidden memory and for a weightless skeleton).
+        rows = None if tables.next_tokens is None else next_token_rows(tables, vocab)
+        self.register_buffer("token_rows", rows, persistent=False)
 
     @property
     def tables(self) -> MemoryTables:
