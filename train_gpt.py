@@ -181,6 +181,9 @@ class Hyperparameters:
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
     distill_kl_weight: float = 0.5
+    # The end-to-end phase keeps the key head near the teacher's keys with this weight on the
+    # key phase's loss: the addresses and the kNN store's keys live in that space.
+    distill_key_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_iterations: int = 0
     distill_key_iterations: int = 0
@@ -2027,6 +2030,11 @@ def distillation_loss(scores: torch.Tensor, targets: torch.Tensor, teacher_logit
     return loss
 
 
+def key_distance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """1 - the mean cosine of unit queries and unit teacher keys [N, K]: 0 when they agree."""
+    return 1 - (queries * keys).sum(-1).mean()
+
+
 def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> MemoryLM:
     torch.manual_seed(args.seed + 1)
     student = MemoryLM(student_config(args), tables).to(tables.addresses.device)
@@ -2051,14 +2059,18 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
 
     def key_loss(model, x, y):
         queries, _, _ = model(x, keys_only=True)
-        return 1 - (queries * teacher_targets(x)[0]).sum(-1).mean()
+        return key_distance(queries, teacher_targets(x)[0])
 
     def lm_loss(model, x, y):
-        _, scores, logits = model(x)
+        queries, scores, logits = model(x)
         with torch.no_grad():
-            teacher_logits = teacher.logits(teacher_targets(x)[1])
-        return distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
+            teacher_keys, teacher_states = teacher_targets(x)
+            teacher_logits = teacher.logits(teacher_states)
+        loss = distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
                                  args.distill_temperature, logits)
+        if args.distill_key_weight:
+            loss = loss + args.distill_key_weight * key_distance(queries, teacher_keys)
+        return loss
 
     stop_at = stage_end(run_started, args,
                         args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
@@ -2076,8 +2088,17 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
                for phase in phases if phase.stop_at > time.perf_counter()}
     student.eval().requires_grad_(False)
     assert_replicas_identical(runtime, "student", list(student.state_dict().values()))
+    # How far the key head ends from the teacher's keys, which placed the addresses and share
+    # their space with the kNN store's keys (key_distance on one more batch of training data).
+    _, rank_tokens = rank_batch_tokens(*batch, runtime.world_size, args.grad_accum_world,
+                                       "DISTILL_BATCH_TOKENS")
+    x, _ = loader.next_batch(rank_tokens, args.train_seq_len)
+    with torch.no_grad(), autocast(runtime):
+        drift = key_distance(student(x, keys_only=True)[0], teacher_targets(x)[0]).float()
+    drift = all_reduce_(drift).item() / runtime.world_size
     summary = " ".join(f"{name}_steps:{stats['steps']} {name}_loss:{stats['loss']:.4f}"
                        for name, stats in results.items())
+    summary += f" key_drift:{drift:.4f}"
     params = sum(p.numel() for p in student.parameters())
     log_stage(runtime, "distill", elapsed_ms(started),
               f"params:{params} dec_sees_encoder:{int(args.dec_sees_encoder)} {summary}")
