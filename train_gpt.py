@@ -175,8 +175,9 @@ class Hyperparameters:
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
     distill_kl_weight: float = 0.5
-    # The end-to-end phase keeps the key head near the teacher's keys with this weight on the
-    # key phase's loss: the addresses and the kNN store's keys live in that space.
+    # The key phase's loss at this weight in the end-to-end phase holds the key head near the
+    # teacher's keys. Off: left free, the memory's read moves it (key_drift) where the kNN store
+    # finds better neighbours (README, "The memory against the baseline").
     distill_key_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_iterations: int = 0
