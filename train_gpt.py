@@ -5,8 +5,8 @@ The pipeline, in the order this file reads:
   2. runtime       torchrun or single process, NCCL on CUDA, gloo on CPU, one log function
   3. data          challenge-format shards, each rank its own part, bits-per-byte tables
   4. teacher       a modern GPT trained with DDP + Muon inside its share of the time budget
-  5. memory        teacher states -> keys; the next tokens (or the states) -> Elastic
-                   Associative Memory (EAM) counts
+  5. memory        teacher states -> keys; the next tokens -> Elastic Associative Memory (EAM)
+                   counts at k-means-placed addresses
   6. distillation  encoder (tokens -> memory keys), decoder and gate (features, read -> logits)
   7. packing       int8 + zstandard artifact that fits 16,000,000 bytes with this file counted
   8. evaluation    from the artifact bytes alone: sliding windows, a score-first kNN store and
@@ -54,9 +54,6 @@ import torch.nn.functional as F
 
 DEMO_DATA = "./data/demo_sp1024"
 SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
-# What a memory location stores (EAM_VALUES): the teacher's hidden state, read as a readout the
-# decoder turns into logits, or next-token counts, read as a distribution mixed with the model's.
-MEMORY_VALUES = ("hidden", "next_token")
 # What both CPU profiles share: the demo data, a capped validation split, no compilation, the
 # teacher scored beside the memory, and the teacher options that help at these small sizes
 # (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
@@ -75,14 +72,21 @@ CPU_SIZES: dict[str, tuple[object, object]] = dict(
     mlp_mult=(2, 3), xsa_layers=(2, 4), train_seq_len=(128, 256),
     train_batch_tokens=(4096, 8192), warmup_steps=(5, 10), eam_locations=(1024, 4096),
     eam_key_dim=(32, 64), eam_organize_tokens=(16384, 65536), eam_batch=(1024, 2048),
-    eam_split_count=(512.0, 2048.0), enc_layers=(2, 3), dec_hidden=(256, 512),
+    enc_layers=(2, 3), dec_hidden=(256, 512),
     distill_batch_tokens=(4096, 8192), eval_seq_len=(128, 256), eval_batch_windows=(64, 32),
 )
 RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
-# Ideas removed from the code after they measured no gain (README, "Memory ideas, measured"):
-# refused too, so that no run silently goes without what it asked for.
-REMOVED_SETTINGS = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
-                    "EVAL_ENC_RECUR_STEPS")
+# Settings of ideas removed from the code after they measured no gain, or worse (README,
+# "Memory ideas, measured"), and why: refused too, so that no run silently goes without what it
+# asked for.
+REMOVED_SETTINGS: dict[str, str] = {
+    **dict.fromkeys(("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
+                     "EVAL_ENC_RECUR_STEPS"), "it measured no gain"),
+    **dict.fromkeys(("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA_DECAY",
+                     "EAM_TAU", "EAM_NOVELTY", "EAM_SPLIT_COUNT", "EAM_MERGE_THRESHOLD"),
+                    "it belonged to the hidden-state memory, which measured worse than "
+                    "next-token counts"),
+}
 PROFILES: dict[str, dict[str, object]] = {
     # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
     "competition": {},
@@ -156,19 +160,9 @@ class Hyperparameters:
     eam_read_k: int = 32
     eam_read_beta: float = 20.0
     eam_count_prior: float = 0.0
-    eam_gamma: float = 0.3
-    eam_eta: float = 0.5
-    eam_eta_floor: float = 0.02
-    eam_eta_decay: float = 0.99999
-    eam_tau: float = 50.0
-    eam_novelty: float = 0.5
-    eam_split_count: float = 4096.0
-    eam_merge_threshold: float = 0.97
-    eam_organize_tokens: int = 262144
+    eam_organize_tokens: int = 262144  # the sample k-means places the addresses on
     eam_write_tokens: int = 0
     eam_batch: int = 8192
-    # Next-token counts beat hidden states on both CPU profiles (README, "Next-token memory").
-    eam_values: str = "next_token"
     eam_top_tokens: int = 128
     eam_read_alpha: float = 0.1
     # Distillation.
@@ -181,6 +175,10 @@ class Hyperparameters:
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
     distill_kl_weight: float = 0.5
+    # The key phase's loss at this weight in the end-to-end phase holds the key head near the
+    # teacher's keys. Off: left free, the memory's read moves it (key_drift) where the kNN store
+    # finds better neighbours (README, "The memory against the baseline").
+    distill_key_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_iterations: int = 0
     distill_key_iterations: int = 0
@@ -215,10 +213,10 @@ class Hyperparameters:
         for old, new in RENAMED_SETTINGS.items():
             if old in environ:
                 raise ValueError(f"{old}={environ[old]!r}: this setting is now called {new}")
-        for old in REMOVED_SETTINGS:
+        for old, reason in REMOVED_SETTINGS.items():
             if old in environ:
-                raise ValueError(f"{old}={environ[old]!r}: this setting was removed (it measured "
-                                 "no gain; see README, \"Memory ideas, measured\")")
+                raise ValueError(f"{old}={environ[old]!r}: this setting was removed ({reason}; "
+                                 "see README, \"Memory ideas, measured\")")
         values: dict[str, object] = {"profile": profile, **PROFILES[profile]}
         types = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
@@ -236,7 +234,7 @@ class Hyperparameters:
         object.__setattr__(self, "artifact_path", self.artifact_path or f"{self.run_id}.eam")
         for field in dataclasses.fields(self):
             value, name = getattr(self, field.name), field.name.upper()
-            signed = field.name in ("eam_key_layer", "eam_novelty", "eam_merge_threshold")
+            signed = field.name == "eam_key_layer"
             if types[field.name] is float and not math.isfinite(value):
                 raise ValueError(f"{name}={value}: must be a finite number")
             if types[field.name] in (int, float) and value < 0 and not signed:
@@ -245,7 +243,7 @@ class Hyperparameters:
         positive = ["vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_layers",
                     "mlp_mult", "logit_softcap", "rope_base", "train_seq_len",
                     "train_batch_tokens", "grad_accum_world", "train_log_every", "eam_locations",
-                    "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "eam_tau",
+                    "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "eam_read_alpha",
                     "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k", "eam_top_tokens",
                     "eval_chunk_tokens", "knn_capacity", "ttt_batch_rows",
@@ -254,7 +252,7 @@ class Hyperparameters:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must be positive")
         fractions = ["teacher_time_frac", "eam_time_frac", "distill_time_frac", "warmdown_frac",
-                     "distill_key_frac", "ema_decay", "eam_eta_decay"]
+                     "distill_key_frac", "ema_decay"]
         for name in fractions:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name.upper()}={getattr(self, name)}: must lie in [0, 1]")
@@ -285,15 +283,9 @@ class Hyperparameters:
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be <= "
                              f"EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.eam_values not in MEMORY_VALUES:
-            raise ValueError(f"EAM_VALUES={self.eam_values!r}: expected one of {MEMORY_VALUES}")
-        if self.eval_memory_writes and not self.eval_only and (
-                self.model != "eam" or self.eam_values != "next_token"):
-            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into a next-token memory: MODEL="
-                             f"{self.model!r} EAM_VALUES={self.eam_values!r} has none")
-        if self.eam_values == "next_token" and self.eam_read_alpha <= 0:
-            raise ValueError(f"EAM_VALUES=next_token reads a smoothed distribution: "
-                             f"EAM_READ_ALPHA={self.eam_read_alpha} must be positive")
+        if self.eval_memory_writes and not self.eval_only and self.model != "eam":
+            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into the memory: MODEL="
+                             f"{self.model!r} has none")
 
 
 def default_run_id(profile: str, seed: int) -> str:
@@ -457,8 +449,8 @@ def failures_logged(runtime: Runtime):
 def stage_end(started: float, args: Hyperparameters, share: float) -> float:
     """The one training deadline: the perf_counter time by which the stages that read training
     data must have used `share` (cumulative) of MAX_WALLCLOCK_SECONDS after `started`, less the
-    reserve kept for packing. Time one part overruns (setup, checks, the organize phase,
-    diagnostics) comes out of the next stages, never on top."""
+    reserve kept for packing. Time one part overruns (setup, checks, placing the memory's
+    addresses, diagnostics) comes out of the next stages, never on top."""
     return started + share * args.max_wallclock_seconds * (1 - args.train_reserve_frac)
 
 
@@ -1277,28 +1269,24 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # -------------------------------------------------------------------------------------------------
 # 5. Memory
 #
-# The Elastic Associative Memory keeps up to M locations, each a unit address in key space, a
-# counter in value space and a write count. Writes go to the top-k nearest addresses with weights
-# sim / best_sim; the conscience-penalized winner (and, ten times slower, its neighbours) moves
-# toward the key. Novel keys found new locations, overloaded locations split, near-duplicates
-# merge. Reads take a softmax over the top-k similarities of the mean patterns counter / count.
+# The Elastic Associative Memory keeps up to M locations, each a unit address in key space with
+# the counts of the next tokens written to it. Keys are a fixed random projection of the
+# teacher's hidden state (layer EAM_KEY_LAYER, the final one by default), normalized; what a key
+# writes is the true next token. The memory holds what the encoder cannot compute: statistics of
+# far more tokens than the teacher saw (the counts are additive, so writing is one index_add_).
 #
-# Keys are a fixed random projection of the teacher's hidden state (layer EAM_KEY_LAYER, the
-# final one by default), normalized; with EAM_VALUES=hidden, values are the teacher's final
-# normalized hidden state, so a readout lives where the teacher's output head can read it.
+# Addresses are placed once, by a few passes of spherical k-means over a sample of keys
+# (EAM_ORGANIZE_TOKENS): cheap, and every location ends up used. They are then frozen, and each
+# key adds to the counts of its next token at its top EAM_WRITE_K locations the softmax
+# (EAM_READ_BETA) of its similarities to them, so each written token adds mass 1. A location
+# ships its top EAM_TOP_TOKENS tokens with their renormalized probabilities and its write count
+# n; a read weighs the top EAM_READ_K locations by a softmax of their similarities and smooths
+# each one toward uniform, (n q + alpha / V) / (n + alpha), so the memory's distribution is full.
 #
-# With EAM_VALUES=next_token (the default) a location counts the true next tokens of the keys
-# written to it (what the encoder cannot compute: statistics of far more tokens than the teacher
-# saw; the counts are additive, so writing is one index_add_). Addresses are then placed by a few
-# k-means passes over sampled keys: cheap, and every location ends up used (issue 12 measured the
-# novelty/split path leaving most of the capacity empty). A location ships its top EAM_TOP_TOKENS
-# tokens with their renormalized probabilities and its write count n; the read smooths each one
-# toward uniform, (n q + alpha / V) / (n + alpha), so the memory's distribution is full.
-#
-# Distributed build, identical on every rank: an organize phase learns the addresses on a sample
-# that all ranks share (gathered, each rank running the teacher on its part), then an accumulate
-# phase with frozen addresses in which each rank writes its own data and counters and counts are
-# summed with all_reduce. Counters are additive, so the sum equals a single-process build.
+# Distributed build, identical on every rank: the addresses are placed on a sample that all
+# ranks share (gathered, each rank running the teacher on its part), then each rank writes its
+# own data with the addresses frozen and the counts are summed with all_reduce. Counts are
+# additive, so the sum equals a single-process build.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1308,59 +1296,14 @@ def key_projection(model_dim: int, key_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(model_dim, key_dim, generator=generator) / math.sqrt(model_dim)
 
 
-def topk_write_weights(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k locations per key, weighted max(sim, 0) / best sim (the best gets weight 1)."""
-    top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
-    best = top_sims[:, :1]
-    weights = top_sims.clamp_min(0) / best.clamp_min(1e-6)
-    weights[:, 0] = 1.0
-    return top_index, weights
-
-
-def conscience_winner(sims: torch.Tensor, counts: torch.Tensor, gamma: float) -> torch.Tensor:
-    """argmax_j sim_ij - gamma * n_j / mean(n) over the active locations.
-
-    The conscience of competitive learning (DeSieno 1988, "Adding a conscience to competitive
-    learning"): a location that wins too often is handicapped, so every location gets used.
-    This is the published gamma * n_j / sum(n) rescaled by the number of active locations, so
-    gamma means the same thing whatever the memory's size (over all M slots, or unscaled, the
-    penalty would be ~1/M and do nothing).
-    """
-    penalty = gamma * counts / counts.mean().clamp_min(1e-6)
-    return (sims - penalty).argmax(dim=1)
-
-
-def pull_addresses(addresses: torch.Tensor, index: torch.Tensor, keys: torch.Tensor,
-                   rates: torch.Tensor) -> torch.Tensor:
-    """Move addresses[index[i]] toward keys[i] at rates[i], every update counted.
-
-    Several keys that hit one location in a batch pull it toward their rate-weighted mean with
-    the combined rate 1 - prod(1 - rate_i), the rate that applying them one by one would give.
-    Returns the renormalized addresses.
-    """
-    num, dim = addresses.shape
-    rate_sum = torch.zeros(num, device=addresses.device).index_add_(0, index, rates)
-    target = torch.zeros(num, dim, device=addresses.device).index_add_(
-        0, index, keys * rates[:, None])
-    keep = torch.zeros(num, device=addresses.device).index_add_(
-        0, index, torch.log1p(-rates.clamp(max=0.999))).exp()
-    moved = rate_sum > 0
-    mean_target = target[moved] / rate_sum[moved, None]
-    combined = (1 - keep[moved])[:, None]
-    addresses = addresses.clone()
-    addresses[moved] = F.normalize(addresses[moved] + combined * (mean_target - addresses[moved]),
-                                   dim=1)
-    return addresses
-
-
 @dataclass
 class MemoryTables:
     """What a read needs: the memory as it ships in the artifact."""
 
     addresses: torch.Tensor  # [M, K] unit vectors
-    patterns: torch.Tensor  # [M, D] mean written value, or [M, T] next-token probabilities
-    log_counts: torch.Tensor  # [M] log of the write count (count prior, next-token smoothing)
-    next_tokens: torch.Tensor | None = None  # [M, T] the tokens of the probabilities, or None
+    patterns: torch.Tensor  # [M, T] each location's top-T next-token probabilities (sum 1)
+    log_counts: torch.Tensor  # [M] log of the write count (the read's smoothing, count prior)
+    next_tokens: torch.Tensor  # [M, T] the tokens of those probabilities
     # [M, V] next-token counts written during evaluation from scored tokens (MemoryWrites)
     scored_counts: torch.Tensor | None = None
 
@@ -1371,32 +1314,15 @@ class MemoryTables:
             self.scored_counts)))
 
 
-def read_memory(queries: torch.Tensor, tables: MemoryTables, k: int, beta: float,
-                count_prior: float) -> torch.Tensor:
-    """Softmax(beta * sim + prior * log n) over the top-k locations -> weighted mean pattern.
-
-    queries: [N, K] unit vectors -> [N, D]. Differentiable with respect to the queries (through
-    the similarities of the chosen locations). Only non-empty locations exist in the tables.
-    """
-    sims = queries @ tables.addresses.to(queries.dtype).T  # [N, M]
-    top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
-    scores = beta * top_sims.float()
-    if count_prior:
-        scores = scores + count_prior * tables.log_counts[top_index]
-    weights = torch.softmax(scores, dim=1)
-    return F.embedding_bag(top_index, tables.patterns, per_sample_weights=weights, mode="sum")
-
-
 @dataclass(frozen=True)
 class MemoryReadConfig:
-    """How the shipped model reads its memory (EAM_READ_K, _BETA and EAM_COUNT_PRIOR); part of
-    the artifact."""
+    """How the shipped model reads its memory (EAM_READ_K, _BETA, _ALPHA and EAM_COUNT_PRIOR);
+    part of the artifact."""
 
     k: int
     beta: float
     count_prior: float
-    values: str  # EAM_VALUES: "hidden" or "next_token" (a distribution, smoothed by alpha)
-    alpha: float
+    alpha: float  # each location's distribution is smoothed toward uniform by alpha
 
 
 def next_token_rows(tables: MemoryTables, vocab_size: int) -> torch.Tensor:
@@ -1410,10 +1336,11 @@ def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryRe
                      token_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The memory's next-token distribution p_mem [N, V] and the top-k similarities [N, k].
 
-    The locations' weights are read_memory's; each location's distribution is its top-T tokens
-    (token_rows, next_token_rows of the tables) smoothed toward uniform, (n q + alpha / V) /
-    (n + alpha) for a location written n times, so p_mem sums to 1 and is positive everywhere.
-    Differentiable with respect to the queries.
+    Unit queries [N, K] weigh their top-k locations by softmax(beta * sim + count_prior * log n);
+    each location's distribution is its top-T tokens (token_rows, next_token_rows of the tables)
+    smoothed toward uniform, (n q + alpha / V) / (n + alpha) for a location written n times, so
+    p_mem sums to 1 and is positive everywhere. Only written locations exist in the tables.
+    Differentiable with respect to the queries (through the chosen locations' similarities).
     """
     sims = queries @ tables.addresses.to(queries.dtype).T  # [N, M]
     top_sims, top_index = sims.topk(min(read.k, sims.size(1)), dim=1)
@@ -1445,18 +1372,9 @@ class MemoryWriteConfig:
     locations: int
     key_dim: int
     write_k: int
-    gamma: float
-    eta: float
-    eta_floor: float
-    eta_decay: float
-    tau: float
-    novelty: float
-    split_count: float
-    merge_threshold: float
-    seed: int
-    values: str
+    seed: int  # k-means' choice of seeds
     top_tokens: int
-    read_beta: float  # next-token writes spread over the top-k with the read's own softmax
+    read_beta: float  # writes spread over the top-k with the read's own softmax
 
 
 def memory_write_config(args: Hyperparameters) -> MemoryWriteConfig:
@@ -1464,7 +1382,7 @@ def memory_write_config(args: Hyperparameters) -> MemoryWriteConfig:
 
 
 # Rows per block when keys meet every address: [8192, 16384] fp32 similarities are 0.5 GB, where
-# a rank's whole organize sample (262,144 keys) at once would be 17 GB.
+# a rank's whole k-means sample (262,144 keys) at once would be 17 GB.
 SIMILARITY_ROWS = 8192
 
 
@@ -1490,176 +1408,46 @@ def kmeans_addresses(sample: torch.Tensor, count: int, generator: torch.Generato
 
 
 class ElasticMemory:
-    """The writable memory: organize (addresses learn, regulate) and accumulate (frozen)."""
+    """The writable memory: addresses placed by k-means (place), then frozen while keys add the
+    counts of their next tokens (accumulate); tables() is the memory as it ships."""
 
-    def __init__(self, config: MemoryWriteConfig, value_dim: int, device: torch.device):
+    def __init__(self, config: MemoryWriteConfig, vocab_size: int, device: torch.device):
         self.config = config
         self.addresses = torch.zeros(config.locations, config.key_dim, device=device)
-        self.counters = torch.zeros(config.locations, value_dim, device=device)
-        self.counts = torch.zeros(config.locations, device=device)
-        self.size = 0
-        self.eta = config.eta
+        self.counters = torch.zeros(config.locations, vocab_size, device=device)  # [M, V]
+        self.counts = torch.zeros(config.locations, device=device)  # [M] written mass
+        self.size = 0  # locations placed
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.events = dict(novel=0, splits=0, merges=0)
 
-    # -- organize phase ---------------------------------------------------------------------------
     def place(self, keys: torch.Tensor) -> None:
-        """EAM_VALUES=next_token: addresses by k-means on the keys, replacing organize."""
+        """Addresses by k-means on the unit keys [S, K] (as many as EAM_LOCATIONS, at most S)."""
         addresses = kmeans_addresses(keys, self.config.locations, self.generator)
         self.addresses[: addresses.size(0)] = addresses
         self.size = addresses.size(0)
 
-    def organize(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """One batched write with address learning, novelty, overload splits and merges."""
-        config = self.config
-        keys, values = self._found_novel(keys, values)
-        if keys.numel():
-            active = slice(0, self.size)
-            sims = keys @ self.addresses[active].T
-            top_index, weights = topk_write_weights(sims, config.write_k)
-            self._accumulate(top_index, weights, values)
-            winner = conscience_winner(sims, self.counts[active], config.gamma)
-            winner_rate = self.eta / (1 + self.counts[winner] / config.tau)
-            neighbours = top_index[:, 1:]
-            neighbour_rate = (winner_rate / 10)[:, None].expand_as(neighbours)
-            index = torch.cat([winner, neighbours.flatten()])
-            rates = torch.cat([winner_rate, neighbour_rate.flatten()])
-            repeated = torch.cat([keys, keys.repeat_interleave(neighbours.size(1), dim=0)])
-            self.addresses[active] = pull_addresses(self.addresses[active], index, repeated, rates)
-            self.eta = max(config.eta_floor, self.eta * config.eta_decay ** keys.size(0))
-        self.split_overloaded()
-
-    def _found_novel(self, keys: torch.Tensor, values: torch.Tensor):
-        """Keys far from every address found new locations (one per group of similar keys)."""
-        free = self.config.locations - self.size
-        if free == 0:
-            return keys, values
-        if self.size:
-            best = (keys @ self.addresses[: self.size].T).max(dim=1).values
-            novel = (best < self.config.novelty).nonzero().squeeze(1)
-        else:
-            novel = torch.arange(keys.size(0), device=keys.device)
-        if novel.numel() == 0:
-            return keys, values
-        # A novel key close to an earlier novel key of the same batch joins the normal write.
-        pair_sims = keys[novel] @ keys[novel].T
-        shadowed = torch.tril(pair_sims >= self.config.novelty, diagonal=-1).any(dim=1)
-        founders = novel[~shadowed][:free]
-        new = slice(self.size, self.size + founders.numel())
-        self.addresses[new] = keys[founders]
-        self.counters[new] = values[founders]
-        self.counts[new] = 1.0
-        self.size += founders.numel()
-        self.events["novel"] += founders.numel()
-        rest = torch.ones(keys.size(0), dtype=torch.bool, device=keys.device)
-        rest[founders] = False
-        return keys[rest], values[rest]
-
-    def split_overloaded(self) -> None:
-        """A location written more than EAM_SPLIT_COUNT times gives a jittered child half."""
-        free = self.config.locations - self.size
-        over = (self.counts[: self.size] > self.config.split_count).nonzero().squeeze(1)
-        parents = over[:free]
-        if parents.numel() == 0:
-            return
-        jitter = torch.randn(parents.numel(), self.addresses.size(1), device=parents.device,
-                             generator=self.generator) * 0.05
-        children = slice(self.size, self.size + parents.numel())
-        self.addresses[children] = F.normalize(self.addresses[parents] + jitter, dim=1)
-        self.counters[parents] *= 0.5
-        self.counts[parents] *= 0.5
-        self.counters[children] = self.counters[parents]
-        self.counts[children] = self.counts[parents]
-        self.size += parents.numel()
-        self.events["splits"] += parents.numel()
-
-    def merge_duplicates(self, chunk: int = 4096) -> int:
-        """Mutually nearest address pairs above EAM_MERGE_THRESHOLD become one location.
-
-        The search covers all active locations (in row chunks); the merged address is the
-        count-weighted mean, counters and counts are summed, so mass is conserved.
-        """
-        active = self.addresses[: self.size]
-        nearest_sim = torch.empty(self.size, device=active.device)
-        nearest = torch.empty(self.size, dtype=torch.long, device=active.device)
-        for begin in range(0, self.size, chunk):
-            sims = active[begin: begin + chunk] @ active.T
-            rows = torch.arange(sims.size(0), device=sims.device)
-            sims[rows, rows + begin] = -2.0
-            nearest_sim[begin: begin + chunk], nearest[begin: begin + chunk] = sims.max(dim=1)
-        index = torch.arange(self.size, device=active.device)
-        keep_first = ((nearest[nearest] == index) & (index < nearest)
-                      & (nearest_sim > self.config.merge_threshold))
-        first, second = index[keep_first], nearest[keep_first]
-        if first.numel() == 0:
-            return 0
-        weight_first = self.counts[first].clamp_min(1e-6)[:, None]
-        weight_second = self.counts[second].clamp_min(1e-6)[:, None]
-        self.addresses[first] = F.normalize(weight_first * active[first]
-                                            + weight_second * active[second], dim=1)
-        self.counters[first] += self.counters[second]
-        self.counts[first] += self.counts[second]
-        survivors = torch.ones(self.size, dtype=torch.bool, device=active.device)
-        survivors[second] = False
-        self._compact(survivors)
-        self.events["merges"] += first.numel()
-        return first.numel()
-
-    def _compact(self, survivors: torch.Tensor) -> None:
-        kept = int(survivors.sum())
-        for table in (self.addresses, self.counters, self.counts):
-            table[:kept] = table[: self.size][survivors].clone()
-            table[kept: self.size] = 0
-        self.size = kept
-
-    # -- accumulate phase -------------------------------------------------------------------------
     def reset_counters(self) -> None:
         self.counters.zero_()
         self.counts.zero_()
 
-    def accumulate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Frozen addresses: counters += weight * value, counts += weight (additive, exact).
-
-        EAM_VALUES=next_token: values are the next tokens [N]; counters[location, token] +=
-        weight, the weights a softmax over the top-k similarities (each token adds mass 1).
-        """
+    def accumulate(self, keys: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Frozen addresses: for unit keys [N, K] and their next tokens [N], counters[location,
+        token] += weight and counts[location] += weight at each key's top-k locations, the
+        weights a softmax over their similarities (each token adds mass 1). Additive and exact:
+        index_add_ loses no colliding update. Keys meet the addresses in blocks."""
+        active, vocab = self.addresses[: self.size], self.counters.size(1)
         for begin in range(0, keys.size(0), SIMILARITY_ROWS):
-            self._accumulate_rows(keys[begin: begin + SIMILARITY_ROWS],
-                                  values[begin: begin + SIMILARITY_ROWS])
-
-    def _accumulate_rows(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        sims = keys @ self.addresses[: self.size].T
-        if self.config.values == "hidden":
-            top_index, weights = topk_write_weights(sims, self.config.write_k)
-            self._accumulate(top_index, weights, values)
-            return
-        top_sims, top_index = sims.topk(min(self.config.write_k, self.size), dim=1)
-        weights = torch.softmax(self.config.read_beta * top_sims, dim=1).flatten()
-        cells = top_index * self.counters.size(1) + values[:, None]
-        self.counters.view(-1).index_add_(0, cells.flatten(), weights)
-        self.counts.index_add_(0, top_index.flatten(), weights)
-
-    def _accumulate(self, top_index: torch.Tensor, weights: torch.Tensor,
-                    values: torch.Tensor) -> None:
-        # counters += S @ values, S [M, N] holding each key's k weights: the sparse product sums
-        # colliding rows (no update in a batch is lost) without N * k weighted copies of values.
-        num_keys, k = top_index.shape
-        flat_index, flat_weights = top_index.flatten(), weights.flatten().to(values.dtype)
-        columns = torch.arange(num_keys, device=values.device).repeat_interleave(k)
-        scatter = torch.sparse_coo_tensor(torch.stack([flat_index, columns]), flat_weights,
-                                          (self.counters.size(0), num_keys),
-                                          check_invariants=False)
-        self.counters += torch.sparse.mm(scatter, values)
-        self.counts.index_add_(0, flat_index, flat_weights)
+            sims = keys[begin: begin + SIMILARITY_ROWS] @ active.T
+            top_sims, top_index = sims.topk(min(self.config.write_k, self.size), dim=1)
+            weights = torch.softmax(self.config.read_beta * top_sims, dim=1).flatten()
+            cells = top_index * vocab + tokens[begin: begin + SIMILARITY_ROWS, None]
+            self.counters.view(-1).index_add_(0, cells.flatten(), weights)
+            self.counts.index_add_(0, top_index.flatten(), weights)
 
     def tables(self) -> MemoryTables:
-        """Non-empty locations only: empty ones must never dilute a read."""
+        """Written locations only, as they ship: an empty one must never dilute a read."""
         written = self.counts[: self.size] > 0
-        addresses = self.addresses[: self.size][written].clone()
-        counters, counts = self.counters[: self.size][written], self.counts[: self.size][written]
-        if self.config.values == "next_token":
-            return next_token_tables(addresses, counters, self.config.top_tokens)
-        return MemoryTables(addresses, counters / counts[:, None], counts.log())
+        return next_token_tables(self.addresses[: self.size][written].clone(),
+                                 self.counters[: self.size][written], self.config.top_tokens)
 
 
 def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
@@ -1671,8 +1459,7 @@ def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
 
 
 def memory_read_config(args: Hyperparameters) -> MemoryReadConfig:
-    return settings_view(MemoryReadConfig, args, "eam_read_", count_prior=args.eam_count_prior,
-                         values=args.eam_values)
+    return settings_view(MemoryReadConfig, args, "eam_read_", count_prior=args.eam_count_prior)
 
 
 def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tensor,
@@ -1685,32 +1472,19 @@ def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tenso
 
 
 def organize_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemory,
-                    teacher_batch: Callable, stop_at: float
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Addresses learn on a sample every rank sees: each rank runs the teacher on its part and
-    all gather it. Returns this rank's own (keys, values), to be written again (accumulate)."""
+                    teacher_batch: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """Addresses placed on a sample every rank sees: each rank runs the teacher on its part and
+    all gather its keys. Returns this rank's own (keys, tokens), to be written (accumulate)."""
     seq_len = args.train_seq_len
     rank_tokens = max(seq_len, args.eam_organize_tokens // runtime.world_size // seq_len * seq_len)
-    own_keys, own_values = teacher_batch(rank_tokens)
-    counts = [own_keys.size(0)] * runtime.world_size
-    keys, values = all_gather_rows(own_keys, counts), all_gather_rows(own_values, counts)
-    if memory.config.values == "next_token":
-        memory.place(keys)
-        return own_keys, own_values
-    batch, next_end = args.eam_batch, step_clock()
-    for number, begin in enumerate(range(0, keys.size(0), batch)):
-        if begin and next_end() >= stop_at:
-            break  # out of time (ranks need not agree: rank 0's addresses are broadcast)
-        memory.organize(keys[begin: begin + batch], values[begin: begin + batch])
-        if number % 8 == 7:
-            memory.merge_duplicates()
-    memory.merge_duplicates()
-    return own_keys, own_values
+    own_keys, own_tokens = teacher_batch(rank_tokens)
+    memory.place(all_gather_rows(own_keys, [own_keys.size(0)] * runtime.world_size))
+    return own_keys, own_tokens
 
 
 def broadcast_addresses(runtime: Runtime, memory: ElasticMemory) -> None:
-    """CUDA's index_add_ sums in no fixed order, so replicas could differ in the last bits:
-    rank 0's organized addresses become everyone's."""
+    """CUDA's index_add_ sums in no fixed order, so the ranks' k-means could differ in the last
+    bits: rank 0's placed addresses become everyone's."""
     if runtime.distributed:
         size = torch.tensor(memory.size, device=runtime.device)
         dist.broadcast(size, 0)
@@ -1724,7 +1498,6 @@ def accumulate_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMe
     """Addresses frozen: every rank writes its own share until the stage's deadline (or
     EAM_WRITE_TOKENS); counters and counts are then summed over ranks, exactly, since they are
     additive. Returns the global write count and the rate of the writes alone."""
-    memory.reset_counters()
     memory.accumulate(*own)
     writes, timed_writes, write_seconds = own[0].size(0) * runtime.world_size, 0, 0.0
     next_end = step_clock()
@@ -1733,9 +1506,9 @@ def accumulate_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMe
         stop = torch.tensor(float(done), device=runtime.device)
         if all_reduce_(stop, "max").item() > 0:
             break
-        keys, values = teacher_batch(rank_batch)
+        keys, tokens = teacher_batch(rank_batch)
         write_started = time.perf_counter()
-        memory.accumulate(keys, values)
+        memory.accumulate(keys, tokens)
         write_seconds += time.perf_counter() - write_started
         timed_writes += keys.size(0)  # this rank's, timed alone: the write itself
         writes += keys.size(0) * runtime.world_size
@@ -1743,15 +1516,6 @@ def accumulate_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMe
     all_reduce_(memory.counts)
     assert_replicas_identical(runtime, "memory", [memory.addresses, memory.counters, memory.counts])
     return dict(writes=writes, write_only_per_s=timed_writes / max(write_seconds, 1e-9))
-
-
-def explained_variance(readout: torch.Tensor, values: torch.Tensor,
-                       one_location: torch.Tensor) -> float:
-    """Share of the values' squared error that the memory removes against a one-location memory
-    (whose every read returns the mean written value): 1 - SSE(readout) / SSE(one location).
-    0 means the memory knows nothing beyond the mean direction; 1 a perfect recall."""
-    baseline = (values - one_location).square().sum()
-    return 1.0 - ((values - readout).square().sum() / baseline.clamp_min(1e-12)).item()
 
 
 def write_mass_usage(counts: torch.Tensor, capacity: int) -> dict[str, float]:
@@ -1765,29 +1529,22 @@ def write_mass_usage(counts: torch.Tensor, capacity: int) -> dict[str, float]:
 
 
 def memory_diagnostics(read: MemoryReadConfig, memory: ElasticMemory, keys: torch.Tensor,
-                       values: torch.Tensor) -> dict[str, float]:
-    """On teacher states that were never written: reconstruction cosine and explained variance
-    against a one-location memory. Next-token values: the memory's own loss (nats per token) on
-    tokens never written, beside that of a single location holding all the writes, packed
-    alike (the unigram), and the share of the written mass the packed top tokens keep."""
+                       tokens: torch.Tensor) -> dict[str, float]:
+    """On keys and next tokens never written: the memory's own loss (nats per token) beside that
+    of a single location holding all the writes, packed alike (the unigram), and the share of
+    the written mass the packed top tokens keep."""
     tables = memory.tables()
-    if read.values == "next_token":
-        written = memory.counters[: memory.size]
-        single = next_token_tables(tables.addresses[:1], written.sum(0, keepdim=True),
-                                   tables.patterns.size(1))
-        nll = {}
-        for name, read_tables in (("memory", tables), ("unigram", single)):
-            rows = next_token_rows(read_tables, written.size(1))
-            p_mem = read_next_tokens(keys, read_tables, read, rows)[0]
-            nll[name] = -p_mem.gather(1, values[:, None]).log().mean().item()
-        kept = written.topk(tables.patterns.size(1), dim=1).values.sum() / written.sum()
-        return dict(memory_nll=nll["memory"], unigram_nll=nll["unigram"],
-                    top_tokens_mass=kept.item())
-    readout = read_memory(keys, tables, read.k, read.beta, read.count_prior)
-    counts = memory.counts[: memory.size]
-    mean_value = (memory.counters[: memory.size].sum(0) / counts.sum().clamp_min(1e-12))
-    return dict(recon_cos=F.cosine_similarity(readout, values, dim=1).mean().item(),
-                explained_var=explained_variance(readout, values, mean_value))
+    written = memory.counters[: memory.size]
+    single = next_token_tables(tables.addresses[:1], written.sum(0, keepdim=True),
+                               tables.patterns.size(1))
+    nll = {}
+    for name, read_tables in (("memory", tables), ("unigram", single)):
+        rows = next_token_rows(read_tables, written.size(1))
+        p_mem = read_next_tokens(keys, read_tables, read, rows)[0]
+        nll[name] = -p_mem.gather(1, tokens[:, None]).log().mean().item()
+    kept = written.topk(tables.patterns.size(1), dim=1).values.sum() / written.sum()
+    return dict(memory_nll=nll["memory"], unigram_nll=nll["unigram"],
+                top_tokens_mass=kept.item())
 
 
 def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
@@ -1796,17 +1553,15 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     stop_at = stage_end(run_started, args, args.teacher_time_frac + args.eam_time_frac)
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
     seq_len = args.train_seq_len
-    next_token = args.eam_values == "next_token"
 
     def teacher_batch(rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys [N, K], values: the teacher's states [N, D] or the next tokens [N])."""
+        """(unit keys [N, K], their next tokens [N])."""
         x, y = loader.next_batch(rank_tokens, seq_len)
-        keys, states = teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
-        return keys, y.flatten() if next_token else states
+        keys, _ = teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
+        return keys, y.flatten()
 
-    memory = ElasticMemory(memory_write_config(args),
-                           args.vocab_size if next_token else args.model_dim, runtime.device)
-    own = organize_memory(runtime, args, memory, teacher_batch, stop_at)
+    memory = ElasticMemory(memory_write_config(args), args.vocab_size, runtime.device)
+    own = organize_memory(runtime, args, memory, teacher_batch)
     broadcast_addresses(runtime, memory)
     organize_ms = elapsed_ms(started)
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
@@ -1821,8 +1576,6 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
               f"locations:{memory.size} organize_ms:{organize_ms:.0f} "
               f"used_share:{(used > 0).float().mean().item():.4f} "
               f"median_count:{used.median().item():.1f} max_count:{used.max().item():.1f} "
-              f"novel:{memory.events['novel']} splits:{memory.events['splits']} "
-              f"merges:{memory.events['merges']} "
               + " ".join(f"{name}:{value:.4f}" for name, value in quality.items())
               + f" held_share:{usage['held_share']:.4f} top1pct_mass:{usage['top1pct_mass']:.4f}"
               f" max_mass:{usage['max_mass']:.4f}")
@@ -1833,22 +1586,19 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
 # 6. Distillation
 #
 # The shipped model: an encoder (the teacher's width, ENC_LAYERS blocks, started from the
-# teacher's embedding and lowest blocks) maps tokens to unit keys; the memory returns a readout;
-# the decoder adds a zero-initialised MLP correction (seeing the encoder's features too if
-# DEC_SEES_ENCODER) and reads logits with the tied embedding. What the model is (StudentConfig)
-# is all it holds and all the artifact needs; the losses live here, with the training. Phase 1
-# aligns the keys with the teacher's (cosine; the decoder is frozen, it plays no part); phase 2
-# trains end to end through the differentiable read on next-token cross-entropy plus KL to the
-# teacher's distribution.
-#
-# A memory of next-token statistics (EAM_VALUES=next_token) is read as a distribution p_mem. The
-# decoder's correction then starts from the encoder's own state (its logits are the encoder's
-# LM head at first) and sees p_mem's expected token embedding beside it; the model's
-# distribution is mixed with the memory's, p = (1 - g) p_model + g p_mem, through a gate g
-# computed from the prefix alone (the encoder's features, the read's similarities, p_mem's
-# entropy and peak): a normalized mixture for any g, as kNN-LM mixes its neighbours (Khandelwal
-# et al. 2020). The cross-entropy reads the mixture and the KL the model part only, so the
-# memory may add what the teacher lacks.
+# teacher's embedding and lowest blocks) maps tokens to features and unit keys; the memory, read
+# with the keys, gives a next-token distribution p_mem. The decoder adds a zero-initialised MLP
+# correction to the encoder's state (so its logits start as the encoder's LM head), seeing
+# p_mem's expected token embedding beside it if DEC_SEES_ENCODER, and reads logits with the tied
+# embedding. The model's distribution is mixed with the memory's, p = (1 - g) p_model + g p_mem,
+# through a gate g computed from the prefix alone (the encoder's features, the read's
+# similarities, p_mem's entropy and peak): a normalized mixture for any g, as kNN-LM mixes its
+# neighbours (Khandelwal et al. 2020). What the model is (StudentConfig) is all it holds and all
+# the artifact needs; the losses live here, with the training. Phase 1 aligns the keys with the
+# teacher's (cosine; the decoder and the gate are frozen, they play no part); phase 2 trains end
+# to end through the differentiable read on the mixture's next-token cross-entropy plus KL from
+# the teacher's distribution to the model part only, so the memory may add what the teacher
+# lacks.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1861,9 +1611,9 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, base: torch.Tensor, side: torch.Tensor) -> torch.Tensor:
-        """rms_norm(base + MLP([base, side])): the base is the memory's readout (hidden values)
-        or the encoder's state (next-token values), the side input the encoder's features or
-        the memory's expected next-token embedding; DEC_SEES_ENCODER=0 leaves the side out."""
+        """rms_norm(base + MLP([base, side])): the base is the encoder's state, the side input
+        the memory's expected next-token embedding; DEC_SEES_ENCODER=0 leaves the side out (the
+        name is from the first design, whose base was a memory readout and side the encoder)."""
         inputs = torch.cat([base, side], dim=-1) if self.sees_encoder else base
         hidden = F.leaky_relu(self.fc(rms_norm(inputs)), 0.5).square()
         return rms_norm(base + self.proj(hidden))
@@ -1941,7 +1691,7 @@ def student_config(args: Hyperparameters) -> StudentConfig:
 
 
 class MemoryLM(nn.Module):
-    """Encoder + memory + decoder: the model the artifact carries."""
+    """Encoder + memory + decoder and gate: the model the artifact carries."""
 
     kind = "eam"  # MODEL, and the artifact header's kind
 
@@ -1954,16 +1704,14 @@ class MemoryLM(nn.Module):
         self.decoder = Decoder(dim, config.dec_hidden, config.dec_sees_encoder)
         rank = config.dec_prior_rank
         self.prior = VocabPrior(vocab, rank) if rank else None
-        next_token = config.read.values == "next_token"
-        self.gate = MemoryGate(dim, config.read.k) if next_token else None
+        self.gate = MemoryGate(dim, config.read.k)
         self.register_buffer("addresses", tables.addresses)
         self.register_buffer("patterns", tables.patterns)
         self.register_buffer("log_counts", tables.log_counts)
-        self.register_buffer("next_tokens", tables.next_tokens)  # None (no buffer) for hidden
+        self.register_buffer("next_tokens", tables.next_tokens)
         self.register_buffer("scored_counts", None, persistent=False)  # MemoryWrites fills it
-        # Derived, never packed (absent for a hidden memory and for a weightless skeleton).
-        rows = None if tables.next_tokens is None else next_token_rows(tables, vocab)
-        self.register_buffer("token_rows", rows, persistent=False)
+        # Derived, never packed.
+        self.register_buffer("token_rows", next_token_rows(tables, vocab), persistent=False)
 
     @property
     def tables(self) -> MemoryTables:
@@ -1983,21 +1731,12 @@ class MemoryLM(nn.Module):
     def head(self, features: torch.Tensor, queries: torch.Tensor,
              tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, D], unit queries [N, K], current tokens [N] -> (scores [N, V], the
-        model's own logits [N, V]). The scores are those logits, or with a next-token memory
-        the mixture's log-probabilities (normalized: log_softmax leaves them unchanged)."""
-        if self.gate is None:
-            read = self.config.read
-            readout = read_memory(queries, self.tables, read.k, read.beta, read.count_prior)
-            state = self.decoder(readout.to(features.dtype), features)
-        else:
-            p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read,
-                                               self.token_rows)
-            expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
-            state = self.decoder(features, expected)
-        logits = self.encoder.logits(state)
+        model's own logits [N, V]). The scores are the mixture's log-probabilities (normalized:
+        log_softmax leaves them unchanged)."""
+        p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read, self.token_rows)
+        expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
+        logits = self.encoder.logits(self.decoder(features, expected))
         logits = logits if self.prior is None else logits + self.prior(tokens)
-        if self.gate is None:
-            return logits, logits
         return mix_with_memory(logits, p_mem, self.gate(features, top_sims, p_mem)), logits
 
     def forward(self, idx: torch.Tensor, keys_only: bool = False):
@@ -2027,6 +1766,11 @@ def distillation_loss(scores: torch.Tensor, targets: torch.Tensor, teacher_logit
     return loss
 
 
+def key_distance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """1 - the mean cosine of unit queries and unit teacher keys [N, K]: 0 when they agree."""
+    return 1 - (queries * keys).sum(-1).mean()
+
+
 def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> MemoryLM:
     torch.manual_seed(args.seed + 1)
     student = MemoryLM(student_config(args), tables).to(tables.addresses.device)
@@ -2051,14 +1795,18 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
 
     def key_loss(model, x, y):
         queries, _, _ = model(x, keys_only=True)
-        return 1 - (queries * teacher_targets(x)[0]).sum(-1).mean()
+        return key_distance(queries, teacher_targets(x)[0])
 
     def lm_loss(model, x, y):
-        _, scores, logits = model(x)
+        queries, scores, logits = model(x)
         with torch.no_grad():
-            teacher_logits = teacher.logits(teacher_targets(x)[1])
-        return distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
+            teacher_keys, teacher_states = teacher_targets(x)
+            teacher_logits = teacher.logits(teacher_states)
+        loss = distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
                                  args.distill_temperature, logits)
+        if args.distill_key_weight:
+            loss = loss + args.distill_key_weight * key_distance(queries, teacher_keys)
+        return loss
 
     stop_at = stage_end(run_started, args,
                         args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
@@ -2076,8 +1824,17 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
                for phase in phases if phase.stop_at > time.perf_counter()}
     student.eval().requires_grad_(False)
     assert_replicas_identical(runtime, "student", list(student.state_dict().values()))
+    # How far the key head ends from the teacher's keys, which placed the addresses and share
+    # their space with the kNN store's keys (key_distance on one more batch of training data).
+    _, rank_tokens = rank_batch_tokens(*batch, runtime.world_size, args.grad_accum_world,
+                                       "DISTILL_BATCH_TOKENS")
+    x, _ = loader.next_batch(rank_tokens, args.train_seq_len)
+    with torch.no_grad(), autocast(runtime):
+        drift = key_distance(student(x, keys_only=True)[0], teacher_targets(x)[0]).float()
+    drift = all_reduce_(drift).item() / runtime.world_size
     summary = " ".join(f"{name}_steps:{stats['steps']} {name}_loss:{stats['loss']:.4f}"
                        for name, stats in results.items())
+    summary += f" key_drift:{drift:.4f}"
     params = sum(p.numel() for p in student.parameters())
     log_stage(runtime, "distill", elapsed_ms(started),
               f"params:{params} dec_sees_encoder:{int(args.dec_sees_encoder)} {summary}")
@@ -2136,17 +1893,18 @@ class TransformerLM(nn.Module):
 # 7. Packing
 #
 # Matrices go per row to int8 (int6 values in int8 containers when QUANT_BITS=6, which zstd packs
-# tighter), small tensors to fp16; memory addresses are int8 unit vectors and patterns per-row
-# int8. One JSON header holds the model's StudentConfig whole and names every tensor; the payload
-# is zstd-compressed and the file carries a magic, a version and a sha256. If code + artifact
-# exceed the limit, the least-written memory locations are dropped and the artifact re-packed
-# until it fits.
+# tighter), small tensors to fp16; memory addresses are int8 unit vectors, a location's top-token
+# probabilities per-row int8, their token ids uint16 and its log count fp16. One JSON header
+# holds the model's StudentConfig whole and names every tensor; the payload is zstd-compressed
+# and the file carries a magic, a version and a sha256. If code + artifact exceed the limit, the
+# least-written memory locations are dropped and the artifact re-packed until it fits.
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
 # 2: the header carries the model's config exactly; 3: and its kind; 4: without the removed
-# ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes)
-ARTIFACT_VERSION = 4
+# ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes); 5: without
+# the memory's kind of values (the read's `values`: next-token counts are the only kind left)
+ARTIFACT_VERSION = 5
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state; next-token ids as uint16 (the shards' own token type).
 MEMORY_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")
@@ -2194,11 +1952,9 @@ def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
     if tables is not None:
         add("addresses", tables.addresses, 8)
         add("patterns", tables.patterns, 8)
-        if model.config.read.count_prior or tables.next_tokens is not None:
-            add("log_counts", tables.log_counts, None)
-        if tables.next_tokens is not None:
-            arrays["next_tokens"] = tables.next_tokens.cpu().numpy().astype("<u2")
-            entries["next_tokens"] = dict(kind="uint16", shape=list(tables.next_tokens.shape))
+        add("log_counts", tables.log_counts, None)
+        arrays["next_tokens"] = tables.next_tokens.cpu().numpy().astype("<u2")
+        entries["next_tokens"] = dict(kind="uint16", shape=list(tables.next_tokens.shape))
     return entries, arrays
 
 
@@ -2404,20 +2160,16 @@ def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryL
     if isinstance(config, BaselineConfig):
         model = TransformerLM(config)
     else:
-        addresses = F.normalize(tensors.pop("addresses"), dim=1)
-        patterns = tensors.pop("patterns")
-        log_counts = tensors.pop("log_counts", torch.zeros(addresses.size(0)))
-        next_tokens = tensors.pop("next_tokens", None)
-        if (next_tokens is None) != (config.read.values == "hidden"):
-            raise ValueError(f"{path}: its tensors do not match its model config: memory "
-                             f"values {config.read.values!r} with next-token ids "
-                             f"{next_tokens is not None}")
-        if next_tokens is not None:  # dequantized probabilities, each a distribution again
-            patterns = patterns / patterns.sum(1, keepdim=True)
-        tables = MemoryTables(addresses, patterns, log_counts, next_tokens)
+        missing = [name for name in MEMORY_BUFFERS if name not in tensors]
+        if missing:
+            raise ValueError(f"{path}: its tensors do not match its model config: the memory's "
+                             f"{missing} are missing")
+        patterns = tensors["patterns"]  # dequantized probabilities, each a distribution again
+        tables = MemoryTables(F.normalize(tensors["addresses"], dim=1),
+                              patterns / patterns.sum(1, keepdim=True), tensors["log_counts"],
+                              tensors["next_tokens"])
         model = MemoryLM(config, tables)
-        tensors.update({name: getattr(tables, name) for name in MEMORY_BUFFERS
-                        if getattr(tables, name) is not None})
+        tensors.update({name: getattr(tables, name) for name in MEMORY_BUFFERS})
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
@@ -2516,15 +2268,15 @@ class KnnStore:
 
 
 class MemoryWrites:
-    """Score-first memory writes (EVAL_MEMORY_WRITES, a next-token memory): once a chunk is
-    scored, each of its targets adds a count of 1 at its query's nearest location, and later
-    reads weigh those counts beside the artifact's (read_next_tokens). The memory keeps learning
-    from the text it was scored on (the seed's continual-learning claim), as the kNN store does
-    with exact neighbours. Whole counts: any order of adding gives the identical table."""
+    """Score-first memory writes (EVAL_MEMORY_WRITES): once a chunk is scored, each of its
+    targets adds a count of 1 at its query's nearest location, and later reads weigh those
+    counts beside the artifact's (read_next_tokens). The memory keeps learning from the text it
+    was scored on (the seed's continual-learning claim), as the kNN store does with exact
+    neighbours. Whole counts: any order of adding gives the identical table."""
 
     def __init__(self, model: MemoryLM | TransformerLM):
-        if not isinstance(model, MemoryLM) or model.next_tokens is None:
-            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into a next-token memory, and this "
+        if not isinstance(model, MemoryLM):
+            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into the memory, and this "
                              f"artifact's {model.kind} model has none")
         self.model, self.key_dim, self.written = model, model.config.key_dim, 0
         model.scored_counts = torch.zeros(model.addresses.size(0), model.vocab_size,
@@ -2623,8 +2375,9 @@ def model_skeleton(args: Hyperparameters) -> MemoryLM | TransformerLM:
         if args.model == "transformer":
             gpt = settings_view(GPTConfig, args)
             return TransformerLM(BaselineConfig(gpt, args.eam_key_dim, args.seed))
-        empty = torch.zeros(0)
-        return MemoryLM(student_config(args), MemoryTables(empty, empty, empty))
+        empty = next_token_tables(torch.zeros(0, args.eam_key_dim),
+                                  torch.zeros(0, args.vocab_size), args.eam_top_tokens)
+        return MemoryLM(student_config(args), empty)
 
 
 class TestTimeTraining:

@@ -37,25 +37,26 @@ Distributions = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 TTT = dict(ttt_steps=2, ttt_params="all", ttt_lr_scale=1.0, eval_chunk_tokens=32,
            ttt_batch_rows=1)
 EVAL_PATHS: dict[str, dict[str, object]] = {
+    # The memory mixed in through its prefix-only gate, alone and with the kNN store.
     "memory": dict(knn_lambda=0.0),
     "knn": dict(knn_lambda=0.5),
     "prior": dict(dec_prior_rank=4),
-    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, eam_count_prior=0.5, **TTT),
-    "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
-    "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
-    # A next-token memory mixed in through its prefix-only gate.
-    "next_token": dict(eam_values="next_token", knn_lambda=0.5),
-    # The shipped defaults' combination: that memory, the kNN store and TTT of every parameter.
-    "next_token_ttt": dict(eam_values="next_token", knn_lambda=0.5, **TTT),
-    # Evaluation-time writes into it, with the kNN store beside them and without.
-    "next_token_writes": dict(eam_values="next_token", knn_lambda=0.0, eval_memory_writes=True),
-    "next_token_writes_knn": dict(eam_values="next_token", knn_lambda=0.5,
-                                  eval_memory_writes=True),
-    "next_token_everything": dict(eam_values="next_token", knn_lambda=0.5, dec_prior_rank=4,
-                                  eam_count_prior=0.5, eval_memory_writes=True,
-                                  **TTT | dict(ttt_params="decoder,gate")),
     "ttt": dict(knn_lambda=0.0, **TTT),
     "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),
+    # The shipped defaults' combination: the memory, the kNN store and TTT of every parameter.
+    "defaults": dict(knn_lambda=0.5, **TTT),
+    # Evaluation-time writes into the memory, with the kNN store beside them and without.
+    "writes": dict(knn_lambda=0.0, eval_memory_writes=True),
+    "writes_knn": dict(knn_lambda=0.5, eval_memory_writes=True),
+    # Every option at once, with test-time training of every parameter or of the decoder and
+    # the gate.
+    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, eam_count_prior=0.5,
+                       eval_memory_writes=True, **TTT),
+    "everything_decoder_gate": dict(knn_lambda=0.5, dec_prior_rank=4, eam_count_prior=0.5,
+                                    eval_memory_writes=True,
+                                    **TTT | dict(ttt_params="decoder,gate")),
+    "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
+    "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
 }
 
 

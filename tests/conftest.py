@@ -21,9 +21,9 @@ def demo_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_runs(demo_data, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
-    """Tiny runs shared by the pipeline and tools tests: one process twice, torchrun x2, an
-    evaluation-only torchrun x2 of the first artifact, the transformer baseline, and torchrun x2
-    with a next-token memory. Returns (working folder, parsed logs)."""
+    """Tiny runs shared by the pipeline and tools tests: one process twice, torchrun x2 bounded
+    by time, an evaluation-only torchrun x2 of the first artifact, the transformer baseline, and
+    torchrun x2 bounded by steps. Returns (working folder, parsed logs)."""
     workdir = tmp_path_factory.mktemp("runs")
     base = {**TINY_RUN, "DATA_PATH": str(demo_data),
             "TOKENIZER_PATH": str(demo_data / "tokenizer.model")}
@@ -36,7 +36,7 @@ def pipeline_runs(demo_data, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
                     "DISTILL_KEY_ITERATIONS": "0", "DISTILL_ITERATIONS": "0"}),
         ("eval_ddp", 2, {"EVAL_ONLY": "1", "ARTIFACT_PATH": f"{PIPELINE_RUN_ID}.eam"}),
         ("baseline", 1, {"MODEL": "transformer"}),
-        ("next_token_ddp", 2, {"EAM_VALUES": "next_token", "EAM_TOP_TOKENS": "16"}),
+        ("memory_ddp", 2, {"EAM_TOP_TOKENS": "16"}),
     ]:
         env = {**base, "RUN_ID": name, "ARTIFACT_PATH": f"{name}.eam", **extra}
         run_script(env, workdir, nproc=nproc)

@@ -19,10 +19,8 @@ TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads
             num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
             eam_key_dim=8, eam_locations=64, eam_read_k=4, eam_write_k=4, eval_seq_len=32,
             eval_stride=8, eval_batch_windows=4, eval_chunk_tokens=16, knn_k=4, compile=False,
-            eam_values="hidden", ttt_steps=0)
-# The unit tests build the hidden-state memory unless they ask for the next-token one (the
-# default the pipeline runs, which TINY_RUN and the next_token paths cover); test-time training
-# runs only where a test turns it on.
+            ttt_steps=0)
+# Test-time training runs only where a test turns it on.
 
 
 # The pipeline as users run it, with budgets by steps, not seconds, so runs are reproducible
@@ -46,13 +44,9 @@ def tiny_student(seed: int = 0, locations: int = 48, **overrides):
     torch.manual_seed(seed)
     args = tiny_args(**{"vocab_size": 256, "dec_hidden": 64, **overrides})
     addresses = F.normalize(torch.randn(locations, args.eam_key_dim), dim=1)
-    if args.eam_values == "next_token":  # skewed counts, some locations written only a little
-        counts = torch.rand(locations, args.vocab_size) ** 8 * torch.logspace(-1, 3, locations)[
-            :, None]
-        tables = train_gpt.next_token_tables(addresses, counts, args.eam_top_tokens)
-    else:
-        tables = train_gpt.MemoryTables(addresses, torch.randn(locations, args.model_dim),
-                                        torch.randn(locations))
+    # Skewed counts: some locations written only a little.
+    counts = torch.rand(locations, args.vocab_size) ** 8 * torch.logspace(-1, 3, locations)[:, None]
+    tables = train_gpt.next_token_tables(addresses, counts, args.eam_top_tokens)
     student = train_gpt.MemoryLM(train_gpt.student_config(args), tables)
     with torch.no_grad():  # zero-initialised projections would hide packing mistakes
         for param in student.parameters():

@@ -109,7 +109,7 @@ def leaky_query(scorer):
 @pytest.mark.parametrize("target, leak, path", [
     ("evaluate", leaky_store, "knn"), ("evaluate", leaky_gate, "knn"),
     ("student_scorer", leaky_input, "knn"), ("student_scorer", leaky_query, "knn"),
-    ("evaluate", leaky_training, "ttt"), ("evaluate", leaky_writes, "next_token_writes")])
+    ("evaluate", leaky_training, "ttt"), ("evaluate", leaky_writes, "writes")])
 def test_the_harness_catches_each_deliberate_leak(target, leak, path, tmp_path, monkeypatch):
     monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
     with pytest.raises(AssertionError, match="leak"):
@@ -143,7 +143,7 @@ def score_on_ranks(rank: int, world: int, folder: str, path: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("path", ["everything", "next_token_everything"])
+@pytest.mark.parametrize("path", ["everything", "everything_decoder_gate"])
 def test_world_sizes_one_two_and_eight_give_the_identical_score(path, tmp_path):
     artifact_distributions(EVAL_PATHS[path], tmp_path)  # writes the artifact
     scores = {}

@@ -103,7 +103,7 @@ def test_good_input_reaches_training(run_dir):
     ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP=0.0"),
     ({"DISTILL_TEMPERATURE": "0"}, "DISTILL_TEMPERATURE=0.0"),
     ({"DISTILL_BATCH_TOKENS": "0"}, "DISTILL_BATCH_TOKENS=0"),
-    ({"EAM_TAU": "0"}, "EAM_TAU=0.0"),
+    ({"EAM_WRITE_K": "0"}, "EAM_WRITE_K=0: must be positive"),
     ({"ZSTD_LEVEL": "23"}, "ZSTD_LEVEL=23"),
     ({"TRAIN_RESERVE_FRAC": "1"}, "TRAIN_RESERVE_FRAC=1.0"),
     ({"EVAL_ONLY": "1"}, "EVAL_ONLY=1: set ARTIFACT_PATH"),

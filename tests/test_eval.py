@@ -84,7 +84,7 @@ def test_test_time_training_learns_repeated_text_once_it_is_scored(adapts):
 def test_memory_writes_learn_repeated_text_once_it_is_scored():
     torch.manual_seed(0)
     tokens = torch.randint(0, 256, (64,)).repeat(4)
-    settings = dict(eam_values="next_token", knn_lambda=0.0, eval_chunk_tokens=64)
+    settings = dict(knn_lambda=0.0, eval_chunk_tokens=64)
     before, _ = run_eval(tokens, **settings)
     after, totals = run_eval(tokens, **settings, eval_memory_writes=True)
     first = train_gpt.sliding_windows(tokens.numel(), 32, 8)[7, 2]  # end of the first chunk
@@ -95,7 +95,7 @@ def test_memory_writes_learn_repeated_text_once_it_is_scored():
 def test_memory_writes_count_each_target_at_its_nearest_location(monkeypatch):
     monkeypatch.setattr(train_gpt, "SIMILARITY_ROWS", 5)  # keys meet the addresses in blocks
     torch.manual_seed(0)
-    args, student = tiny_student(eam_values="next_token", eam_top_tokens=16)
+    args, student = tiny_student(eam_top_tokens=16)
     writes = train_gpt.MemoryWrites(student)
     keys = torch.nn.functional.normalize(torch.randn(23, args.eam_key_dim), dim=1)
     targets = torch.randint(0, args.vocab_size, (23,))
@@ -106,12 +106,14 @@ def test_memory_writes_count_each_target_at_its_nearest_location(monkeypatch):
     assert torch.equal(student.scored_counts, expected) and writes.written == 23
 
 
-def test_memory_writes_need_a_next_token_memory(tmp_path):
-    with pytest.raises(ValueError, match="EVAL_MEMORY_WRITES=1 writes into a next-token memory: "
-                                         "MODEL='eam' EAM_VALUES='hidden' has none"):
-        tiny_args(eval_memory_writes=True)
-    with pytest.raises(ValueError, match="this artifact's eam model has none"):
-        train_gpt.MemoryWrites(tiny_student()[1])  # a hidden-state memory, as EVAL_ONLY finds it
+def test_memory_writes_need_a_memory():
+    with pytest.raises(ValueError, match="EVAL_MEMORY_WRITES=1 writes into the memory: "
+                                         "MODEL='transformer' has none"):
+        tiny_args(eval_memory_writes=True, model="transformer")
+    args, student = tiny_student()
+    baseline = train_gpt.TransformerLM.from_teacher(student.encoder, args)
+    with pytest.raises(ValueError, match="this artifact's transformer model has none"):
+        train_gpt.MemoryWrites(baseline)  # the baseline's artifact, as EVAL_ONLY finds it
 
 
 def test_test_time_training_changes_only_what_it_adapts():

@@ -34,10 +34,10 @@ def scores(model, tokens):
         return train_gpt.student_scorer(model.eval())(tokens, mask)[0]
 
 
-# The options of the ideas ablation change what is packed: a prior's tables, the count prior's
-# log counts, and a next-token memory (token ids, log counts and the gate).
+# Options that change what is packed: a prior's tables, and the tokens a location keeps (every
+# memory ships token ids, probabilities, log counts and the gate).
 @pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, eam_count_prior=0.5),
-                                     dict(eam_values="next_token", eam_top_tokens=16)])
+                                     dict(eam_top_tokens=16)])
 def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes_nothing(
         tmp_path, options):
     args, student = tiny_student(**options)
@@ -46,9 +46,6 @@ def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes
     original, got = student.state_dict(), rebuilt.state_dict()
     assert got.keys() == original.keys()
     for name, value in original.items():
-        if name == "log_counts" and got[name].abs().max() == 0:
-            assert not student.config.read.count_prior and student.next_tokens is None
-            continue  # not packed: a read without the prior or next tokens never uses it
         if name == "next_tokens":
             assert torch.equal(got[name], value)
             continue
@@ -107,10 +104,12 @@ def rewrite_header(raw: bytes, change) -> bytes:
     (lambda h: h["model"]["read"].update(k=4.0), r"MemoryReadConfig.k=4.0 is not of type int"),
     (lambda h: h["model"].update(dec_sees_encoder=1), "dec_sees_encoder=1 is not of type bool"),
     (lambda h: h["model"].update(dec_hidden=65), "tensors do not match its model config"),
-    (lambda h: h["model"]["read"].pop("values"), r"\(read\).*missing keys \['values'\]"),
     (lambda h: h["model"]["read"].pop("alpha"), r"\(read\).*missing keys \['alpha'\]"),
-    (lambda h: h["model"]["read"].update(values=1), "MemoryReadConfig.values=1 is not of type"),
-    (lambda h: h["model"]["read"].update(values="next_token"), "next-token ids False"),
+    (lambda h: h["model"]["read"].update(alpha="0.1"), "MemoryReadConfig.alpha='0.1' is not of"),
+    # The field of the memory's kind, gone since next-token counts became the only one.
+    (lambda h: h["model"]["read"].update(values="next_token"),
+     r"\(read\).*unknown keys \['values'\]"),
+    (lambda h: h["tensors"].pop("next_tokens"), r"the memory's \['next_tokens'\] are missing"),
 ])
 def test_the_header_is_read_back_exactly_or_not_at_all(tmp_path, change, message):
     args, student = tiny_student()
@@ -122,22 +121,17 @@ def test_the_header_is_read_back_exactly_or_not_at_all(tmp_path, change, message
     assert "edited.eam" in str(error.value)
 
 
-def test_a_next_token_header_is_read_back_exactly(tmp_path):
-    args, student = tiny_student(eam_values="next_token", eam_read_alpha=0.25)
+def test_the_read_settings_are_read_back_exactly(tmp_path):
+    args, student = tiny_student(eam_read_alpha=0.25, eam_read_k=3)
     model = round_trip(student, args, tmp_path / "next.eam")
     assert model.config == student.config
-    assert (model.config.read.values, model.config.read.alpha) == ("next_token", 0.25)
-    path = tmp_path / "edited.eam"
-    path.write_bytes(rewrite_header(train_gpt.build_artifact(student, student.tables, args),
-                                    lambda h: h["model"]["read"].update(values="hidden")))
-    with pytest.raises(ValueError, match="edited.eam: its tensors do not match"):
-        train_gpt.load_artifact(path, torch.device("cpu"))
+    assert (model.config.read.alpha, model.config.read.k) == (0.25, 3)
 
 
 def test_packed_next_token_distributions_round_trip_within_quantization_error(tmp_path):
     """Top-T probabilities go to int8 rows (scale max / 127) and are renormalized on loading:
     each stays within one step of max q of what was trained, the ids exactly."""
-    args, student = tiny_student(eam_values="next_token", eam_top_tokens=16, locations=64)
+    args, student = tiny_student(eam_top_tokens=16, locations=64)
     model = round_trip(student, args, tmp_path / "next.eam")
     trained, loaded = student.tables, model.tables
     assert torch.equal(loaded.next_tokens, trained.next_tokens)
@@ -163,9 +157,8 @@ def test_reported_sizes_are_the_real_file_sizes(tmp_path):
     assert sizes["total_bytes"] == sizes["code_bytes"] + sizes["model_bytes"]
 
 
-@pytest.mark.parametrize("values", train_gpt.MEMORY_VALUES)
-def test_fit_drops_least_written_locations_until_under_the_limit(values):
-    args, student = tiny_student(locations=400, eam_values=values)
+def test_fit_drops_least_written_locations_until_under_the_limit():
+    args, student = tiny_student(locations=400)
     full = train_gpt.build_artifact(student, student.tables, args)
     limit = len(full) - 3000
     fitted_args = dataclasses.replace(args, size_limit=limit + 100)
@@ -174,12 +167,11 @@ def test_fit_drops_least_written_locations_until_under_the_limit(values):
     _, _, _, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
         artifact[train_gpt.ARTIFACT_PREFIX.size:]))
     kept = arrays["patterns.q"].shape[0]
-    assert kept == 400 - dropped
-    if values == "next_token":  # the most-written locations are the ones kept
-        assert arrays["next_tokens"].shape[0] == kept
-        threshold = student.log_counts.sort(descending=True).values[kept - 1]
-        assert torch.equal(torch.from_numpy(arrays["log_counts"].astype("float32")),
-                           student.log_counts[student.log_counts >= threshold].half().float())
+    assert kept == 400 - dropped and arrays["next_tokens"].shape[0] == kept
+    # The most-written locations are the ones kept.
+    threshold = student.log_counts.sort(descending=True).values[kept - 1]
+    assert torch.equal(torch.from_numpy(arrays["log_counts"].astype("float32")),
+                       student.log_counts[student.log_counts >= threshold].half().float())
     with pytest.raises(ValueError, match="SIZE_LIMIT"):
         train_gpt.fit_artifact(student, dataclasses.replace(args, size_limit=1000), 100)
 

@@ -85,20 +85,19 @@ def test_the_baseline_ships_the_same_teacher_and_is_scored_the_same_way(pipeline
     assert int(baseline[train_gpt.ARTIFACT_RECORD]["total_bytes"]) <= 16_000_000
 
 
-def test_a_next_token_memory_runs_end_to_end_on_two_ranks(pipeline_runs):
-    """EAM_VALUES=next_token: k-means addresses fill the memory, every rank ends with the
-    identical memory and student, and the artifact ships the gate and the token ids."""
+def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
+    """k-means addresses fill the memory, every rank ends with the identical memory and student,
+    and the artifact ships the gate and the token ids."""
     workdir, logs = pipeline_runs
-    records = logs["next_token_ddp"]
+    records = logs["memory_ddp"]
     write = records[train_gpt.stage_record("eam_write")]
     assert write["locations"] == TINY_RUN["EAM_LOCATIONS"] and float(write["used_share"]) > 0.9
     assert 0 < float(write["memory_nll"]) < 20 and 0 < float(write["unigram_nll"]) < 20
     assert 0 < float(write["top_tokens_mass"]) <= 1
-    text = (workdir / "logs" / "next_token_ddp.txt").read_text()
+    text = (workdir / "logs" / "memory_ddp.txt").read_text()
     for name in ("teacher", "memory", "student"):
         assert f"replicas {name}:identical ranks:2" in text
     for line in (train_gpt.MEMORY_RECORD, train_gpt.SCORE_RECORD):
         assert 0 < float(records[line]["val_bpb"]) < 20
-    config, _, arrays = train_gpt.read_artifact(workdir / "next_token_ddp.eam")
-    assert config.read.values == "next_token"
+    _, _, arrays = train_gpt.read_artifact(workdir / "memory_ddp.eam")
     assert arrays["next_tokens"].shape[1] == 16 and "gate.weight" in arrays

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import pytest
 
@@ -42,9 +43,8 @@ def test_any_setting_overrides_the_profile():
     ({"ENC_LAYERS": "99"}, "ENC_LAYERS"),
     ({"QUANT_BITS": "4"}, "QUANT_BITS"),
     ({"TEACHER_TIME_FRAC": "0.9"}, "TEACHER_TIME_FRAC"),
-    ({"EAM_VALUES": "both"}, "EAM_VALUES='both'"),
     ({"EAM_TOP_TOKENS": "0"}, "EAM_TOP_TOKENS=0"),
-    ({"EAM_VALUES": "next_token", "EAM_READ_ALPHA": "0"}, "EAM_READ_ALPHA=0.0"),
+    ({"EAM_READ_ALPHA": "0"}, "EAM_READ_ALPHA=0.0"),
     ({"TTT_BATCH_ROWS": "0"}, "TTT_BATCH_ROWS=0"),
     ({"KNN_CHUNK_TOKENS": "512"}, "KNN_CHUNK_TOKENS='512': this setting is now called "
                                   "EVAL_CHUNK_TOKENS"),
@@ -54,13 +54,24 @@ def test_bad_values_name_the_variable(environ, variable):
         Hyperparameters.from_env(environ)
 
 
-@pytest.mark.parametrize("name", ["EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL",
-                                  "ENC_RECUR_STEPS", "EVAL_ENC_RECUR_STEPS"])
-def test_a_removed_setting_is_refused_saying_so(name):
+# The removed settings and why each went (README, "Memory ideas, measured").
+NO_GAIN = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
+           "EVAL_ENC_RECUR_STEPS")
+HIDDEN_MEMORY = ("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA_DECAY", "EAM_TAU",
+                 "EAM_NOVELTY", "EAM_SPLIT_COUNT", "EAM_MERGE_THRESHOLD")
+
+
+@pytest.mark.parametrize("name, reason", [
+    *((name, "it measured no gain") for name in NO_GAIN),
+    *((name, "it belonged to the hidden-state memory, which measured worse than next-token "
+             "counts") for name in HIDDEN_MEMORY)])
+def test_a_removed_setting_is_refused_saying_so(name, reason):
     assert name.lower() not in {field.name for field in dataclasses.fields(Hyperparameters)}
-    with pytest.raises(ValueError, match=f"{name}='1': this setting was removed \\(it measured "
-                                         "no gain"):
+    with pytest.raises(ValueError, match=re.escape(
+            f"{name}='1': this setting was removed ({reason}; see README, \"Memory ideas, "
+            "measured\")")):
         Hyperparameters.from_env({name: "1"})
+    assert set(train_gpt.REMOVED_SETTINGS) == {*NO_GAIN, *HIDDEN_MEMORY}
 
 
 def test_settings_are_frozen():

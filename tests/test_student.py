@@ -16,18 +16,17 @@ def test_a_fresh_prior_leaves_the_logits_unchanged_and_then_adds_a_bigram_term()
     missing, unexpected = with_prior.load_state_dict(without.state_dict(), strict=False)
     assert unexpected == [] and all(name.startswith("prior.") for name in missing)
     tokens = torch.randint(0, 256, (2, 32))
-    mask = torch.ones(2, 32, dtype=torch.bool)
-    with torch.no_grad():
-        reference, _ = train_gpt.student_scorer(without.eval())(tokens, mask)
-        fresh, _ = train_gpt.student_scorer(with_prior.eval())(tokens, mask)
+    with torch.no_grad():  # (queries, scores: the memory mixture, the model's own logits)
+        _, reference_scores, reference = without.eval()(tokens)
+        _, fresh_scores, fresh = with_prior.eval()(tokens)
         torch.testing.assert_close(fresh, reference)
+        torch.testing.assert_close(fresh_scores, reference_scores)
         assert with_prior.prior(tokens.flatten()).shape == (64, 256)
         with_prior.prior.next_table.weight.normal_()
-        trained, _ = train_gpt.student_scorer(with_prior)(tokens, mask)
-    expected = torch.log_softmax(
-        torch.log_softmax(reference, 1) + with_prior.prior(tokens.flatten()), 1)
-    torch.testing.assert_close(trained, expected, atol=1e-4, rtol=0)
-    assert (trained - reference).abs().max() > 0.1
+        _, scores, trained = with_prior(tokens)
+        bigram = with_prior.prior(tokens.flatten())
+    torch.testing.assert_close(trained, reference + bigram, atol=1e-4, rtol=0)
+    assert (scores - reference_scores).abs().max() > 0.1
 
 
 def test_distillation_loss_is_cross_entropy_plus_the_scaled_kl():

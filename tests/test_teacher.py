@@ -69,7 +69,9 @@ def test_parameter_groups_follow_what_a_parameter_is():
     assert groups["table"] == ["encoder.embed.weight", "prior.next_table.weight",
                                "prior.previous_table.weight"]
     assert "key_head.weight" in groups["matrix"] and "decoder.fc.weight" in groups["matrix"]
-    assert all(name.endswith("qk_gain") for name in groups["vector"])
+    # The gate's weights are vectors (Adam, fp16 when packed), beside the attention's gains.
+    assert {"gate.weight", "gate.bias"} <= set(groups["vector"])
+    assert all(name.endswith("qk_gain") or name.startswith("gate.") for name in groups["vector"])
     optimizers = train_gpt.build_optimizers(student, tiny_args())
     in_adam = {id(p) for group in optimizers["adam"].param_groups for p in group["params"]}
     in_muon = {id(p) for group in optimizers["muon"].param_groups for p in group["params"]}
@@ -77,16 +79,13 @@ def test_parameter_groups_follow_what_a_parameter_is():
     assert in_adam | in_muon == {id(p) for p in student.parameters()}
 
 
-@pytest.mark.parametrize("values", train_gpt.MEMORY_VALUES)
-def test_each_distillation_phase_uses_every_parameter_it_trains(values):
+def test_each_distillation_phase_uses_every_parameter_it_trains():
     """What lets DDP run without find_unused_parameters: the key phase freezes the decoder side
-    (with a next-token memory, the gate too) and uses all the rest; the LM phase uses
-    everything."""
-    _, student = tiny_student(dec_prior_rank=4, eam_values=values)
+    (decoder, prior and gate) and uses all the rest; the LM phase uses everything."""
+    _, student = tiny_student(dec_prior_rank=4)
     idx = torch.randint(0, 256, (2, 16))
     readout_side = {id(p) for m in (student.decoder, student.prior, student.gate)
-                    if m is not None for p in m.parameters()}
-    assert (student.gate is not None) == (values == "next_token")
+                    for p in m.parameters()}
     for keys_only in (True, False):
         student.zero_grad(set_to_none=True)
         queries, scores, logits = student(idx, keys_only=keys_only)
@@ -114,16 +113,60 @@ def test_teacher_loss_falls_on_demo_data(demo_data):
     assert after < before - 1.0, (before, after)
 
 
-def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkeypatch):
-    """On one H100 the key phase's compiled graph took its whole share of time to build (README,
-    "Measured on one H100"), so distill asks for compilation only in the long phase."""
-    args = tiny_args(eam_values="next_token")
+class RandomTokens:
+    """A loader of uniformly random tokens, in DistributedTokenLoader's shapes."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def next_batch(self, rank_tokens: int, seq_len: int):
+        tokens = torch.randint(0, self.vocab_size, (rank_tokens + 1,))
+        return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
+
+
+def teacher_and_memory(args):
+    """A random teacher and a next-token memory placed on random keys and written from them."""
     torch.manual_seed(0)
     teacher = train_gpt.GPT(gpt_config(args))
     memory = train_gpt.ElasticMemory(train_gpt.memory_write_config(args), args.vocab_size,
                                      CPU.device)
     keys = torch.nn.functional.normalize(torch.randn(256, args.eam_key_dim), dim=1)
     memory.place(keys)
+    memory.accumulate(keys, torch.randint(0, args.vocab_size, (256,)))
+    return teacher, memory
+
+
+def test_key_distance_is_one_minus_the_mean_cosine():
+    torch.manual_seed(0)
+    queries, keys = (torch.nn.functional.normalize(torch.randn(9, 8), dim=1) for _ in range(2))
+    cosine = torch.nn.functional.cosine_similarity(queries, keys, dim=1).mean()
+    assert train_gpt.key_distance(queries, keys).item() == pytest.approx(1 - cosine.item())
+    assert train_gpt.key_distance(keys, keys).item() == pytest.approx(0, abs=1e-6)
+    assert train_gpt.key_distance(-keys, keys).item() == pytest.approx(2)
+
+
+def test_the_key_weight_holds_the_key_head_near_the_teachers_keys(capsys):
+    """The encoder starts as the teacher's copy (key drift ~0); end-to-end steps move the key
+    head away, less so with DISTILL_KEY_WEIGHT (the drift that stage:distill logs)."""
+    drift = {}
+    for weight in (0.0, 10.0):
+        args = tiny_args(distill_key_frac=0.0, distill_iterations=12,
+                         distill_key_weight=weight, train_seq_len=32, distill_batch_tokens=512,
+                         grad_accum_world=1, max_wallclock_seconds=1e5, train_log_every=1000)
+        teacher, memory = teacher_and_memory(args)
+        train_gpt.distill(CPU, args, teacher, memory, RandomTokens(args.vocab_size),
+                          run_started=time.perf_counter())
+        line = capsys.readouterr().out.splitlines()[-1]
+        drift[weight] = float(train_gpt.parse_log(line)[train_gpt.stage_record("distill")][
+            "key_drift"])
+    assert 0 <= drift[10.0] < 0.5 * drift[0.0], drift
+
+
+def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkeypatch):
+    """On one H100 the key phase's compiled graph took its whole share of time to build (README,
+    "Measured on one H100"), so distill asks for compilation only in the long phase."""
+    args = tiny_args()
+    teacher, memory = teacher_and_memory(args)
     phases = []
 
     def record(runtime, args, model, phase, loader):
@@ -131,5 +174,6 @@ def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkey
         return dict(steps=0, loss=0.0, time_s=0.0, tokens=0, step_ms=0.0)
 
     monkeypatch.setattr(train_gpt, "run_training", record)
-    train_gpt.distill(CPU, args, teacher, memory, None, run_started=time.perf_counter())
+    train_gpt.distill(CPU, args, teacher, memory, RandomTokens(args.vocab_size),
+                      run_started=time.perf_counter())
     assert phases == [(train_gpt.KEY_PHASE, False), (train_gpt.LM_PHASE, True)]

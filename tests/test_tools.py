@@ -405,8 +405,8 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                      num_heads=2, num_kv_heads=1, rope_dims=8, xsa_layers=1,
                                      enc_layers=1, dec_hidden=32, eam_key_dim=8, vocab_size=64,
                                      mlp_mult=2)
-    tables = train_gpt.MemoryTables(F.normalize(torch.randn(16, 8), dim=1), torch.randn(16, 32),
-                                    torch.zeros(16))
+    tables = train_gpt.next_token_tables(F.normalize(torch.randn(16, 8), dim=1),
+                                         torch.rand(16, 64), args.eam_top_tokens)
     model = train_gpt.MemoryLM(train_gpt.student_config(args), tables)
     path = tmp_path_factory.mktemp("artifact") / "tiny.eam"
     path.write_bytes(train_gpt.build_artifact(model, tables, args))

@@ -285,10 +285,9 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
            if (first.value(EVAL_STAGE, "ttt_steps") or 0) > 0 else "")
     ttt += (" + score-first writes into the memory"
             if first.value(EVAL_STAGE, "memory_writes") == 1 else "")
-    values = ("next-token counts" if s("EAM_VALUES") == "next_token" else "hidden states")
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "
-            f"Elastic Associative Memory of {values} (up to {s('EAM_LOCATIONS')} locations, "
-            f"keys {s('EAM_KEY_DIM')}-dim) -> "
+            f"Elastic Associative Memory of next-token counts (up to {s('EAM_LOCATIONS')} "
+            f"locations, keys {s('EAM_KEY_DIM')}-dim) -> "
             f"distilled {s('ENC_LAYERS')}-layer encoder + decoder; int{s('QUANT_BITS')} per-row + "
             f"zstd-{s('ZSTD_LEVEL')} artifact; scored from the artifact with sliding windows "
             f"({s('EVAL_SEQ_LEN')}/{s('EVAL_STRIDE')}){knn}{ttt}; vocabulary {s('VOCAB_SIZE')}")
@@ -298,16 +297,10 @@ def default_blurb(valid: Sequence[SeedResult], stats: dict) -> str | None:
     if not valid or stats["val_bpb_mean"] is None:
         return None
     spread = ("" if stats["val_bpb_std"] is None else f", std {stats['val_bpb_std']:.5f}")
-    if valid[0].setting("EAM_VALUES") == "next_token":
-        memory = ("An Elastic Associative Memory counts the tokens that followed each region of "
-                  "a teacher transformer's key space; a small encoder (tokens -> memory keys) "
-                  "and decoder are distilled, their distribution mixed with the memory's by a "
-                  "prefix-only gate")
-    else:
-        memory = ("A teacher transformer's hidden states are written into an Elastic "
-                  "Associative Memory; a small encoder (tokens -> memory keys) and decoder "
-                  "(readout -> logits) are distilled")
-    return (f"{memory}, the teacher is dropped, and only encoder + memory + decoder ship. "
+    return ("An Elastic Associative Memory counts the tokens that followed each region of a "
+            "teacher transformer's key space; a small encoder (tokens -> memory keys) and "
+            "decoder are distilled, their distribution mixed with the memory's by a prefix-only "
+            "gate, the teacher is dropped, and only encoder + memory + decoder ship. "
             f"{len(valid)}-seed mean val_bpb {stats['val_bpb_mean']:.5f}{spread}, profile "
             f"{joined([r.header('profile') for r in valid])}.")
 

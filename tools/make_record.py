@@ -197,47 +197,31 @@ def span(values: Sequence[float | None]) -> str | None:
 
 def memory_paragraphs(first: SeedResult, writes: str | None, kept: str | None,
                       sees: str) -> list[str]:
-    """The Memory and Distillation paragraphs of the logged memory kind (EAM_VALUES)."""
+    """The Memory and Distillation paragraphs."""
 
     def s(name: str) -> str:
         return first.setting(name) or "?"
 
-    built = (f" ({writes or '?'} writes, {kept or '?'} locations kept in the artifact).")
-    if s("EAM_VALUES") == "next_token":
-        return [
-            "**Memory.** An Elastic Associative Memory counts what the teacher's contexts "
-            f"lead to: a key is a fixed random projection ({s('EAM_KEY_DIM')} dims) of the "
-            "teacher's state, normalized; addresses are placed by a few passes of spherical "
-            "k-means on a sample of keys every rank shares; each written token adds a softmax "
-            f"over its top {s('EAM_WRITE_K')} locations' similarities to its next token's "
-            "count there, and the counts of all ranks are summed, so every rank ends with the "
-            f"same memory. A location ships its top {s('EAM_TOP_TOKENS')} tokens and its "
-            "write count" + built, "",
-            f"**Distillation.** A causal {s('ENC_LAYERS')}-layer encoder, initialised from the "
-            "teacher's lowest blocks, maps tokens to memory keys; the read, a softmax over the "
-            f"top {s('EAM_READ_K')} locations differentiable in the query, gives a next-token "
-            f"distribution smoothed toward uniform (alpha {s('EAM_READ_ALPHA')}); a decoder "
-            f"maps the encoder's features {sees}to logits through the tied embedding, and a "
-            "learned gate that reads only the prefix (the features, the read's similarities, "
-            "its entropy and peak) mixes the two distributions. Keys are trained first (cosine "
-            "to the teacher's key), then the whole student end to end on the mixture's "
-            "cross-entropy + KL to the teacher on the decoder's part (temperature "
-            f"{s('DISTILL_TEMPERATURE')}).", ""]
     return [
-        "**Memory.** The teacher's hidden states are written into an Elastic Associative "
-        f"Memory: a key is a fixed random projection ({s('EAM_KEY_DIM')} dims) of the "
-        "teacher's state, normalized; a value is its final normalized hidden state. A write "
-        f"goes to the top {s('EAM_WRITE_K')} locations, the winner chosen with a conscience "
-        "penalty; novel keys found new locations, overloaded ones split, near pairs merge. "
-        "Addresses are organized on a sample every rank shares, then each rank accumulates its "
-        "own data and the counters are summed, so every rank ends with the same memory" + built,
+        "**Memory.** An Elastic Associative Memory counts what the teacher's contexts "
+        f"lead to: a key is a fixed random projection ({s('EAM_KEY_DIM')} dims) of the "
+        "teacher's state, normalized; addresses are placed by a few passes of spherical "
+        "k-means on a sample of keys every rank shares; each written token adds a softmax "
+        f"over its top {s('EAM_WRITE_K')} locations' similarities to its next token's "
+        "count there, and the counts of all ranks are summed, so every rank ends with the "
+        f"same memory. A location ships its top {s('EAM_TOP_TOKENS')} tokens and its "
+        f"write count ({writes or '?'} writes, {kept or '?'} locations kept in the artifact).",
         "",
         f"**Distillation.** A causal {s('ENC_LAYERS')}-layer encoder, initialised from the "
-        "teacher's lowest blocks, maps tokens to memory keys; the memory read is a softmax over "
-        f"the top {s('EAM_READ_K')} locations, differentiable in the query; a decoder maps the "
-        f"readout {sees}to logits through the tied embedding. Keys are trained first (cosine "
-        "to the teacher's key), then the whole student end to end on cross-entropy + KL to "
-        f"the teacher (temperature {s('DISTILL_TEMPERATURE')}).", ""]
+        "teacher's lowest blocks, maps tokens to memory keys; the read, a softmax over the "
+        f"top {s('EAM_READ_K')} locations differentiable in the query, gives a next-token "
+        f"distribution smoothed toward uniform (alpha {s('EAM_READ_ALPHA')}); a decoder "
+        f"maps the encoder's features {sees}to logits through the tied embedding, and a "
+        "learned gate that reads only the prefix (the features, the read's similarities, "
+        "its entropy and peak) mixes the two distributions. Keys are trained first (cosine "
+        "to the teacher's key), then the whole student end to end on the mixture's "
+        "cross-entropy + KL to the teacher on the decoder's part (temperature "
+        f"{s('DISTILL_TEMPERATURE')}).", ""]
 
 
 def method_section(results: Sequence[SeedResult]) -> list[str]:
@@ -249,7 +233,7 @@ def method_section(results: Sequence[SeedResult]) -> list[str]:
     kept = span([r.value(_runs.FIT_RECORD, "kept_locations") for r in results])
     writes = span([r.value(train_gpt.stage_record("eam_write"), "writes") for r in results])
     sees_encoder = first.value(train_gpt.stage_record("distill"), "dec_sees_encoder")
-    sees = "and the encoder's features " if sees_encoder == 1 else ""
+    sees = "and the read's expected token embedding " if sees_encoder == 1 else ""
     knn = first.value(_submission.EVAL_STAGE, "knn") == 1
     ttt = (first.value(_submission.EVAL_STAGE, "ttt_steps") or 0) > 0
     return [
