@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import math
+import os
 import sys
 import textwrap
 import warnings
@@ -298,6 +299,22 @@ def test_seed_sweep_runs_each_seed(tmp_path: Path, fake_trainer: str,
         assert (tmp_path / f"sweep_seed{seed}.eam").exists()
     assert "Traceback: simulated crash" in (tmp_path / "logs/sweep_seed3.stdout.txt").read_text()
     assert "===== logs/sweep_seed1.txt" in (tmp_path / "train_log.txt").read_text()
+    # ... and it is kept, set aside, not deleted.
+    kept = list((tmp_path / "logs" / runs.REPLACED_DIR).glob("sweep_seed3.*.txt"))
+    assert len(kept) == 1 and "SEED=3" in kept[0].read_text()
+
+
+def test_set_aside_keeps_every_earlier_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.eam"
+    assert runs.set_aside(path) is None
+    for content in ("first", "second"):
+        path.write_text(content)
+        os.utime(path, (0, 0))  # the same modification time: the second name must differ
+        assert runs.set_aside(path).parent == tmp_path / runs.REPLACED_DIR
+    assert not path.exists()
+    kept = sorted((tmp_path / runs.REPLACED_DIR).iterdir())
+    assert sorted(p.read_text() for p in kept) == ["first", "second"]
+    assert all(p.suffix == ".eam" for p in kept)
 
 
 def test_seed_sweep_rejects_bad_setting_before_running(tmp_path: Path, fake_trainer: str,

@@ -10,11 +10,13 @@ Nothing runs at import.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,25 +156,43 @@ def scores_only(env: dict[str, str]) -> bool:
     return bool(train_gpt._parse_setting("EVAL_ONLY", env.get("EVAL_ONLY", "0"), bool))
 
 
+REPLACED_DIR = "replaced"  # beside a file, where set_aside keeps what a new run would replace
+
+
+def set_aside(path: Path) -> Path | None:
+    """Keep an earlier run's file out of a new run's way, never deleting it: DIR/NAME.EXT moves
+    to DIR/replaced/NAME.<its modification time>.EXT (with _2, _3, ... on a clash). Returns where
+    it went, or None when there was no such file."""
+    if not path.exists():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    folder = path.parent / REPLACED_DIR
+    folder.mkdir(exist_ok=True)
+    for attempt in itertools.count(1):
+        kept = folder / f"{path.stem}.{stamp}{'' if attempt == 1 else f'_{attempt}'}{path.suffix}"
+        if not kept.exists():
+            return path.rename(kept)
+
+
 def run_training(label: str, command: Sequence[str], env: Mapping[str, str], logs_dir: Path,
                  required: Sequence[str] = (SCORE_RECORD,), echo: bool = True) -> Run:
     """Launch one run with RUN_ID=env['RUN_ID'] and read its log back.
 
-    train_gpt.py writes logs/RUN_ID.txt under the working directory; a stale file of that name,
-    and a stale ARTIFACT_PATH, are removed first (train_gpt.py refuses to overwrite either), so
-    a run that dies before logging is never mistaken for an old complete one. The raw
-    stdout/stderr is kept in
+    train_gpt.py writes logs/RUN_ID.txt under the working directory; an earlier run's file of
+    that name, its ARTIFACT_PATH and its output are set aside first (train_gpt.py refuses to
+    overwrite the first two), so a run that dies before logging is never mistaken for an old
+    complete one, and the old run is kept. The raw stdout/stderr is kept in
     LOGS_DIR/RUN_ID.stdout.txt, and the log is copied into LOGS_DIR when that is elsewhere.
     """
     run_id = env["RUN_ID"]
     train_log = TRAIN_LOG_DIR / f"{run_id}.txt"
     target = logs_dir / f"{run_id}.txt"
-    stale_outputs = {train_log.resolve(), target.resolve()}
-    if env.get("ARTIFACT_PATH") and not scores_only(env):  # EVAL_ONLY reads it: never removed
-        stale_outputs.add(Path(env["ARTIFACT_PATH"]).resolve())
-    for stale in stale_outputs:
-        stale.unlink(missing_ok=True)
     output_path = logs_dir / f"{run_id}.stdout.txt"
+    earlier_outputs = {train_log.resolve(), target.resolve(), output_path.resolve()}
+    if env.get("ARTIFACT_PATH") and not scores_only(env):  # EVAL_ONLY reads it: left in place
+        earlier_outputs.add(Path(env["ARTIFACT_PATH"]).resolve())
+    for earlier in earlier_outputs:
+        set_aside(earlier)
     print(f"[{label}] {shlex.join(command)}  ({' '.join(f'{k}={v}' for k, v in env.items())})",
           flush=True)
     returncode = launch(command, env, output_path, echo=echo)
