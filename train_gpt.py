@@ -201,7 +201,7 @@ class Hyperparameters:
     ttt_params: str = "all"  # what adapts: parameter name prefixes, comma-separated, or all
     ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
     ttt_batch_rows: int = 8  # windows per gradient micro-batch, fixed whatever the world size
-    eval_memory_writes: bool = False  # a next-token memory counts the scored tokens (score-first)
+    eval_memory_writes: bool = False  # the memory counts the scored tokens (score-first)
     teacher_reference: bool = False
 
     @classmethod
@@ -1425,10 +1425,6 @@ class ElasticMemory:
         self.addresses[: addresses.size(0)] = addresses
         self.size = addresses.size(0)
 
-    def reset_counters(self) -> None:
-        self.counters.zero_()
-        self.counts.zero_()
-
     def accumulate(self, keys: torch.Tensor, tokens: torch.Tensor) -> None:
         """Frozen addresses: for unit keys [N, K] and their next tokens [N], counters[location,
         token] += weight and counts[location] += weight at each key's top-k locations, the
@@ -1471,8 +1467,8 @@ def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tenso
     return keys, final.float().flatten(0, 1)
 
 
-def organize_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemory,
-                    teacher_batch: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+def place_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemory,
+                 teacher_batch: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """Addresses placed on a sample every rank sees: each rank runs the teacher on its part and
     all gather its keys. Returns this rank's own (keys, tokens), to be written (accumulate)."""
     seq_len = args.train_seq_len
@@ -1561,7 +1557,7 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         return keys, y.flatten()
 
     memory = ElasticMemory(memory_write_config(args), args.vocab_size, runtime.device)
-    own = organize_memory(runtime, args, memory, teacher_batch)
+    own = place_memory(runtime, args, memory, teacher_batch)
     broadcast_addresses(runtime, memory)
     organize_ms = elapsed_ms(started)
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
@@ -1811,11 +1807,11 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
     stop_at = stage_end(run_started, args,
                         args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
     batch = (args.distill_batch_tokens, args.train_seq_len)
-    readout_side = tuple(m for m in (student.decoder, student.prior, student.gate)
+    read_side = tuple(m for m in (student.decoder, student.prior, student.gate)
                          if m is not None)
     phases = [Phase(KEY_PHASE, key_loss, *batch,
                     started + args.distill_key_frac * (stop_at - started),
-                    args.distill_key_iterations, args.distill_lr_scale, frozen=readout_side,
+                    args.distill_key_iterations, args.distill_lr_scale, frozen=read_side,
                     compiled=False),
               Phase(LM_PHASE, lm_loss, *batch, stop_at, args.distill_iterations,
                     args.distill_lr_scale)]

@@ -10,8 +10,8 @@ a path that ignores its input cannot pass by accident.
 
 EVAL_PATHS names every evaluation path and option by the settings that switch it on, and
 `artifact_distributions` runs one through the real scoring code (`train_gpt.score_artifact`:
-artifact file -> load -> evaluate). To cover a new path (evaluation-time memory writes,
-...), add one line to EVAL_PATHS with the settings that turn it on; a path
+artifact file -> load -> evaluate). To cover a new path, add one line to EVAL_PATHS with the
+settings that turn it on; a path
 that is not a setting wraps its own scorer in a `distributions` function and calls
 `assert_causal` with it (as tests/test_causality.py does for its deliberate leaks).
 """

@@ -84,7 +84,7 @@ def test_each_distillation_phase_uses_every_parameter_it_trains():
     (decoder, prior and gate) and uses all the rest; the LM phase uses everything."""
     _, student = tiny_student(dec_prior_rank=4)
     idx = torch.randint(0, 256, (2, 16))
-    readout_side = {id(p) for m in (student.decoder, student.prior, student.gate)
+    read_side = {id(p) for m in (student.decoder, student.prior, student.gate)
                     for p in m.parameters()}
     for keys_only in (True, False):
         student.zero_grad(set_to_none=True)
@@ -92,7 +92,7 @@ def test_each_distillation_phase_uses_every_parameter_it_trains():
         (queries.sum() + (0 if scores is None else scores.sum() + logits.sum())).backward()
         used = {id(p) for p in student.parameters() if p.grad is not None}
         expected = {id(p) for p in student.parameters()}
-        assert used == (expected - readout_side if keys_only else expected)
+        assert used == (expected - read_side if keys_only else expected)
 
 
 def test_teacher_loss_falls_on_demo_data(demo_data):

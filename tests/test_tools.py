@@ -51,7 +51,8 @@ def log_text(run_id: str = "cpu_smoke_seed1337", seed: int = 1337, bpb: float = 
               f"{train_gpt.KEY_PHASE} step:1 loss:0.5000 lr_mult:0.200 elapsed_ms:10",
               f"{train_gpt.LM_PHASE} step:1 loss:6.0000 lr_mult:0.200 elapsed_ms:20",
               f"{stage('distill')} time_ms:566 params:1 dec_sees_encoder:1 distill_keys_steps:3 "
-              "distill_keys_loss:0.1000 distill_lm_steps:4 distill_lm_loss:5.0000",
+              "distill_keys_loss:0.1000 distill_lm_steps:4 distill_lm_loss:5.0000 "
+              "key_drift:0.2500",
               f"{train_gpt.COMPONENT_RECORD} name:memory.patterns raw_bytes:150 zstd_bytes:120",
               f"{train_gpt.COMPONENT_RECORD} name:encoder raw_bytes:90 zstd_bytes:80",
               f"{train_gpt.FIT_RECORD} dropped_locations:0 kept_locations:500",
@@ -398,6 +399,7 @@ def test_ablate_collect_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
                                                         "broken"]
     assert doc["variants"][0]["knn_bpb"] == pytest.approx(1.25)
     assert doc["variants"][0]["teacher_bpb"] == pytest.approx(1.10)
+    assert doc["variants"][0]["key_drift"] == pytest.approx(0.25)
     assert doc["variants"][0]["stage_time_ms"]["teacher"] == 1234
     assert doc["variants"][3]["knn_bpb"] is None and doc["variants"][4]["status"] == "incomplete"
     if importlib.util.find_spec("matplotlib") is None:

@@ -163,10 +163,10 @@ def run(cfg: argparse.Namespace) -> dict:
 
     place_s, acc_vector_s, acc_item_s = [], [], []
     for _ in range(cfg.repeats):  # placement is seeded: each repeat places the same addresses
-        vector = new_memory(cfg)
-        place_s.append(timed(vector.place, sample))
-    for _ in range(cfg.repeats):  # every repeat rebuilds the same counts from zero
-        vector.reset_counters()
+        placed = new_memory(cfg)
+        place_s.append(timed(placed.place, sample))
+    for _ in range(cfg.repeats):  # every repeat builds the same counts from zero
+        vector = new_memory(cfg, addresses_from=placed)
         acc_vector_s.append(timed(vector_accumulate, vector, keys, tokens, cfg.batch))
         # Per-item writes of the first keys on the same frozen addresses, also float32.
         item = new_memory(cfg, addresses_from=vector)
