@@ -1332,22 +1332,32 @@ def next_token_rows(tables: MemoryTables, vocab_size: int) -> torch.Tensor:
         1, tables.next_tokens, tables.patterns)
 
 
+def location_weights(queries: torch.Tensor, addresses: torch.Tensor, k: int, beta: float,
+                     log_counts: torch.Tensor | None = None, count_prior: float = 0.0):
+    """Each unit query's top-k locations and their weights softmax(beta * sim + count_prior *
+    log n): what a read averages over and what a write spreads its token's mass over.
+    Returns (top sims [N, k], top index [N, k], weights [N, k], at least fp32)."""
+    sims = queries @ addresses.to(queries.dtype).T  # [N, M]
+    top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
+    # fp32 under autocast (bf16 similarities), float64 when the keys are (bench_eam's check).
+    scores = beta * top_sims.to(torch.promote_types(top_sims.dtype, torch.float32))
+    if count_prior:
+        scores = scores + count_prior * log_counts[top_index]
+    return top_sims, top_index, torch.softmax(scores, dim=1)
+
+
 def read_next_tokens(queries: torch.Tensor, tables: MemoryTables, read: MemoryReadConfig,
                      token_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The memory's next-token distribution p_mem [N, V] and the top-k similarities [N, k].
 
-    Unit queries [N, K] weigh their top-k locations by softmax(beta * sim + count_prior * log n);
-    each location's distribution is its top-T tokens (token_rows, next_token_rows of the tables)
-    smoothed toward uniform, (n q + alpha / V) / (n + alpha) for a location written n times, so
-    p_mem sums to 1 and is positive everywhere. Only written locations exist in the tables.
-    Differentiable with respect to the queries (through the chosen locations' similarities).
+    Unit queries [N, K] weigh their top-k locations as location_weights does; each location's
+    distribution is its top-T tokens (token_rows, next_token_rows of the tables) smoothed toward
+    uniform, (n q + alpha / V) / (n + alpha) for a location written n times, so p_mem sums to 1 and
+    is positive everywhere. Only written locations exist in the tables. Differentiable with respect
+    to the queries (through the chosen locations' similarities).
     """
-    sims = queries @ tables.addresses.to(queries.dtype).T  # [N, M]
-    top_sims, top_index = sims.topk(min(read.k, sims.size(1)), dim=1)
-    scores = read.beta * top_sims.float()
-    if read.count_prior:
-        scores = scores + read.count_prior * tables.log_counts[top_index]
-    weights = torch.softmax(scores, dim=1)  # [N, k]
+    top_sims, top_index, weights = location_weights(queries, tables.addresses, read.k, read.beta,
+                                                    tables.log_counts, read.count_prior)
     counts = tables.log_counts.exp()[top_index]
     # Counts written at evaluation join the location's: (n q + s + alpha / V) / (n + |s| + alpha).
     scored = tables.scored_counts
@@ -1432,12 +1442,11 @@ class ElasticMemory:
         index_add_ loses no colliding update. Keys meet the addresses in blocks."""
         active, vocab = self.addresses[: self.size], self.counters.size(1)
         for begin in range(0, keys.size(0), SIMILARITY_ROWS):
-            sims = keys[begin: begin + SIMILARITY_ROWS] @ active.T
-            top_sims, top_index = sims.topk(min(self.config.write_k, self.size), dim=1)
-            weights = torch.softmax(self.config.read_beta * top_sims, dim=1).flatten()
+            _, top_index, weights = location_weights(keys[begin: begin + SIMILARITY_ROWS], active,
+                                                     self.config.write_k, self.config.read_beta)
             cells = top_index * vocab + tokens[begin: begin + SIMILARITY_ROWS, None]
-            self.counters.view(-1).index_add_(0, cells.flatten(), weights)
-            self.counts.index_add_(0, top_index.flatten(), weights)
+            self.counters.view(-1).index_add_(0, cells.flatten(), weights.flatten())
+            self.counts.index_add_(0, top_index.flatten(), weights.flatten())
 
     def tables(self) -> MemoryTables:
         """Written locations only, as they ship: an empty one must never dilute a read."""
