@@ -56,8 +56,8 @@ DEMO_DATA = "./data/demo_sp1024"
 SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
 # What both CPU profiles share: the demo data, a capped validation split, no compilation, the
 # teacher scored beside the memory, a 2x128 teacher (its curve is the flattest 2 cores reach in
-# minutes: README, "The CPU proxy's regime") and the teacher options that help at such sizes
-# (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
+# minutes: README, "The memory against the baseline") and the teacher options that help at such
+# sizes (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
 CPU_BASE: dict[str, object] = dict(
     data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model", val_tokens=65536,
     compile=False, teacher_reference=True, grad_accum_world=2, distill_time_frac=0.35,
@@ -1818,8 +1818,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: Elast
     stop_at = stage_end(run_started, args,
                         args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
     batch = (args.distill_batch_tokens, args.train_seq_len)
-    read_side = tuple(m for m in (student.decoder, student.prior, student.gate)
-                         if m is not None)
+    read_side = tuple(m for m in (student.decoder, student.prior, student.gate) if m is not None)
     phases = [Phase(KEY_PHASE, key_loss, *batch,
                     started + args.distill_key_frac * (stop_at - started),
                     args.distill_key_iterations, args.distill_lr_scale, frozen=read_side,

@@ -85,7 +85,7 @@ def test_each_distillation_phase_uses_every_parameter_it_trains():
     _, student = tiny_student(dec_prior_rank=4)
     idx = torch.randint(0, 256, (2, 16))
     read_side = {id(p) for m in (student.decoder, student.prior, student.gate)
-                    for p in m.parameters()}
+                 for p in m.parameters()}
     for keys_only in (True, False):
         student.zero_grad(set_to_none=True)
         queries, scores, logits = student(idx, keys_only=keys_only)
