@@ -19,6 +19,7 @@ Run `PROFILE=cpu_smoke python train_gpt.py` on a laptop or
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -204,6 +205,7 @@ class Hyperparameters:
     ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
     ttt_batch_rows: int = 8  # windows per gradient micro-batch, fixed whatever the world size
     eval_memory_writes: bool = False  # the memory counts the scored tokens (score-first)
+    # After the score, as diagnostics: the teacher, and the shipped model before packing.
     teacher_reference: bool = False
 
     @classmethod
@@ -533,6 +535,9 @@ BASELINE_RECORD = "final_baseline_roundtrip_exact"  # MODEL=transformer without 
 SCORE_RECORDS = {"eam": (MEMORY_RECORD, SCORE_RECORD),
                  "transformer": (BASELINE_RECORD, BASELINE_SCORE_RECORD)}
 TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a diagnostic)
+# The shipped model before packing, scored as the artifact is (a diagnostic: the gap to the
+# model-alone line is what quantization and dropped locations cost).
+PREPACK_RECORD = "prepack_reference_exact"
 HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
 ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
 # read), path sha256 (the file the evaluation checks it scores)
@@ -2535,18 +2540,28 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
         tables = build_byte_tables(args.tokenizer_path, model.vocab_size, str(path))
     check_token_ids(tokens.numpy(), model.vocab_size,
                     f"DATA_PATH={args.data_path!r} validation split", f"the vocabulary of {path}")
+    return model.kind, score_model(runtime, args, model, tokens, tables, keep_rows)
+
+
+def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM,
+                tokens: torch.Tensor, tables: ByteTables, keep_rows: bool = False
+                ) -> dict[str, ScoreTotals]:
+    """score_artifact's scoring, of a model in hand (which TTT and memory writes change)."""
     use_knn = args.knn_lambda > 0
     # Every run adapts a fresh copy of the artifact's weights: nothing learned persists.
     ttt = TestTimeTraining(runtime, args, model) if args.ttt_steps else None
     writes = MemoryWrites(model) if args.eval_memory_writes else None
-    return model.kind, evaluate(runtime, args, student_scorer(model), tokens, tables,
-                                model.config.key_dim if use_knn else None, keep_rows, ttt, writes)
+    return evaluate(runtime, args, student_scorer(model), tokens, tables,
+                    model.config.key_dim if use_knn else None, keep_rows, ttt, writes)
 
 
 def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
-                      teacher: GPT | None) -> None:
+                      teacher: GPT | None, shipped: MemoryLM | TransformerLM | None) -> None:
     """The submission's score; its clock covers everything from reading the validation split.
-    The teacher reference runs after it, timed on its own line, as a diagnostic."""
+    With TEACHER_REFERENCE the references follow, each timed on its own line, as diagnostics:
+    the teacher alone (memory model only: the baseline is its teacher), and the shipped model
+    before packing with the same evaluation-time options but the kNN store (a copy: TTT and
+    memory writes change what they score)."""
     started = time.perf_counter()
     tokens = load_validation_tokens(args)
     kind, results = score_artifact(runtime, args, Path(args.artifact_path), tokens, sha256=sha256)
@@ -2563,12 +2578,19 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
               f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)} "
               f"ttt_steps:{args.ttt_steps} memory_writes:{int(args.eval_memory_writes)}")
     log_time_limit(runtime, EVAL_TIME_RECORD, started, args.max_wallclock_seconds)
-    if teacher is not None and args.teacher_reference and kind == "eam":
+    if teacher is None or not args.teacher_reference:
+        return
+    tables = build_byte_tables(args.tokenizer_path, teacher.config.vocab_size, "VOCAB_SIZE")
+    references = {PREPACK_RECORD: lambda: score_model(
+        runtime, dataclasses.replace(args, knn_lambda=0.0), copy.deepcopy(shipped), tokens,
+        tables)}
+    if kind == "eam":
+        references[TEACHER_RECORD] = lambda: evaluate(runtime, args, teacher_scorer(teacher),
+                                                      tokens, tables, None)
+    for record, score in references.items():
         started = time.perf_counter()
-        tables = build_byte_tables(args.tokenizer_path, teacher.config.vocab_size, "VOCAB_SIZE")
-        totals = evaluate(runtime, args, teacher_scorer(teacher), tokens, tables, None)
-        loss, bpb, count = totals["model"].reduced(runtime)
-        runtime.log(f"{TEACHER_RECORD} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
+        loss, bpb, count = score()["model"].reduced(runtime)
+        runtime.log(f"{record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} "
                     f"tokens:{count} eval_time_ms:{elapsed_ms(started):.0f}")
 
 
@@ -2584,7 +2606,7 @@ def main() -> None:
     with failures_logged(runtime):
         log_header(runtime, args)
         check_inputs(runtime, args)                                    # 3. data, checked
-        teacher, sha256 = None, ""
+        teacher, shipped, sha256 = None, None, ""
         if not args.eval_only:
             loader = DistributedTokenLoader(shard_paths(args.data_path, "train"), runtime,
                                             args.vocab_size)
@@ -2597,7 +2619,7 @@ def main() -> None:
             sha256 = pack(runtime, args, shipped)                      # 7. packing
             log_time_limit(runtime, TRAIN_TIME_RECORD, started, args.max_wallclock_seconds)
             log_artifact_components(runtime, args)
-        evaluate_artifact(runtime, args, sha256, teacher)              # 8. evaluation
+        evaluate_artifact(runtime, args, sha256, teacher, shipped)     # 8. evaluation
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()

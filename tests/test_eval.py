@@ -199,7 +199,7 @@ def test_evaluation_takes_the_dimensions_from_the_artifact(tmp_path, demo_data, 
     path, settings = artifact_and_settings(tmp_path, demo_data, eam_key_dim=12)
     # The environment's EAM_KEY_DIM and VOCAB_SIZE say other things: the artifact decides.
     other = dataclasses.replace(settings, eam_key_dim=32, vocab_size=64, artifact_path=str(path))
-    train_gpt.evaluate_artifact(CPU, other, sha256="", teacher=None)
+    train_gpt.evaluate_artifact(CPU, other, sha256="", teacher=None, shipped=None)
     records = train_gpt.parse_log(capsys.readouterr().out)
     assert float(records[train_gpt.SCORE_RECORD]["val_bpb"]) > 0
     assert records[train_gpt.stage_record("eval")]["tokens"] == "299"
@@ -211,4 +211,27 @@ def test_an_artifact_of_another_vocabulary_is_not_scored(tmp_path, demo_data):
     path = write_artifact(tmp_path / "other_vocabulary.eam", args, student)
     with pytest.raises(ValueError, match="other_vocabulary.eam: a vocabulary of 256 tokens.*1024"):
         train_gpt.evaluate_artifact(CPU, dataclasses.replace(settings, artifact_path=str(path)),
-                                    sha256="", teacher=None)
+                                    sha256="", teacher=None, shipped=None)
+
+
+def test_the_references_score_the_shipped_model_before_packing_on_a_copy(tmp_path, demo_data,
+                                                                          capsys):
+    """TEACHER_REFERENCE adds the teacher's line and the unpacked model's; TTT and memory writes
+    adapt a copy of it, never the model in hand (which could be packed or scored again)."""
+    args, student = tiny_student(vocab_size=1024)
+    path = write_artifact(tmp_path / "model.eam", args, student.eval().requires_grad_(False))
+    settings = tiny_args(data_path=str(demo_data), val_tokens=300, artifact_path=str(path),
+                         tokenizer_path=str(demo_data / "tokenizer.model"),
+                         teacher_reference=True, ttt_steps=1, eval_memory_writes=True)
+    before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
+    teacher = train_gpt.GPT(student.config.encoder).eval().requires_grad_(False)
+    train_gpt.evaluate_artifact(CPU, settings, sha256="", teacher=teacher, shipped=student)
+    records = train_gpt.parse_log(capsys.readouterr().out)
+    for record in (train_gpt.PREPACK_RECORD, train_gpt.TEACHER_RECORD):
+        assert records[record]["tokens"] == "299"
+    # int6 rows move the scores, but not far (a broken packing would).
+    packed = float(records[train_gpt.MEMORY_RECORD]["val_bpb"])
+    assert abs(float(records[train_gpt.PREPACK_RECORD]["val_bpb"]) - packed) < 0.05
+    assert student.scored_counts is None
+    for name, tensor in student.state_dict().items():
+        assert torch.equal(tensor, before[name]), name

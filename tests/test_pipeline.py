@@ -11,7 +11,8 @@ def test_single_process_logs_every_stage_and_fits(pipeline_runs):
     records = logs[PIPELINE_RUN_ID]
     for stage in train_gpt.STAGES:
         assert int(records[train_gpt.stage_record(stage)]["time_ms"]) >= 0
-    for line in (train_gpt.MEMORY_RECORD, train_gpt.SCORE_RECORD, train_gpt.TEACHER_RECORD):
+    for line in (train_gpt.MEMORY_RECORD, train_gpt.SCORE_RECORD, train_gpt.TEACHER_RECORD,
+                 train_gpt.PREPACK_RECORD):
         assert 0 < float(records[line]["val_bpb"]) < 20
     assert int(records[train_gpt.MEMORY_RECORD]["tokens"]) == 2999
     artifact = records[train_gpt.ARTIFACT_RECORD]

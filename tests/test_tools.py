@@ -391,9 +391,9 @@ def test_ablate_collect_only(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
         "xsa0", "transformer", "base", "noknn", "broken"]
     assert "| 1.2500 |" in table[1] and "XSA_LAYERS=0" in table[1]
     transformer = [cell.strip() for cell in table[2].split("|")]
-    assert transformer[2:7] == ["transformer", "ok", "1.1000", "1.2900", "1.2700"]
+    assert transformer[2:8] == ["transformer", "ok", "1.1000", "-", "1.2900", "1.2700"]
     noknn = table[4].split("|")
-    assert noknn[5].strip() == "1.2800" and noknn[6].strip() == "-"
+    assert noknn[6].strip() == "1.2800" and noknn[7].strip() == "-"
     doc = json.loads(out.read_text())
     assert [row["name"] for row in doc["variants"]] == ["xsa0", "transformer", "base", "noknn",
                                                         "broken"]

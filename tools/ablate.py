@@ -77,6 +77,7 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
         name=name, env=env, status=run.status, detail=run.detail, returncode=run.returncode,
         log=str(run.log_path) if run.log_path else None,
         teacher_bpb=_runs.number(records, _runs.TEACHER_RECORD, "val_bpb"),
+        prepack_bpb=_runs.number(records, train_gpt.PREPACK_RECORD, "val_bpb"),
         memory_bpb=_runs.number(records, model_record, "val_bpb"),
         knn_bpb=_runs.number(records, score_record, "val_bpb"),
         total_bytes=(None if _runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes") is None
@@ -95,7 +96,8 @@ def sort_key(row: dict) -> tuple:
 
 
 def table(rows: list[dict]) -> str:
-    headers = ["variant", "model", "status", "teacher bpb", "model bpb", "model+kNN bpb",
+    headers = ["variant", "model", "status", "teacher bpb", "unpacked bpb", "model bpb",
+               "model+kNN bpb",
                "total bytes", *(f"{stage} ms" for stage in _runs.STAGES), "of which ttt ms",
                "changed settings"]
     body = []
@@ -106,7 +108,8 @@ def table(rows: list[dict]) -> str:
         changed = row["changed_settings"] or row["env"]
         settings = ",".join(f"{k}={v}" for k, v in changed.items()) or None
         body.append([row["name"], row["model"], status, _runs.fmt(row["teacher_bpb"]),
-                     _runs.fmt(row["memory_bpb"]), _runs.fmt(row["knn_bpb"]),
+                     _runs.fmt(row["prepack_bpb"]), _runs.fmt(row["memory_bpb"]),
+                     _runs.fmt(row["knn_bpb"]),
                      row["total_bytes"], *times,
                      None if row["ttt_time_ms"] is None else int(row["ttt_time_ms"]), settings])
     return _runs.markdown_table(headers, body)
