@@ -77,7 +77,7 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
         name=name, env=env, status=run.status, detail=run.detail, returncode=run.returncode,
         log=str(run.log_path) if run.log_path else None,
         teacher_bpb=_runs.number(records, _runs.TEACHER_RECORD, "val_bpb"),
-        prepack_bpb=_runs.number(records, train_gpt.PREPACK_RECORD, "val_bpb"),
+        prepack_bpb=_runs.number(records, _runs.PREPACK_RECORD, "val_bpb"),
         memory_bpb=_runs.number(records, model_record, "val_bpb"),
         knn_bpb=_runs.number(records, score_record, "val_bpb"),
         total_bytes=(None if _runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes") is None
