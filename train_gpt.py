@@ -2546,9 +2546,9 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
 def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM,
                 tokens: torch.Tensor, tables: ByteTables, keep_rows: bool = False
                 ) -> dict[str, ScoreTotals]:
-    """score_artifact's scoring, of a model in hand (which TTT and memory writes change)."""
+    """score_artifact's scoring, of a model in hand. TTT and memory writes change it, so every
+    caller passes a fresh one (the artifact's, or a copy): nothing learned persists."""
     use_knn = args.knn_lambda > 0
-    # Every run adapts a fresh copy of the artifact's weights: nothing learned persists.
     ttt = TestTimeTraining(runtime, args, model) if args.ttt_steps else None
     writes = MemoryWrites(model) if args.eval_memory_writes else None
     return evaluate(runtime, args, student_scorer(model), tokens, tables,
