@@ -76,7 +76,7 @@ CPU_SIZES: dict[str, tuple[object, object]] = dict(
     warmup_steps=(5, 10), eam_locations=(1024, 4096), eam_key_dim=(32, 64),
     eam_organize_tokens=(16384, 65536), eam_batch=(1024, 2048), dec_hidden=(256, 512),
     distill_batch_tokens=(4096, 8192), eval_seq_len=(128, 256), eval_batch_windows=(64, 32),
-    size_limit=(16_000_000, 1_000_000),
+    size_limit=(16_000_000, 1_000_000), eam_context_tokens=(262_144, 1_048_576),
 )
 RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
 # Settings of ideas removed from the code after they measured no gain, or worse (README,
@@ -168,6 +168,13 @@ class Hyperparameters:
     eam_batch: int = 8192
     eam_top_tokens: int = 128
     eam_read_alpha: float = 0.1
+    # The context memory: next-token counts of exact recent contexts of up to
+    # EAM_CONTEXT_ORDER - 1 tokens (0: none), counted from EAM_CONTEXT_TOKENS training tokens
+    # (0: it ships empty and learns only from scored tokens, with EVAL_MEMORY_WRITES); pairs seen
+    # fewer than EAM_CONTEXT_MIN_COUNT times are not kept (packing keeps fewer, if it must).
+    eam_context_order: int = 4
+    eam_context_tokens: int = 33_554_432
+    eam_context_min_count: int = 2
     # Distillation.
     enc_layers: int = 5
     enc_init_from_teacher: bool = True
@@ -195,7 +202,9 @@ class Hyperparameters:
     eval_batch_windows: int = 32
     knn_k: int = 32
     knn_beta: float = 20.0
-    knn_lambda: float = 0.15
+    # The score-first kNN store: off (0) by default, since on the 2x128 proxy it costs both the
+    # memory model and the baseline (README, "The context memory against the baseline").
+    knn_lambda: float = 0.0
     eval_chunk_tokens: int = 65536  # score-first learning (kNN, TTT) after each chunk
     knn_capacity: int = 4_000_000
     # Score-first test-time training (README, "Test-time training, measured": the best of 12
@@ -204,7 +213,8 @@ class Hyperparameters:
     ttt_params: str = "all"  # what adapts: parameter name prefixes, comma-separated, or all
     ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
     ttt_batch_rows: int = 8  # windows per gradient micro-batch, fixed whatever the world size
-    eval_memory_writes: bool = False  # the memory counts the scored tokens (score-first)
+    # The memory model's memories count the scored tokens (score-first; the baseline has none).
+    eval_memory_writes: bool = True
     # After the score, as diagnostics: the teacher, and the shipped model before packing.
     teacher_reference: bool = False
 
@@ -229,6 +239,11 @@ class Hyperparameters:
                 values[field.name] = _parse_setting(name, environ[name], types[field.name])
         if values.get("eval_only") and "ARTIFACT_PATH" not in environ:
             raise ValueError("EVAL_ONLY=1: set ARTIFACT_PATH to the artifact to score")
+        # On by default for the memory model; asked for by name, the baseline cannot have it.
+        if ("EVAL_MEMORY_WRITES" in environ and values["eval_memory_writes"]
+                and values.get("model", "eam") != "eam" and not values.get("eval_only")):
+            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into the memory: MODEL="
+                             f"{values['model']!r} has none")
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -250,7 +265,7 @@ class Hyperparameters:
                     "eam_key_dim", "eam_write_k", "eam_read_k", "eam_batch", "eam_read_alpha",
                     "enc_layers", "dec_hidden", "distill_batch_tokens", "distill_temperature",
                     "eval_seq_len", "eval_stride", "eval_batch_windows", "knn_k", "eam_top_tokens",
-                    "eval_chunk_tokens", "knn_capacity", "ttt_batch_rows",
+                    "eval_chunk_tokens", "knn_capacity", "ttt_batch_rows", "eam_context_min_count",
                     "max_wallclock_seconds", "size_limit"]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -276,6 +291,10 @@ class Hyperparameters:
             raise ValueError(f"ENC_LAYERS={self.enc_layers}: must be <= NUM_LAYERS")
         if self.eam_key_layer not in (-1, *range(1, self.num_layers + 1)):
             raise ValueError(f"EAM_KEY_LAYER={self.eam_key_layer}: -1 (final) or 1..NUM_LAYERS")
+        if self.eam_context_order == 1 or not context_codes_fit(self.vocab_size,
+                                                                self.eam_context_order):
+            raise ValueError(f"EAM_CONTEXT_ORDER={self.eam_context_order}: 0 (no context memory) "
+                             f"or 2.. while its codes fit int64 (VOCAB_SIZE={self.vocab_size})")
         if not 0 <= self.knn_lambda < 1:
             raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
         if self.model not in SHIPPED_MODELS:
@@ -287,9 +306,6 @@ class Hyperparameters:
         if self.eval_stride > self.eval_seq_len:
             raise ValueError(f"EVAL_STRIDE={self.eval_stride} must be <= "
                              f"EVAL_SEQ_LEN={self.eval_seq_len}")
-        if self.eval_memory_writes and not self.eval_only and self.model != "eam":
-            raise ValueError(f"EVAL_MEMORY_WRITES=1 writes into the memory: MODEL="
-                             f"{self.model!r} has none")
 
 
 def default_run_id(profile: str, seed: int) -> str:
@@ -542,7 +558,7 @@ HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as 
 ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
 # read), path sha256 (the file the evaluation checks it scores)
 COMPONENT_RECORD = "artifact_component"  # one per packed group: name raw_bytes zstd_bytes
-FIT_RECORD = "artifact_fit"  # dropped_locations kept_locations
+FIT_RECORD = "artifact_fit"  # dropped_locations kept_locations context_pairs dropped_context_pairs
 # A whole budget against its limit: 'train_time train_time_ms:N limit_ms:N within_limit:0|1',
 # likewise eval_time (log_time_limit writes them; tools fall back to the stage lines in older
 # logs, which lack them).
@@ -1276,6 +1292,11 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # -------------------------------------------------------------------------------------------------
 # 5. Memory
 #
+# Two memories written from training data, both next-token counts: the associative one, keyed
+# by the teacher's states, and the context memory, keyed by the exact recent tokens (below,
+# after the associative one). The context memory carries the model (README, "The context
+# memory"); the associative one, measured, adds little.
+#
 # The Elastic Associative Memory keeps up to M locations, each a unit address in key space with
 # the counts of the next tokens written to it. Keys are a fixed random projection of the
 # teacher's hidden state (layer EAM_KEY_LAYER, the final one by default), normalized; what a key
@@ -1470,6 +1491,153 @@ def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
     return MemoryTables(addresses, kept / kept.sum(1, keepdim=True), counts.sum(1).log(), tokens)
 
 
+# The context memory: exact recent contexts as addresses. Each of its locations is one context
+# of 1..EAM_CONTEXT_ORDER - 1 tokens seen in training, holding the counts of the tokens that
+# followed it; a read finds the position's own contexts (exact matches, a binary search) and
+# interpolates their counts from the shortest to the longest, Witten-Bell style (Witten and Bell
+# 1991; Chen and Goodman 1998): p_c = (counts_c + types_c p_{c-1}) / (total_c + types_c), types
+# being how many distinct tokens the context kept, so an often-seen context with few followers
+# is trusted. The base p_0 is the associative read, so the context memory refines it and the
+# mixture stays normalized. Counting needs no teacher, so it reads far more tokens than the
+# associative writes, and a 2x128 transformer cannot hold what it stores: measured on the
+# demo corpus, its counts mixed into the baseline's distribution gained 0.05-0.16 bpb (README,
+# "The context memory").
+
+
+def context_codes_fit(vocab_size: int, order: int) -> bool:
+    """A context of order - 1 tokens and its next token, as one base-(V + 1) number, fit int64."""
+    return (vocab_size + 1) ** max(order, 1) < 2**62
+
+
+def context_codes(recent: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Recent tokens [..., C] (the position's own token last, -1 before the text's start) ->
+    the codes of its contexts of 1..C tokens [..., C]: digits token + 1 in base V + 1, so
+    contexts of different lengths never share a code; -1 where the context is incomplete."""
+    codes, complete = torch.zeros_like(recent[..., :1]), torch.ones_like(recent[..., :1],
+                                                                         dtype=torch.bool)
+    columns = []
+    for back in range(recent.size(-1)):
+        token = recent[..., -1 - back: recent.size(-1) - back]
+        complete = complete & (token >= 0)
+        codes = codes * (vocab_size + 1) + token + 1
+        columns.append(torch.where(complete, codes, -1))
+    return torch.cat(columns, dim=-1)
+
+
+def recent_tokens(idx: torch.Tensor, count: int) -> torch.Tensor:
+    """idx [B, T] -> each position's last `count` tokens [B, T, count] (its own last), -1 where
+    the row starts later: what the context memory and the prior read, the prefix only."""
+    padded = F.pad(idx, (count - 1, 0), value=-1)
+    return padded.unfold(1, count, 1)
+
+
+CONTEXT_BUFFERS = ("codes", "sizes", "next_tokens", "counts")  # the model's context_* buffers
+
+
+@dataclass
+class ContextTables:
+    """The context memory as it ships: the contexts' codes (sorted) with how many next tokens
+    each keeps, and those tokens with their counts, grouped by context in the same order."""
+
+    codes: torch.Tensor  # [K] int64
+    sizes: torch.Tensor  # [K] next tokens kept per context
+    next_tokens: torch.Tensor  # [P] int64
+    counts: torch.Tensor  # [P] int64
+
+    def owners(self) -> torch.Tensor:
+        """The index of each pair's context [P]."""
+        return torch.repeat_interleave(torch.arange(self.codes.numel(), device=self.codes.device),
+                                       self.sizes)
+
+    def pairs(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sorted pair codes, whole counts): what context_tables reads, to merge more into."""
+        return self.codes[self.owners()] * vocab_size + self.next_tokens, self.counts
+
+    def totals(self) -> torch.Tensor:
+        """Each context's total count [K]."""
+        return self.counts.new_zeros(self.codes.numel()).index_add_(0, self.owners(), self.counts)
+
+    def pruned(self, min_count: int) -> ContextTables:
+        """Only the (context, token) pairs counted at least min_count times."""
+        return self.kept(self.counts >= min_count)
+
+    def most_counted(self, pairs: int) -> ContextTables:
+        """Only the `pairs` most counted pairs (of equal counts, the first in code order)."""
+        keep = torch.zeros_like(self.counts, dtype=torch.bool)
+        keep[torch.argsort(self.counts, descending=True, stable=True)[:pairs]] = True
+        return self.kept(keep)
+
+    def kept(self, keep: torch.Tensor) -> ContextTables:
+        """The pairs where keep [P] is true, and the contexts that still hold one."""
+        owner = self.owners()[keep]
+        sizes = torch.zeros_like(self.sizes).index_add_(0, owner, torch.ones_like(owner))
+        return ContextTables(self.codes[sizes > 0], sizes[sizes > 0], self.next_tokens[keep],
+                             self.counts[keep])
+
+
+def context_tables(pair_codes: torch.Tensor, pair_counts: torch.Tensor,
+                   vocab_size: int) -> ContextTables:
+    """Sorted unique (context code * V + next token) pairs and their counts -> the tables."""
+    codes, sizes = torch.unique_consecutive(pair_codes // vocab_size, return_counts=True)
+    return ContextTables(codes, sizes, pair_codes % vocab_size, pair_counts)
+
+
+def no_contexts(device: torch.device | None = None) -> ContextTables:
+    """An empty context memory: reads return their base distribution."""
+    none = torch.zeros(0, dtype=torch.long, device=device)
+    return ContextTables(none, none, none, none)
+
+
+def count_context_pairs(recent: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Recent tokens [N, C] and the tokens that follow them [N] -> (sorted unique pair codes,
+    their counts) over every complete context."""
+    codes = context_codes(recent, vocab_size)
+    pairs = codes * vocab_size + next_tokens[:, None]
+    return torch.unique(pairs[codes >= 0], return_counts=True)
+
+
+def merge_pairs(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the counts of (pair codes, counts) parts: sorted unique pairs again. Whole counts
+    added exactly, so any order of merging gives the identical table."""
+    codes = torch.cat([part[0] for part in parts])
+    unique, inverse = torch.unique(codes, return_inverse=True)
+    counts = torch.zeros_like(unique).index_add_(0, inverse, torch.cat([p[1] for p in parts]))
+    return unique, counts
+
+
+# Its shapes depend on the data (how many contexts are found): compiled, every batch would
+# recompile, so torch.compile leaves it eager and compiles around it.
+@torch.compiler.disable
+def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Tensor,
+                  base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context memory's distribution [N, V] over the base distribution [N, V] (positive,
+    normalized), and its evidence [N, C], log(1 + total count) of each context found (0 where
+    none). recent [N, C] as recent_tokens gives them; starts: where each context's next tokens
+    begin (the exclusive cumsum of sizes)."""
+    vocab = base.size(1)
+    evidence = torch.zeros(recent.shape, device=base.device)
+    probs = base.float()
+    if tables.codes.numel() == 0 or recent.size(1) == 0:
+        return probs, evidence
+    for length, codes in enumerate(context_codes(recent, vocab).T.contiguous()):
+        index = torch.searchsorted(tables.codes, codes).clamp(max=tables.codes.numel() - 1)
+        rows = (tables.codes[index] == codes).nonzero(as_tuple=True)[0]
+        if rows.numel() == 0:
+            continue
+        found = index[rows]
+        sizes = tables.sizes[found]
+        owner = torch.repeat_interleave(torch.arange(rows.numel(), device=base.device), sizes)
+        first = torch.repeat_interleave(starts[found] - (torch.cumsum(sizes, 0) - sizes), sizes)
+        pairs = first + torch.arange(owner.numel(), device=base.device)
+        counts = torch.zeros(rows.numel(), vocab, device=base.device).index_put_(
+            (owner, tables.next_tokens[pairs]), tables.counts[pairs].float())
+        total, types = counts.sum(1, keepdim=True), sizes[:, None].float()
+        probs = probs.index_put((rows,), (counts + types * probs[rows]) / (total + types))
+        evidence[rows, length] = total[:, 0].log1p()
+    return probs, evidence
+
+
 def memory_read_config(args: Hyperparameters) -> MemoryReadConfig:
     return settings_view(MemoryReadConfig, args, "eam_read_", count_prior=args.eam_count_prior)
 
@@ -1559,9 +1727,40 @@ def memory_diagnostics(read: MemoryReadConfig, memory: ElasticMemory, keys: torc
                 top_tokens_mass=kept.item())
 
 
+def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
+                   ) -> tuple[ContextTables, int]:
+    """The context memory, identical on every rank: each rank counts its share of
+    EAM_CONTEXT_TOKENS training tokens, the ranks' (pair, count) sets are gathered and summed,
+    and pairs seen fewer than EAM_CONTEXT_MIN_COUNT times are dropped. Returns (the tables, the
+    tokens counted over all ranks)."""
+    length, vocab, seq_len = args.eam_context_order - 1, args.vocab_size, args.train_seq_len
+    if length <= 0 or args.eam_context_tokens == 0:
+        return no_contexts(runtime.device), 0
+    rank_tokens = max(seq_len, args.train_batch_tokens // runtime.world_size // seq_len * seq_len)
+    parts, counted = [], 0
+    while counted < args.eam_context_tokens:
+        x, y = loader.next_batch(rank_tokens, seq_len)
+        parts.append(count_context_pairs(recent_tokens(x, length).flatten(0, 1), y.flatten(),
+                                         vocab))
+        counted += x.numel() * runtime.world_size
+        if len(parts) == 64:  # merged now and then: the pairs of one batch repeat many times
+            parts = [merge_pairs(*parts)]
+    codes, counts = merge_pairs(*parts)
+    sizes = all_gather_rows(torch.tensor([codes.numel()], device=runtime.device),
+                            [1] * runtime.world_size).tolist()
+    if len(sizes) > 1:
+        codes, counts = merge_pairs((all_gather_rows(codes, sizes), all_gather_rows(counts, sizes)))
+    return context_tables(codes, counts, vocab).pruned(args.eam_context_min_count), counted
+
+
 def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
-                 loader: DistributedTokenLoader, run_started: float) -> ElasticMemory:
+                 loader: DistributedTokenLoader, run_started: float
+                 ) -> tuple[ElasticMemory, ContextTables]:
+    """Both memories: the context memory counted first (it needs no teacher, and its token
+    budget is fixed), then the associative one written until the stage's deadline."""
     started = time.perf_counter()
+    contexts, counted = count_contexts(runtime, args, loader)
+    context_ms = elapsed_ms(started)
     stop_at = stage_end(run_started, args, args.teacher_time_frac + args.eam_time_frac)
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
     seq_len = args.train_seq_len
@@ -1575,12 +1774,13 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     memory = ElasticMemory(memory_write_config(args), args.vocab_size, runtime.device)
     own = place_memory(runtime, args, memory, teacher_batch)
     broadcast_addresses(runtime, memory)
-    organize_ms = elapsed_ms(started)
+    organize_ms = elapsed_ms(started) - context_ms
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
     written = accumulate_memory(runtime, args, memory, teacher_batch, own, rank_batch, stop_at)
     quality = memory_diagnostics(memory_read_config(args), memory, *teacher_batch(rank_batch))
     used = memory.counts[: memory.size]
     usage = write_mass_usage(used, args.eam_locations)
+    context_usage = write_mass_usage(contexts.totals().float(), max(contexts.codes.numel(), 1))
     time_ms = elapsed_ms(started)
     log_stage(runtime, "eam_write", time_ms,
               f"writes:{written['writes']} writes_per_s:{written['writes'] / (time_ms / 1000):.0f} "
@@ -1590,27 +1790,30 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
               f"median_count:{used.median().item():.1f} max_count:{used.max().item():.1f} "
               + " ".join(f"{name}:{value:.4f}" for name, value in quality.items())
               + f" held_share:{usage['held_share']:.4f} top1pct_mass:{usage['top1pct_mass']:.4f}"
-              f" max_mass:{usage['max_mass']:.4f}")
-    return memory
+              f" max_mass:{usage['max_mass']:.4f} context_tokens:{counted} "
+              f"context_contexts:{contexts.codes.numel()} context_pairs:{contexts.counts.numel()} "
+              f"context_top1pct_mass:{context_usage['top1pct_mass']:.4f} "
+              f"context_max_mass:{context_usage['max_mass']:.4f} context_ms:{context_ms:.0f}")
+    return memory, contexts
 
 
 # -------------------------------------------------------------------------------------------------
 # 6. Distillation
 #
-# The shipped model: an encoder (the teacher's width, ENC_LAYERS blocks, started from the
-# teacher's embedding and lowest blocks) maps tokens to features and unit keys; the memory, read
-# with the keys, gives a next-token distribution p_mem. The decoder adds a zero-initialised MLP
-# correction to the encoder's state (so its logits start as the encoder's LM head), seeing
-# p_mem's expected token embedding beside it if DEC_SEES_ENCODER, and reads logits with the tied
-# embedding. The model's distribution is mixed with the memory's, p = (1 - g) p_model + g p_mem,
-# through a gate g computed from the prefix alone (the encoder's features, the read's
-# similarities, p_mem's entropy and peak): a normalized mixture for any g, as kNN-LM mixes its
-# neighbours (Khandelwal et al. 2020). What the model is (StudentConfig) is all it holds and all
-# the artifact needs; the losses live here, with the training. Phase 1 aligns the keys with the
-# teacher's (cosine; the decoder and the gate are frozen, they play no part); phase 2 trains end
-# to end through the differentiable read on the mixture's next-token cross-entropy plus KL from
-# the teacher's distribution to the model part only, so the memory may add what the teacher
-# lacks.
+# The shipped model: an encoder (the teacher's width, ENC_LAYERS blocks, started from the teacher's
+# embedding and lowest blocks) maps tokens to features and unit keys; the memory, read with the
+# keys, gives a next-token distribution p_mem. The decoder adds a zero-initialised MLP correction
+# to the encoder's state (so its logits start as the encoder's LM head), seeing p_mem's expected
+# token embedding beside it if DEC_SEES_ENCODER, and reads logits with the tied embedding. p_mem is
+# the associative read refined by the context memory's counts of the position's own recent tokens.
+# The model's distribution is mixed with the memory's, p = (1 - g) p_model + g p_mem, through a
+# gate g computed from the prefix alone (the encoder's features, the read's similarities, the
+# context memory's evidence, p_mem's entropy and peak): a normalized mixture for any g, as kNN-LM
+# mixes its neighbours (Khandelwal et al. 2020). What the model is (StudentConfig) is all it holds
+# and all the artifact needs; the losses live here, with the training. Phase 1 aligns the keys with
+# the teacher's (cosine; the decoder and the gate are frozen, they play no part); phase 2 trains
+# end to end through the differentiable read on the mixture's next-token cross-entropy plus KL from
+# the teacher's distribution to the model part only, so the memory may add what the teacher lacks.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1651,25 +1854,26 @@ class VocabPrior(nn.Module):
 
 class MemoryGate(nn.Module):
     """The mixture weight's logit from the prefix alone: a linear map of the encoder's features
-    [N, D], the read's top similarities [N, k] (zero-padded when the memory has fewer locations)
-    and p_mem's entropy and log peak (detached: the gate weighs them, it does not shape them).
-    Vector parameters (Adam, fp16 when packed); it starts as the constant GATE_INIT."""
+    [N, D], the read's top similarities [N, k] (zero-padded when the memory has fewer locations),
+    the context memory's evidence [N, C] and p_mem's entropy and log peak (detached: the gate
+    weighs them, it does not shape them). Vector parameters (Adam, fp16 when packed); it starts
+    as the constant GATE_INIT."""
 
     GATE_INIT = 0.1  # the best fixed weight of issue 12's prototype (0.1-0.2)
 
-    def __init__(self, model_dim: int, read_k: int):
+    def __init__(self, model_dim: int, read_k: int, context_length: int):
         super().__init__()
         self.read_k = read_k
-        self.weight = nn.Parameter(torch.zeros(model_dim + read_k + 2))
+        self.weight = nn.Parameter(torch.zeros(model_dim + read_k + context_length + 2))
         self.bias = nn.Parameter(torch.full((1,), math.log(self.GATE_INIT / (1 - self.GATE_INIT))))
 
-    def forward(self, features: torch.Tensor, top_sims: torch.Tensor,
+    def forward(self, features: torch.Tensor, top_sims: torch.Tensor, evidence: torch.Tensor,
                 p_mem: torch.Tensor) -> torch.Tensor:
         p_mem = p_mem.detach()
         entropy = torch.special.entr(p_mem).sum(1, keepdim=True)
         peak = p_mem.max(1, keepdim=True).values.log()
         sims = F.pad(top_sims.float(), (0, self.read_k - top_sims.size(1)))
-        inputs = torch.cat([features.float(), sims, entropy, peak], dim=1)
+        inputs = torch.cat([features.float(), sims, evidence, entropy, peak], dim=1)
         return inputs @ self.weight + self.bias
 
 
@@ -1693,13 +1897,15 @@ class StudentConfig:
     dec_hidden: int
     dec_sees_encoder: bool
     dec_prior_rank: int
+    context_length: int  # the context memory's longest context (0: none)
 
 
 def student_config(args: Hyperparameters) -> StudentConfig:
     return StudentConfig(
         encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers),
         read=memory_read_config(args), key_dim=args.eam_key_dim, dec_hidden=args.dec_hidden,
-        dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank)
+        dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank,
+        context_length=max(args.eam_context_order - 1, 0))
 
 
 class MemoryLM(nn.Module):
@@ -1707,8 +1913,10 @@ class MemoryLM(nn.Module):
 
     kind = "eam"  # MODEL, and the artifact header's kind
 
-    def __init__(self, config: StudentConfig, tables: MemoryTables):
+    def __init__(self, config: StudentConfig, tables: MemoryTables,
+                 contexts: ContextTables | None = None):
         super().__init__()
+        contexts = no_contexts(tables.addresses.device) if contexts is None else contexts
         self.config = config
         dim, vocab = config.encoder.model_dim, config.encoder.vocab_size
         self.encoder = GPT(config.encoder)
@@ -1716,7 +1924,7 @@ class MemoryLM(nn.Module):
         self.decoder = Decoder(dim, config.dec_hidden, config.dec_sees_encoder)
         rank = config.dec_prior_rank
         self.prior = VocabPrior(vocab, rank) if rank else None
-        self.gate = MemoryGate(dim, config.read.k)
+        self.gate = MemoryGate(dim, config.read.k, config.context_length)
         self.register_buffer("addresses", tables.addresses)
         self.register_buffer("patterns", tables.patterns)
         self.register_buffer("log_counts", tables.log_counts)
@@ -1724,11 +1932,29 @@ class MemoryLM(nn.Module):
         self.register_buffer("scored_counts", None, persistent=False)  # MemoryWrites fills it
         # Derived, never packed.
         self.register_buffer("token_rows", next_token_rows(tables, vocab), persistent=False)
+        self.load_contexts(contexts)
+
+    def load_contexts(self, contexts: ContextTables) -> None:
+        """The context memory's tables as buffers (context_*), and where each context's next
+        tokens begin (derived, never packed)."""
+        for name in CONTEXT_BUFFERS:
+            self.register_buffer(f"context_{name}", getattr(contexts, name))
+        self.register_buffer("context_starts", torch.cumsum(contexts.sizes, 0) - contexts.sizes,
+                             persistent=False)
 
     @property
     def tables(self) -> MemoryTables:
         return MemoryTables(self.addresses, self.patterns, self.log_counts, self.next_tokens,
                             self.scored_counts)
+
+    @property
+    def contexts(self) -> ContextTables:
+        return ContextTables(*(getattr(self, f"context_{name}") for name in CONTEXT_BUFFERS))
+
+    @property
+    def recent_length(self) -> int:
+        """How many recent tokens head reads: the longest context, and the prior's one."""
+        return max(self.config.context_length, 1)
 
     @property
     def vocab_size(self) -> int:
@@ -1741,15 +1967,18 @@ class MemoryLM(nn.Module):
         return F.normalize(self.key_head(features).float(), dim=-1)
 
     def head(self, features: torch.Tensor, queries: torch.Tensor,
-             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [N, D], unit queries [N, K], current tokens [N] -> (scores [N, V], the
-        model's own logits [N, V]). The scores are the mixture's log-probabilities (normalized:
-        log_softmax leaves them unchanged)."""
+             recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [N, D], unit queries [N, K], recent tokens [N, recent_length] (recent_tokens)
+        -> (scores [N, V], the model's own logits [N, V]). The scores are the mixture's
+        log-probabilities (normalized: log_softmax leaves them unchanged)."""
         p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read, self.token_rows)
+        p_mem, evidence = read_contexts(recent[:, recent.size(1) - self.config.context_length:],
+                                        self.contexts, self.context_starts, p_mem)
         expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
         logits = self.encoder.logits(self.decoder(features, expected))
-        logits = logits if self.prior is None else logits + self.prior(tokens)
-        return mix_with_memory(logits, p_mem, self.gate(features, top_sims, p_mem)), logits
+        logits = logits if self.prior is None else logits + self.prior(recent[:, -1])
+        gate_logit = self.gate(features, top_sims, evidence, p_mem)
+        return mix_with_memory(logits, p_mem, gate_logit), logits
 
     def forward(self, idx: torch.Tensor, keys_only: bool = False):
         """idx [B, T] -> (unit queries [B*T, K], scores and model logits [B*T, V] as head's,
@@ -1758,7 +1987,8 @@ class MemoryLM(nn.Module):
         queries = self.query(features)
         if keys_only:
             return queries, None, None
-        return queries, *self.head(features, queries, idx.flatten())
+        recent = recent_tokens(idx, self.recent_length).flatten(0, 1)
+        return queries, *self.head(features, queries, recent)
 
 
 def distillation_loss(scores: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
@@ -1783,9 +2013,10 @@ def key_distance(queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     return 1 - (queries * keys).sum(-1).mean()
 
 
-def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> MemoryLM:
+def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables,
+                 contexts: ContextTables) -> MemoryLM:
     torch.manual_seed(args.seed + 1)
-    student = MemoryLM(student_config(args), tables).to(tables.addresses.device)
+    student = MemoryLM(student_config(args), tables, contexts).to(tables.addresses.device)
     if args.enc_init_from_teacher:
         student.encoder.embed.load_state_dict(teacher.embed.state_dict())
         for mine, theirs in zip(student.encoder.blocks, teacher.blocks, strict=False):
@@ -1796,10 +2027,11 @@ def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables) -> M
     return student
 
 
-def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT, memory: ElasticMemory,
-            loader: DistributedTokenLoader, run_started: float) -> MemoryLM:
+def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
+            memories: tuple[ElasticMemory, ContextTables], loader: DistributedTokenLoader,
+            run_started: float) -> MemoryLM:
     started = time.perf_counter()
-    student = init_student(args, teacher, memory.tables())
+    student = init_student(args, teacher, memories[0].tables(), memories[1])
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
 
     def teacher_targets(x: torch.Tensor):
@@ -1869,6 +2101,7 @@ class BaselineConfig:
 
 class TransformerLM(nn.Module):
     kind = "transformer"  # MODEL, and the artifact header's kind
+    recent_length = 1  # the recent tokens head is given (it reads none)
 
     def __init__(self, config: BaselineConfig):
         super().__init__()
@@ -1894,7 +2127,7 @@ class TransformerLM(nn.Module):
         return F.normalize(features.float() @ self.projection, dim=-1)
 
     def head(self, features: torch.Tensor, queries: torch.Tensor,
-             tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+             recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """As MemoryLM.head: (scores, the model's own logits), here both the GPT's logits."""
         logits = self.gpt.logits(features)
         return logits, logits
@@ -1905,20 +2138,24 @@ class TransformerLM(nn.Module):
 #
 # Matrices go per row to int8 (int6 values in int8 containers when QUANT_BITS=6, which zstd packs
 # tighter), small tensors to fp16; memory addresses are int8 unit vectors, a location's top-token
-# probabilities per-row int8, their token ids uint16 and its log count fp16. One JSON header
-# holds the model's StudentConfig whole and names every tensor; the payload is zstd-compressed
-# and the file carries a magic, a version and a sha256. If code + artifact exceed the limit, the
-# least-written memory locations are dropped and the artifact re-packed until it fits.
+# probabilities per-row int8, their token ids uint16 and its log count fp16; the context
+# memory ships exactly (its sorted codes as differences, counts uint32). One JSON header holds
+# the model's StudentConfig whole and names every tensor; the payload is zstd-compressed and the
+# file carries a magic, a version and a sha256. If code + artifact exceed the limit, the
+# least-written associative locations are dropped and the artifact re-packed until it fits, and
+# then, past one location, the context memory's least-counted pairs.
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
 # 2: the header carries the model's config exactly; 3: and its kind; 4: without the removed
 # ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes); 5: without
-# the memory's kind of values (the read's `values`: next-token counts are the only kind left)
-ARTIFACT_VERSION = 5
+# the memory's kind of values (the read's `values`: next-token counts are the only kind left);
+# 6: the context memory (its tables, and its longest context in the config)
+ARTIFACT_VERSION = 6
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state; next-token ids as uint16 (the shards' own token type).
-MEMORY_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")
+ASSOCIATIVE_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")
+MEMORY_BUFFERS = (*ASSOCIATIVE_BUFFERS, *(f"context_{name}" for name in CONTEXT_BUFFERS))
 # The header's "kind" names the shipped model (MODEL) and so the config type read back.
 ARTIFACT_CONFIGS: dict[str, type] = {"eam": StudentConfig, "transformer": BaselineConfig}
 
@@ -1937,9 +2174,10 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
-                 quant_bits: int) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+                 quant_bits: int, contexts: ContextTables | None = None
+                 ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """(header entries, raw arrays) for everything the evaluation reads, nothing more
-    (tables: the memory to ship, None for the baseline)."""
+    (tables and contexts: the memories to ship, None for the baseline)."""
     entries: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
 
@@ -1966,6 +2204,17 @@ def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
         add("log_counts", tables.log_counts, None)
         arrays["next_tokens"] = tables.next_tokens.cpu().numpy().astype("<u2")
         entries["next_tokens"] = dict(kind="uint16", shape=list(tables.next_tokens.shape))
+    if contexts is not None:
+        # Exact: sorted codes as their differences (small numbers, which zstd packs), counts
+        # (saturated at 2^32 - 1) and per-context sizes (<= V) as uint32, token ids as uint16.
+        codes = contexts.codes.cpu().numpy()
+        arrays["context_codes"] = np.diff(codes, prepend=np.int64(0)).astype("<i8")
+        arrays["context_counts"] = contexts.counts.cpu().numpy().clip(0, 2**32 - 1).astype("<u4")
+        arrays["context_sizes"] = contexts.sizes.cpu().numpy().astype("<u4")
+        arrays["context_next_tokens"] = contexts.next_tokens.cpu().numpy().astype("<u2")
+        for name, kind in zip(CONTEXT_BUFFERS, ("delta_int64", "uint32", "uint16", "uint32"),
+                              strict=True):
+            entries[f"context_{name}"] = dict(kind=kind, shape=[arrays[f"context_{name}"].size])
     return entries, arrays
 
 
@@ -1976,8 +2225,10 @@ def unpack_tensors(entries: dict[str, dict], arrays: dict[str, np.ndarray]
     for name, entry in entries.items():
         if entry["kind"] == "fp16":
             tensors[name] = torch.from_numpy(arrays[name].astype(np.float32))
-        elif entry["kind"] == "uint16":
+        elif entry["kind"] in ("uint16", "uint32"):
             tensors[name] = torch.from_numpy(arrays[name].astype(np.int64))
+        elif entry["kind"] == "delta_int64":
+            tensors[name] = torch.from_numpy(np.cumsum(arrays[name], dtype=np.int64))
         else:
             tensors[name] = dequantize_rows(torch.from_numpy(arrays[name + ".q"].copy()),
                                             torch.from_numpy(arrays[name + ".scale"].copy()))
@@ -2019,9 +2270,12 @@ def compress(payload: bytes, level: int) -> bytes:
 
 
 def build_artifact(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
-                   args: Hyperparameters) -> bytes:
-    """The artifact of `model` with the memory `tables` (QUANT_BITS, ZSTD_LEVEL from args)."""
-    entries, arrays = pack_tensors(model, tables, args.quant_bits)
+                   args: Hyperparameters, contexts: ContextTables | None = None) -> bytes:
+    """The artifact of `model` with the memories `tables` and `contexts`, by default the model's
+    own context tables (QUANT_BITS, ZSTD_LEVEL from args)."""
+    if contexts is None and isinstance(model, MemoryLM):
+        contexts = model.contexts
+    entries, arrays = pack_tensors(model, tables, args.quant_bits, contexts)
     payload = serialize(entries, arrays, model.kind, dataclasses.asdict(model.config))
     blob = compress(payload, args.zstd_level)
     return ARTIFACT_PREFIX.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION,
@@ -2096,33 +2350,52 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters,
-                 code_bytes: int) -> tuple[bytes, int]:
-    """Pack; while code + artifact > SIZE_LIMIT, drop the least-written locations and re-pack.
-    The baseline has nothing to drop: it fits as it is or fails.
+def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_bytes: int
+                 ) -> tuple[bytes, MemoryTables | None, ContextTables | None]:
+    """Pack; while code + artifact > SIZE_LIMIT, drop the least-written associative locations
+    and re-pack; if one location is still too many, keep fewer of the context memory's pairs,
+    the most counted, until it fits. The associative locations go first: per byte they measured
+    worth far less (README, "The context memory against the baseline"). Each step estimates the
+    bytes of a location or a pair from the last packing, so a few packings land close under the
+    limit. The baseline has nothing to drop: it fits as it is or fails.
 
-    Returns (artifact bytes, locations dropped).
+    Returns (artifact bytes, the associative tables and the context tables it holds).
     """
     if isinstance(model, TransformerLM):
         artifact = build_artifact(model, None, args)
         if code_bytes + len(artifact) > args.size_limit:
             raise ValueError(f"SIZE_LIMIT={args.size_limit}: the transformer baseline needs "
                              f"{code_bytes + len(artifact)} bytes with the code")
-        return artifact, 0
-    tables = model.tables
-    locations = tables.addresses.size(0)
+        return artifact, None, None
+    tables, contexts = model.tables, model.contexts
+    # Pairs that could not fit even at 1.5 bytes each (they pack to 1.9-2.3 on the demo and web
+    # samples) go before any of the (slow, at ZSTD_LEVEL=22) packings below.
+    contexts = contexts.most_counted(max(args.size_limit - code_bytes, 0) * 2 // 3)
     order = torch.argsort(tables.log_counts, descending=True, stable=True)
-    keep = locations
+    keep = tables.addresses.size(0)
     while True:
-        artifact = build_artifact(model, tables.select(order[:keep].sort().values), args)
+        artifact = build_artifact(model, tables.select(order[:keep].sort().values), args, contexts)
         excess = code_bytes + len(artifact) - args.size_limit
-        if excess <= 0:
-            return artifact, locations - keep
-        empty = build_artifact(model, tables.select(order[:1]), args)
-        per_location = max(1.0, (len(artifact) - len(empty)) / max(keep - 1, 1))
-        if keep <= 1 or code_bytes + len(empty) > args.size_limit:
-            raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not fit")
+        if excess <= 0 or keep == 1:
+            break
+        one = build_artifact(model, tables.select(order[:1]), args, contexts)
+        if code_bytes + len(one) > args.size_limit:
+            keep, artifact = 1, one
+            break
+        per_location = max(1.0, (len(artifact) - len(one)) / max(keep - 1, 1))
         keep = max(1, keep - math.ceil(1.02 * excess / per_location) - 1)
+    kept = tables.select(order[:keep].sort().values)
+    pairs = contexts.counts.numel()
+    while code_bytes + len(artifact) > args.size_limit:
+        if pairs == 0:
+            raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not fit")
+        empty = build_artifact(model, kept, args, contexts.most_counted(0))
+        per_pair = max(0.5, (len(artifact) - len(empty)) / pairs)
+        excess = code_bytes + len(artifact) - args.size_limit
+        pairs = max(0, pairs - math.ceil(1.02 * excess / per_pair) - 1)
+        contexts = model.contexts.most_counted(pairs)
+        artifact = build_artifact(model, kept, args, contexts)
+    return artifact, kept, contexts
 
 
 def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM) -> str:
@@ -2133,12 +2406,15 @@ def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerL
     code_bytes = Path(__file__).stat().st_size
     digest = [""]
     if runtime.master:
-        artifact, dropped = fit_artifact(model, args, code_bytes)
+        artifact, kept, contexts = fit_artifact(model, args, code_bytes)
         write_atomically(path, artifact)
         read_artifact(path)  # the file as written reads back, before training counts as done
         if isinstance(model, MemoryLM):
-            runtime.log(f"{FIT_RECORD} dropped_locations:{dropped} "
-                        f"kept_locations:{model.addresses.size(0) - dropped}")
+            locations = kept.addresses.size(0)
+            runtime.log(f"{FIT_RECORD} dropped_locations:{model.addresses.size(0) - locations} "
+                        f"kept_locations:{locations} "
+                        f"context_pairs:{contexts.counts.numel()} dropped_context_pairs:"
+                        f"{model.context_counts.numel() - contexts.counts.numel()}")
         sizes = artifact_accounting(Path(__file__), path, args.size_limit)
         digest[0] = file_sha256(path)
         runtime.log(f"{ARTIFACT_RECORD} code_bytes:{sizes['code_bytes']} "
@@ -2179,8 +2455,9 @@ def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryL
         tables = MemoryTables(F.normalize(tensors["addresses"], dim=1),
                               patterns / patterns.sum(1, keepdim=True), tensors["log_counts"],
                               tensors["next_tokens"])
-        model = MemoryLM(config, tables)
-        tensors.update({name: getattr(tables, name) for name in MEMORY_BUFFERS})
+        contexts = ContextTables(*(tensors[f"context_{name}"] for name in CONTEXT_BUFFERS))
+        model = MemoryLM(config, tables, contexts)
+        tensors.update({name: getattr(tables, name) for name in ASSOCIATIVE_BUFFERS})
     try:
         model.load_state_dict(tensors)
     except RuntimeError as error:
@@ -2281,9 +2558,10 @@ class KnnStore:
 class MemoryWrites:
     """Score-first memory writes (EVAL_MEMORY_WRITES): once a chunk is scored, each of its
     targets adds a count of 1 at its query's nearest location, and later reads weigh those
-    counts beside the artifact's (read_next_tokens). The memory keeps learning from the text it
-    was scored on (the seed's continual-learning claim), as the kNN store does with exact
-    neighbours. Whole counts: any order of adding gives the identical table."""
+    counts beside the artifact's (read_next_tokens); and the context memory counts the chunk's
+    (context, target) pairs into its own (add_text). The memories keep learning from the text
+    they were scored on (the seed's continual-learning claim), as the kNN store does with exact
+    neighbours. Whole counts: any order of adding gives the identical tables."""
 
     def __init__(self, model: MemoryLM | TransformerLM):
         if not isinstance(model, MemoryLM):
@@ -2299,6 +2577,21 @@ class MemoryWrites:
                                             torch.ones_like(targets, dtype=torch.float),
                                             accumulate=True)
         self.written += targets.numel()
+
+    def add_text(self, tokens: torch.Tensor, score_from: int, score_to: int) -> None:
+        """Targets tokens[score_from + 1: score_to + 1], all scored, and their contexts (read
+        from tokens before them) counted into the context memory. Every rank counts the same
+        tokens, so the tables stay identical without any communication."""
+        length = self.model.config.context_length
+        if length == 0:
+            return
+        begin = max(score_from - length + 1, 0)
+        text = tokens[begin: score_to + 1].to(self.model.context_codes.device)
+        recent = recent_tokens(text[None, :-1], length)[0, score_from - begin:]
+        scored = count_context_pairs(recent, text[score_from - begin + 1:], self.model.vocab_size)
+        self.model.load_contexts(context_tables(
+            *merge_pairs(self.model.contexts.pairs(self.model.vocab_size), scored),
+            self.model.vocab_size))
 
 
 @dataclass
@@ -2345,7 +2638,7 @@ def model_scores(model: MemoryLM | TransformerLM, inputs: torch.Tensor, mask: to
     masked positions in row-major order; what is scored and what test-time training trains."""
     features = model.features(inputs)[mask]
     queries = model.query(features)
-    scores, _ = model.head(features, queries, inputs[mask])
+    scores, _ = model.head(features, queries, recent_tokens(inputs, model.recent_length)[mask])
     return scores, queries
 
 
@@ -2453,7 +2746,8 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
     'knn' with a store); .reduced(runtime) sums them over ranks. keep_rows keeps every scored
     distribution, in target order on one rank (what the causality tests compare). ttt: trained
     on each chunk once it is scored (the model score_batch reads); writes: given each chunk's
-    (key, target) pairs once it is scored, like the store (the keys are the model's queries).
+    (key, target) pairs once it is scored, like the store (the keys are the model's queries),
+    and its text, whose (context, target) pairs the context memory counts.
     """
     use_knn = knn_key_dim is not None
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
@@ -2488,8 +2782,11 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
             if learners:
                 new_keys.append(keys.float())
                 new_targets.append(targets)
-        # Score first, then learn: the chunk's targets reach the store, the memory and the
-        # model only now, in order, identically on every rank.
+        # Score first, then learn: the chunk's targets reach the model, the store and the
+        # memories only now, in order, identically on every rank. TTT goes first, so that it
+        # never trains the gate on counts that already hold the targets it trains on.
+        if ttt is not None and chunk_begin + chunk_windows < windows.size(0):  # more to score
+            ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))
         if learners:
             counts = [int((chunk[s, 2] - chunk[s, 1]).sum()) for s in shares]
             empty_keys = torch.zeros(0, key_dim, device=runtime.device)
@@ -2498,14 +2795,15 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
             targets = all_gather_rows(torch.cat([empty_targets, *new_targets]), counts)
             for learner in learners:
                 learner.add(keys, targets)
-        if ttt is not None and chunk_begin + chunk_windows < windows.size(0):  # more to score
-            ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))
+        if writes is not None:
+            writes.add_text(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))
     if store is not None:
         runtime.log(f"knn_store entries:{store.size} capacity:{capacity} "
                     f"bytes:{store.keys.nbytes + store.targets.nbytes}")
     if writes is not None:
         touched = int((writes.model.scored_counts.sum(1) > 0).sum())
-        runtime.log(f"memory_writes written:{writes.written} locations:{touched}")
+        runtime.log(f"memory_writes written:{writes.written} locations:{touched} "
+                    f"context_pairs:{writes.model.context_counts.numel()}")
     if ttt is not None:
         runtime.log(f"{TTT_RECORD} ttt_time_ms:{ttt.time_ms:.0f} steps:{ttt.steps} "
                     f"params:{sum(p.numel() for p in ttt.params)} adapts:{args.ttt_params} "
@@ -2543,6 +2841,11 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
     return model.kind, score_model(runtime, args, model, tokens, tables, keep_rows)
 
 
+def memory_writes_on(args: Hyperparameters, kind: str) -> bool:
+    """EVAL_MEMORY_WRITES applies to the memory model; the baseline has no memory to write."""
+    return args.eval_memory_writes and kind == "eam"
+
+
 def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM,
                 tokens: torch.Tensor, tables: ByteTables, keep_rows: bool = False
                 ) -> dict[str, ScoreTotals]:
@@ -2550,7 +2853,7 @@ def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | Trans
     caller passes a fresh one (the artifact's, or a copy): nothing learned persists."""
     use_knn = args.knn_lambda > 0
     ttt = TestTimeTraining(runtime, args, model) if args.ttt_steps else None
-    writes = MemoryWrites(model) if args.eval_memory_writes else None
+    writes = MemoryWrites(model) if memory_writes_on(args, model.kind) else None
     return evaluate(runtime, args, student_scorer(model), tokens, tables,
                     model.config.key_dim if use_knn else None, keep_rows, ttt, writes)
 
@@ -2576,7 +2879,8 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
     runtime.log(f"{score_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
     log_stage(runtime, "eval", time_ms,
               f"tokens:{count} tokens_per_s:{count / (time_ms / 1000):.0f} knn:{int(use_knn)} "
-              f"ttt_steps:{args.ttt_steps} memory_writes:{int(args.eval_memory_writes)}")
+              f"ttt_steps:{args.ttt_steps} "
+              f"memory_writes:{int(memory_writes_on(args, kind))}")
     log_time_limit(runtime, EVAL_TIME_RECORD, started, args.max_wallclock_seconds)
     if teacher is None or not args.teacher_reference:
         return
@@ -2614,8 +2918,8 @@ def main() -> None:
             if args.model == "transformer":                            # the built-in baseline
                 shipped = TransformerLM.from_teacher(teacher, args)
             else:
-                memory = write_memory(runtime, args, teacher, loader, started)  # 5. memory
-                shipped = distill(runtime, args, teacher, memory, loader, started)  # 6. distill
+                memories = write_memory(runtime, args, teacher, loader, started)  # 5. memory
+                shipped = distill(runtime, args, teacher, memories, loader, started)  # 6. distill
             sha256 = pack(runtime, args, shipped)                      # 7. packing
             log_time_limit(runtime, TRAIN_TIME_RECORD, started, args.max_wallclock_seconds)
             log_artifact_components(runtime, args)

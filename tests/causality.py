@@ -43,8 +43,9 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "prior": dict(dec_prior_rank=4),
     "ttt": dict(knn_lambda=0.0, **TTT),
     "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),
-    # The shipped defaults' combination: the memory, the kNN store and TTT of every parameter.
-    "defaults": dict(knn_lambda=0.5, **TTT),
+    # The shipped defaults' combination: the memory, its evaluation-time writes and TTT of every
+    # parameter (no kNN store).
+    "defaults": dict(knn_lambda=0.0, eval_memory_writes=True, **TTT),
     # Evaluation-time writes into the memory, with the kNN store beside them and without.
     "writes": dict(knn_lambda=0.0, eval_memory_writes=True),
     "writes_knn": dict(knn_lambda=0.5, eval_memory_writes=True),

@@ -19,8 +19,8 @@ TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads
             num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
             eam_key_dim=8, eam_locations=64, eam_read_k=4, eam_write_k=4, eval_seq_len=32,
             eval_stride=8, eval_batch_windows=4, eval_chunk_tokens=16, knn_k=4, compile=False,
-            ttt_steps=0)
-# Test-time training runs only where a test turns it on.
+            ttt_steps=0, eval_memory_writes=False)
+# Test-time training and evaluation-time memory writes run only where a test turns them on.
 
 
 # The pipeline as users run it, with budgets by steps, not seconds, so runs are reproducible
@@ -30,7 +30,7 @@ TINY_RUN = {
     "ITERATIONS": "6", "TRAIN_BATCH_TOKENS": "2048", "EAM_ORGANIZE_TOKENS": "4096",
     "EAM_WRITE_TOKENS": "8192", "EAM_LOCATIONS": "256", "DISTILL_KEY_ITERATIONS": "2",
     "DISTILL_ITERATIONS": "3", "DISTILL_BATCH_TOKENS": "2048", "EVAL_CHUNK_TOKENS": "512",
-    "TRAIN_LOG_EVERY": "1000",
+    "TRAIN_LOG_EVERY": "1000", "EAM_CONTEXT_TOKENS": "32768",
 }
 PIPELINE_RUN_ID = "single"  # the one-process run; its artifact is PIPELINE_RUN_ID.eam
 
@@ -39,15 +39,29 @@ def tiny_args(**overrides) -> train_gpt.Hyperparameters:
     return train_gpt.Hyperparameters(**{**TINY, **overrides})
 
 
+def random_contexts(args: train_gpt.Hyperparameters, tokens: int = 4096
+                    ) -> train_gpt.ContextTables:
+    """A context memory counted from a random stream of a few tokens of the vocabulary (so that
+    contexts repeat), kept whole (minimum count 1)."""
+    length = max(args.eam_context_order - 1, 0)
+    if length == 0:
+        return train_gpt.no_contexts()
+    stream = torch.randint(0, min(8, args.vocab_size), (1, tokens + 1))
+    recent = train_gpt.recent_tokens(stream[:, :-1], length)[0]
+    pairs = train_gpt.count_context_pairs(recent, stream[0, 1:], args.vocab_size)
+    return train_gpt.context_tables(*pairs, args.vocab_size)
+
+
 def tiny_student(seed: int = 0, locations: int = 48, **overrides):
-    """(settings, a MemoryLM, by default of vocabulary 256, with random tables and weights)."""
+    """(settings, a MemoryLM, by default of vocabulary 256, with random tables, context memory
+    and weights)."""
     torch.manual_seed(seed)
     args = tiny_args(**{"vocab_size": 256, "dec_hidden": 64, **overrides})
     addresses = F.normalize(torch.randn(locations, args.eam_key_dim), dim=1)
     # Skewed counts: some locations written only a little.
     counts = torch.rand(locations, args.vocab_size) ** 8 * torch.logspace(-1, 3, locations)[:, None]
     tables = train_gpt.next_token_tables(addresses, counts, args.eam_top_tokens)
-    student = train_gpt.MemoryLM(train_gpt.student_config(args), tables)
+    student = train_gpt.MemoryLM(train_gpt.student_config(args), tables, random_contexts(args))
     with torch.no_grad():  # zero-initialised projections would hide packing mistakes
         for param in student.parameters():
             param.add_(0.02 * torch.randn_like(param))

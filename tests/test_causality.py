@@ -10,7 +10,7 @@ import torch
 
 import train_gpt
 from tests.causality import EVAL_PATHS, VOCAB, artifact_distributions, assert_causal
-from tests.helpers import tiny_args, unit_byte_tables
+from tests.helpers import CPU, tiny_args, tiny_student, unit_byte_tables, write_artifact
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +38,29 @@ def test_no_evaluation_path_lets_later_tokens_move_earlier_scores(path, tmp_path
 def test_a_split_shorter_than_one_window_scores_each_target_once(path, tmp_path):
     # 20 tokens, 32-token windows: the padded tail of the one window must score nothing.
     assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS[:20], [0, 9, 18])
+
+
+def context_distributions(folder: Path):
+    """The tiny students' random context memories rarely hold the harness's longer contexts;
+    this one is counted from the scored tokens themselves (a fixed artifact, as any), so every
+    position finds contexts of every length; the shipped defaults beside it (evaluation-time
+    writes and TTT)."""
+    args, student = tiny_student(**EVAL_PATHS["defaults"], eam_context_order=5)
+    recent = train_gpt.recent_tokens(TOKENS[None, :-1], 4)[0]
+    contexts = train_gpt.context_tables(*train_gpt.count_context_pairs(recent, TOKENS[1:], VOCAB),
+                                        VOCAB)
+    path = write_artifact(folder / "contexts.eam", args,
+                          train_gpt.MemoryLM(student.config, student.tables, contexts))
+
+    def distributions(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, totals = train_gpt.score_artifact(CPU, args, path, tokens, unit_byte_tables(VOCAB),
+                                             keep_rows=True)
+        return {name: torch.cat(total.rows) for name, total in totals.items()}
+    return distributions
+
+
+def test_the_context_memory_reads_only_the_prefix_when_every_context_is_found(tmp_path):
+    assert_causal(context_distributions(tmp_path), TOKENS, CUTS)
 
 
 def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
@@ -85,6 +108,11 @@ leaky_writes = source_leak("log_probs = log_probs.float()",
                            "log_probs, keys = score_batch(inputs.to(runtime.device), "
                            "mask.to(runtime.device)); log_probs = log_probs.float()")
 
+# The context memory counts each chunk's text (its targets included) before scoring it.
+leaky_text_writes = source_leak("new_keys, new_targets = [], []",
+                                "new_keys, new_targets = [], []; "
+                                "writes.add_text(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
+
 
 def leaky_input(scorer):
     # The model reads the next token (its target): inputs shifted left by one.
@@ -106,10 +134,19 @@ def leaky_query(scorer):
     return score
 
 
+def test_the_harness_catches_a_context_memory_that_reads_the_target(tmp_path, monkeypatch):
+    leak = source_leak("recent_tokens(inputs, model.recent_length)",
+                       "recent_tokens(torch.roll(inputs, -1, dims=1), model.recent_length)")
+    monkeypatch.setattr(train_gpt, "model_scores", leak(train_gpt.model_scores))
+    with pytest.raises(AssertionError, match="leak"):
+        assert_causal(context_distributions(tmp_path), TOKENS, CUTS)
+
+
 @pytest.mark.parametrize("target, leak, path", [
     ("evaluate", leaky_store, "knn"), ("evaluate", leaky_gate, "knn"),
     ("student_scorer", leaky_input, "knn"), ("student_scorer", leaky_query, "knn"),
-    ("evaluate", leaky_training, "ttt"), ("evaluate", leaky_writes, "writes")])
+    ("evaluate", leaky_training, "ttt"), ("evaluate", leaky_writes, "writes"),
+    ("evaluate", leaky_text_writes, "writes")])
 def test_the_harness_catches_each_deliberate_leak(target, leak, path, tmp_path, monkeypatch):
     monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
     with pytest.raises(AssertionError, match="leak"):

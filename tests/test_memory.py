@@ -172,3 +172,75 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
         top.indices]).sum(1)
     torch.testing.assert_close(p_written, expected)
     torch.testing.assert_close(p_written.sum(1), torch.ones(7))
+
+
+# ---- the context memory ----------------------------------------------------------------------
+
+
+def witten_bell_reference(history: list[int], stream: list[int], longest: int, vocab: int,
+                          base: list[float]) -> list[float]:
+    """The interpolated Witten-Bell distribution after `history`, written out plainly: counts
+    of every context of 1..longest tokens in `stream`, shortest first, over `base`."""
+    probs = list(base)
+    for length in range(1, longest + 1):
+        if len(history) < length:
+            break
+        context = tuple(history[-length:])
+        followers: dict[int, int] = {}
+        for end in range(length, len(stream)):
+            if tuple(stream[end - length: end]) == context:
+                followers[stream[end]] = followers.get(stream[end], 0) + 1
+        if followers:
+            total, types = sum(followers.values()), len(followers)
+            probs = [(followers.get(token, 0) + types * p) / (total + types)
+                     for token, p in enumerate(probs)]
+    return probs
+
+
+def test_the_context_read_is_witten_bell_interpolation_over_its_base():
+    torch.manual_seed(0)
+    vocab, longest = 5, 3
+    stream = torch.randint(0, 3, (200,))  # three tokens of five: some never follow anything
+    recent = train_gpt.recent_tokens(stream[None, :-1], longest)[0]
+    tables = train_gpt.context_tables(*train_gpt.count_context_pairs(recent, stream[1:], vocab),
+                                      vocab)
+    starts = torch.cumsum(tables.sizes, 0) - tables.sizes
+    histories = [[], [2], [0, 1], [1, 1, 0], [4, 4, 4], [2, 0, 1, 2], [0, 4, 1]]
+    queries = torch.tensor([[-1] * (longest - len(h)) + h[-longest:] for h in histories])
+    base = torch.softmax(torch.randn(len(histories), vocab), dim=1)
+    probs, evidence = train_gpt.read_contexts(queries, tables, starts, base)
+    for row, history in enumerate(histories):
+        expected = witten_bell_reference(history, stream.tolist(), longest, vocab,
+                                         base[row].tolist())
+        torch.testing.assert_close(probs[row], torch.tensor(expected), atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(histories)))
+    # No context to read (an empty history; token 4 never occurs): the base passes through.
+    for row in (0, 4):
+        assert torch.equal(probs[row], base[row]) and (evidence[row] == 0).all()
+    assert (evidence[3] > 0).all() and (probs[3] != base[3]).any()  # all three lengths found
+
+
+def test_context_codes_tell_lengths_apart_and_mark_incomplete_contexts():
+    recent = torch.tensor([[-1, -1, 0], [-1, 0, 0], [0, 0, 0], [3, 1, 2]])
+    codes = train_gpt.context_codes(recent, vocab_size=4)
+    assert codes[0].tolist() == [1, -1, -1] and codes[1].tolist() == [1, 6, -1]
+    assert len(set(codes[2].tolist())) == 3  # "0", "0 0" and "0 0 0" differ
+    assert codes[3].tolist() == [3, 3 * 5 + 2, (3 * 5 + 2) * 5 + 4]
+    assert train_gpt.context_codes_fit(1024, 6) and not train_gpt.context_codes_fit(1024, 7)
+
+
+def test_merged_and_pruned_counts_equal_counting_at_once():
+    torch.manual_seed(1)
+    stream = torch.randint(0, 4, (301,))
+    recent = train_gpt.recent_tokens(stream[None, :-1], 2)[0]
+    whole = train_gpt.count_context_pairs(recent, stream[1:], 4)
+    parts = [train_gpt.count_context_pairs(recent[begin: begin + 100], stream[1:][begin:][:100],
+                                           4) for begin in (0, 100, 200)]
+    merged = train_gpt.merge_pairs(*parts)
+    # Row boundaries lose no context: recent_tokens was taken over the whole stream.
+    assert torch.equal(merged[0], whole[0]) and torch.equal(merged[1], whole[1])
+    tables = train_gpt.context_tables(*whole, 4)
+    pruned = tables.pruned(5)
+    assert (pruned.counts >= 5).all() and pruned.counts.sum() == whole[1][whole[1] >= 5].sum()
+    assert pruned.sizes.sum() == pruned.counts.numel() and (pruned.sizes > 0).all()
+    assert torch.isin(pruned.codes, tables.codes).all()

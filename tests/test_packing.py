@@ -10,7 +10,7 @@ import torch
 import zstandard
 
 import train_gpt
-from tests.helpers import REPO, tiny_args, tiny_student, write_artifact
+from tests.helpers import CPU, REPO, tiny_args, tiny_student, write_artifact
 
 
 @pytest.mark.parametrize("bits", [6, 8])
@@ -162,8 +162,10 @@ def test_fit_drops_least_written_locations_until_under_the_limit():
     full = train_gpt.build_artifact(student, student.tables, args)
     limit = len(full) - 3000
     fitted_args = dataclasses.replace(args, size_limit=limit + 100)
-    artifact, dropped = train_gpt.fit_artifact(student, fitted_args, code_bytes=100)
+    artifact, kept, contexts = train_gpt.fit_artifact(student, fitted_args, code_bytes=100)
+    dropped = 400 - kept.addresses.size(0)
     assert dropped > 0 and 100 + len(artifact) <= fitted_args.size_limit
+    assert torch.equal(contexts.counts, student.context_counts)  # the context memory kept whole
     _, _, _, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
         artifact[train_gpt.ARTIFACT_PREFIX.size:]))
     kept = arrays["patterns.q"].shape[0]
@@ -174,6 +176,28 @@ def test_fit_drops_least_written_locations_until_under_the_limit():
                        student.log_counts[student.log_counts >= threshold].half().float())
     with pytest.raises(ValueError, match="SIZE_LIMIT"):
         train_gpt.fit_artifact(student, dataclasses.replace(args, size_limit=1000), 100)
+
+
+def test_fit_then_keeps_the_most_counted_context_pairs_and_reads_them_back(tmp_path):
+    """Past one location, packing keeps fewer context pairs, the most counted, landing close
+    under the limit; they load back exactly."""
+    args, student = tiny_student(locations=4)
+    busiest = student.tables.select(student.log_counts.argmax().view(1))
+    half = student.contexts.most_counted(student.context_counts.numel() // 2)
+    limit = 100 + len(train_gpt.build_artifact(student, busiest, args, half))
+    artifact, kept, contexts = train_gpt.fit_artifact(
+        student, dataclasses.replace(args, size_limit=limit), code_bytes=100)
+    assert kept.addresses.size(0) == 1 and 0 <= limit - 100 - len(artifact) < 0.05 * limit
+    dropped = student.context_counts.numel() - contexts.counts.numel()
+    assert dropped > 0 and abs(contexts.counts.numel() - half.counts.numel()) < 0.1 * dropped
+    # The kept pairs are the most counted: none dropped was counted more often.
+    assert contexts.counts.sum() == student.context_counts.sort(descending=True).values[
+        : contexts.counts.numel()].sum()
+    path = tmp_path / "fit.eam"
+    path.write_bytes(artifact)
+    loaded = train_gpt.load_artifact(path, CPU.device)
+    for name in train_gpt.CONTEXT_BUFFERS:
+        assert torch.equal(getattr(loaded.contexts, name), getattr(contexts, name)), name
 
 
 @pytest.mark.parametrize("corrupt, message", [

@@ -95,6 +95,9 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
     assert write["locations"] == TINY_RUN["EAM_LOCATIONS"] and float(write["used_share"]) > 0.9
     assert 0 < float(write["memory_nll"]) < 20 and 0 < float(write["unigram_nll"]) < 20
     assert 0 < float(write["top_tokens_mass"]) <= 1
+    # The context memory: both ranks' counts, gathered, at least the budget of tokens.
+    assert int(write["context_tokens"]) >= int(TINY_RUN["EAM_CONTEXT_TOKENS"])
+    assert int(write["context_pairs"]) > 0
     text = (workdir / "logs" / "memory_ddp.txt").read_text()
     for name in ("teacher", "memory", "student"):
         assert f"replicas {name}:identical ranks:2" in text
@@ -102,3 +105,4 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
         assert 0 < float(records[line]["val_bpb"]) < 20
     _, _, arrays = train_gpt.read_artifact(workdir / "memory_ddp.eam")
     assert arrays["next_tokens"].shape[1] == 16 and "gate.weight" in arrays
+    assert arrays["context_next_tokens"].size == int(records[train_gpt.FIT_RECORD]["context_pairs"])

@@ -46,6 +46,9 @@ def test_any_setting_overrides_the_profile():
     ({"EAM_TOP_TOKENS": "0"}, "EAM_TOP_TOKENS=0"),
     ({"EAM_READ_ALPHA": "0"}, "EAM_READ_ALPHA=0.0"),
     ({"TTT_BATCH_ROWS": "0"}, "TTT_BATCH_ROWS=0"),
+    ({"EAM_CONTEXT_ORDER": "1"}, "EAM_CONTEXT_ORDER=1"),
+    ({"EAM_CONTEXT_ORDER": "7"}, "EAM_CONTEXT_ORDER=7.*fit int64"),
+    ({"EAM_CONTEXT_MIN_COUNT": "0"}, "EAM_CONTEXT_MIN_COUNT=0"),
     ({"KNN_CHUNK_TOKENS": "512"}, "KNN_CHUNK_TOKENS='512': this setting is now called "
                                   "EVAL_CHUNK_TOKENS"),
 ])

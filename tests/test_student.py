@@ -12,7 +12,7 @@ from tests.helpers import tiny_student
 def test_a_fresh_prior_leaves_the_logits_unchanged_and_then_adds_a_bigram_term():
     _, without = tiny_student()
     with_prior = train_gpt.MemoryLM(dataclasses.replace(without.config, dec_prior_rank=4),
-                                    without.tables)
+                                    without.tables, without.contexts)
     missing, unexpected = with_prior.load_state_dict(without.state_dict(), strict=False)
     assert unexpected == [] and all(name.startswith("prior.") for name in missing)
     tokens = torch.randint(0, 256, (2, 32))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_gpt
-from tests.helpers import CPU, tiny_args, tiny_student
+from tests.helpers import CPU, random_contexts, tiny_args, tiny_student
 
 
 def gpt_config(args, num_layers: int = 2) -> train_gpt.GPTConfig:
@@ -133,7 +133,7 @@ def teacher_and_memory(args):
     keys = torch.nn.functional.normalize(torch.randn(256, args.eam_key_dim), dim=1)
     memory.place(keys)
     memory.accumulate(keys, torch.randint(0, args.vocab_size, (256,)))
-    return teacher, memory
+    return teacher, (memory, random_contexts(args))
 
 
 def test_key_distance_is_one_minus_the_mean_cosine():
@@ -153,8 +153,8 @@ def test_the_key_weight_holds_the_key_head_near_the_teachers_keys(capsys):
         args = tiny_args(distill_key_frac=0.0, distill_iterations=12,
                          distill_key_weight=weight, train_seq_len=32, distill_batch_tokens=512,
                          grad_accum_world=1, max_wallclock_seconds=1e5, train_log_every=1000)
-        teacher, memory = teacher_and_memory(args)
-        train_gpt.distill(CPU, args, teacher, memory, RandomTokens(args.vocab_size),
+        teacher, memories = teacher_and_memory(args)
+        train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
                           run_started=time.perf_counter())
         line = capsys.readouterr().out.splitlines()[-1]
         drift[weight] = float(train_gpt.parse_log(line)[train_gpt.stage_record("distill")][
@@ -166,7 +166,7 @@ def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkey
     """On one H100 the key phase's compiled graph took its whole share of time to build (README,
     "Measured on one H100"), so distill asks for compilation only in the long phase."""
     args = tiny_args()
-    teacher, memory = teacher_and_memory(args)
+    teacher, memories = teacher_and_memory(args)
     phases = []
 
     def record(runtime, args, model, phase, loader):
@@ -174,6 +174,6 @@ def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkey
         return dict(steps=0, loss=0.0, time_s=0.0, tokens=0, step_ms=0.0)
 
     monkeypatch.setattr(train_gpt, "run_training", record)
-    train_gpt.distill(CPU, args, teacher, memory, RandomTokens(args.vocab_size),
+    train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
                       run_started=time.perf_counter())
     assert phases == [(train_gpt.KEY_PHASE, False), (train_gpt.LM_PHASE, True)]
