@@ -2,10 +2,10 @@
 
 Deciding whether a change helps needs like-for-like runs: the same profile (the same time
 budget and data), one setting changed at a time, and every number that matters side by side:
-the teacher's bpb, the memory path alone, memory + kNN (the score), the artifact size and where
-the time went. This tool runs the variants one after another (RUN_ID=ablate_NAME, each with its
-own artifact), reads their logs with train_gpt.parse_log, and prints a markdown table sorted by
-the memory + kNN bpb; `--collect-only` rebuilds the table from existing logs.
+the teacher's bpb, the model alone, the score (with the kNN store when it is on), the artifact
+size and where the time went. This tool runs the variants one after another (RUN_ID=ablate_NAME,
+each with its own artifact), reads their logs with train_gpt.parse_log, and prints a markdown
+table sorted by the score; `--collect-only` rebuilds the table from existing logs.
 
     python -m tools.ablate --profile cpu_proxy --variant base --variant xsa0:XSA_LAYERS=0 \\
         --variant "wide:MODEL_DIM=256,NUM_HEADS=8"

@@ -26,8 +26,8 @@ from tools._submission import SeedResult
 
 # File name and a one-line caption of each plot (the generated README uses both).
 PLOTS = {
-    "scores": ("seed_scores.png", "val_bpb per seed: the score (memory + kNN), the memory path "
-                                  "alone and the teacher on the same windows"),
+    "scores": ("seed_scores.png", "val_bpb per seed: the score (with the kNN store if it is on), "
+                                  "the model alone and the teacher on the same windows"),
     "curves": ("training_curves.png", "training loss of every stage that logs steps, per seed"),
     "size": ("size_breakdown.png", "code + artifact bytes against the 16,000,000-byte limit, "
                                    "and the artifact's components"),
@@ -96,8 +96,8 @@ def seed_scores(results: Sequence[SeedResult], stats: dict, path: Path) -> None:
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
     xs = list(range(len(results)))
     series = [("teacher (diagnostic)", _runs.TEACHER_RECORD, "s"),
-              ("memory path", _runs.MEMORY_RECORD, "^"),
-              ("memory + kNN (the score)", _runs.SCORE_RECORD, "o")]
+              ("the model alone", _runs.MEMORY_RECORD, "^"),
+              ("the score (+ kNN if on)", _runs.SCORE_RECORD, "o")]
     for name, record, marker in series:
         values = [r.value(record, "val_bpb") for r in results]
         if any(v is not None for v in values):
