@@ -553,7 +553,7 @@ def test_record_folder_in_the_challenges_conventions(good_record: dict,
     folder, sweep = good_record["folder"], good_record
     assert good_record["status"] == 0
     assert folder.parent.name == "track_non_record_16mb"
-    assert folder.name == "2026-05-01_EAM_kNN_cpu_smoke"
+    assert folder.name == "2026-05-01_EAM_context_cpu_smoke"
     names = {path.name for path in folder.iterdir()}
     assert names == {"README.md", "submission.json", "train_gpt.py", "requirements.txt",
                      "train_seed42.log", "train_seed1337.log", "train_seed2024.log",

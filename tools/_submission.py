@@ -285,9 +285,12 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
            if (first.value(EVAL_STAGE, "ttt_steps") or 0) > 0 else "")
     ttt += (" + score-first writes into the memory"
             if first.value(EVAL_STAGE, "memory_writes") == 1 else "")
+    order = first.setting("EAM_CONTEXT_ORDER")
+    context = ("" if order in (None, "0") else
+               f"; a context memory of exact contexts of up to {int(order) - 1} tokens")
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "
             f"Elastic Associative Memory of next-token counts (up to {s('EAM_LOCATIONS')} "
-            f"locations, keys {s('EAM_KEY_DIM')}-dim) -> "
+            f"locations, keys {s('EAM_KEY_DIM')}-dim{context}) -> "
             f"distilled {s('ENC_LAYERS')}-layer encoder + decoder; int{s('QUANT_BITS')} per-row + "
             f"zstd-{s('ZSTD_LEVEL')} artifact; scored from the artifact with sliding windows "
             f"({s('EVAL_SEQ_LEN')}/{s('EVAL_STRIDE')}){knn}{ttt}; vocabulary {s('VOCAB_SIZE')}")
@@ -298,7 +301,8 @@ def default_blurb(valid: Sequence[SeedResult], stats: dict) -> str | None:
         return None
     spread = ("" if stats["val_bpb_std"] is None else f", std {stats['val_bpb_std']:.5f}")
     return ("An Elastic Associative Memory counts the tokens that followed each region of a "
-            "teacher transformer's key space; a small encoder (tokens -> memory keys) and "
+            "teacher transformer's key space and each exact recent context of the training "
+            "text; a small encoder (tokens -> memory keys) and "
             "decoder are distilled, their distribution mixed with the memory's by a prefix-only "
             "gate, the teacher is dropped, and only encoder + memory + decoder ship. "
             f"{len(valid)}-seed mean val_bpb {stats['val_bpb_mean']:.5f}{spread}, profile "

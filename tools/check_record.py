@@ -6,7 +6,7 @@ for too few seeds, for missing fields and for folders in the wrong place. This r
 folder (or, before one exists, the logs themselves) and checks each of those facts against the
 files, recomputing every number of submission.json from the logs:
 
-    python -m tools.check_record records/track_non_record_16mb/2026-05-01_EAM_kNN
+    python -m tools.check_record records/track_non_record_16mb/2026-05-01_EAM_context
     python -m tools.check_record --logs logs/a.txt logs/b.txt logs/c.txt
 
 The artifacts themselves are not part of a folder; where they can be found (the path a log

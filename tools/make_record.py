@@ -10,7 +10,7 @@ breakdown. Then it runs tools.check_record on the folder and exits with its verd
 
     python -m tools.make_record --logs logs/competition_seed1337.txt \\
         logs/competition_seed42.txt logs/competition_seed2024.txt \\
-        --name "EAM + score-first kNN" --blurb "..." --out ../parameter-golf/records
+        --name "EAM + context memory" --blurb "..." --out ../parameter-golf/records
 
 The folder is new each time (an existing one is never overwritten). Do not commit it here: its
 copy of train_gpt.py belongs to the runs, not to this repository's history.
@@ -212,6 +212,7 @@ def memory_paragraphs(first: SeedResult, writes: str | None, kept: str | None,
         f"same memory. A location ships its top {s('EAM_TOP_TOKENS')} tokens and its "
         f"write count ({writes or '?'} writes, {kept or '?'} locations kept in the artifact).",
         "",
+        *context_paragraph(first),
         f"**Distillation.** A causal {s('ENC_LAYERS')}-layer encoder, initialised from the "
         "teacher's lowest blocks, maps tokens to memory keys; the read, a softmax over the "
         f"top {s('EAM_READ_K')} locations differentiable in the query, gives a next-token "
@@ -222,6 +223,22 @@ def memory_paragraphs(first: SeedResult, writes: str | None, kept: str | None,
         "to the teacher's key), then the whole student end to end on the mixture's "
         "cross-entropy + KL to the teacher on the decoder's part (temperature "
         f"{s('DISTILL_TEMPERATURE')}).", ""]
+
+
+def context_paragraph(first: SeedResult) -> list[str]:
+    """The context memory's paragraph, if the run had one (EAM_CONTEXT_ORDER > 0)."""
+    order = first.setting("EAM_CONTEXT_ORDER")
+    if order in (None, "0"):
+        return []
+    counted = first.value(train_gpt.stage_record("eam_write"), "context_tokens")
+    shipped = first.value(_runs.FIT_RECORD, "context_pairs")
+    return [
+        "**Context memory.** Beside it, the counts of the tokens that followed each exact "
+        f"context of 1 to {int(order) - 1} tokens in {number(counted, 0)} training tokens "
+        f"(pairs seen at least {first.setting('EAM_CONTEXT_MIN_COUNT') or '?'} times; "
+        f"{number(shipped, 0)} shipped, the most counted), read by Witten-Bell interpolation "
+        "over the associative read; after each chunk is scored it also counts that chunk's "
+        "pairs, if `EVAL_MEMORY_WRITES` is on.", ""]
 
 
 def method_section(results: Sequence[SeedResult]) -> list[str]:
@@ -351,7 +368,7 @@ def assemble(args: argparse.Namespace) -> Path:
     plots.pyplot()  # fail now, not after the folder is half written
     profile = sources[0].header("profile") or "competition"
     description = description_of(args.description or (
-        "EAM_kNN" if profile == "competition" else f"EAM_kNN_{profile}"))
+        "EAM_context" if profile == "competition" else f"EAM_context_{profile}"))
     stats = _submission.statistics(sources, args.reference_bpb, args.margin_nats, args.alpha)
     meta = _submission.metadata(args, sources, stats)
     folder = (args.out / _submission.track_folder(meta["track"])
@@ -385,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the records/ folder to add to (default: %(default)s; point it at "
                              "a parameter-golf checkout's records/)")
     parser.add_argument("--description", default=None,
-                        help="the folder's name after the date (default: EAM_kNN[_profile])")
+                        help="the folder's name after the date (default: EAM_context[_profile])")
     parser.add_argument("--code", type=Path, default=_runs.TRAIN_SCRIPT,
                         help="the train_gpt.py to ship; its sha256 must be the logged one "
                              "(default: this repository's)")
