@@ -1750,10 +1750,11 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
         if len(parts) == 64:  # merged now and then: the pairs of one batch repeat many times
             parts = [merge_pairs(*parts)]
     codes, counts = merge_pairs(*parts)
-    sizes = all_gather_rows(torch.tensor([codes.numel()], device=runtime.device),
-                            [1] * runtime.world_size).tolist()
-    if len(sizes) > 1:
-        codes, counts = merge_pairs((all_gather_rows(codes, sizes), all_gather_rows(counts, sizes)))
+    rank_pairs = all_gather_rows(torch.tensor([codes.numel()], device=runtime.device),
+                                 [1] * runtime.world_size).tolist()
+    if len(rank_pairs) > 1:
+        codes, counts = merge_pairs((all_gather_rows(codes, rank_pairs),
+                                     all_gather_rows(counts, rank_pairs)))
     return context_tables(codes, counts, vocab).pruned(args.eam_context_min_count), counted
 
 
@@ -2376,24 +2377,26 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     # samples) go before any of the (slow, at ZSTD_LEVEL=22) packings below.
     contexts = contexts.most_counted(max(args.size_limit - code_bytes, 0) * 2 // 3)
     order = torch.argsort(tables.log_counts, descending=True, stable=True)
-    keep = tables.addresses.size(0)
+    keep, one = tables.addresses.size(0), None  # one: the artifact with one location, packed once
     while True:
         artifact = build_artifact(model, tables.select(order[:keep].sort().values), args, contexts)
         excess = code_bytes + len(artifact) - args.size_limit
         if excess <= 0 or keep == 1:
             break
-        one = build_artifact(model, tables.select(order[:1]), args, contexts)
+        if one is None:
+            one = build_artifact(model, tables.select(order[:1]), args, contexts)
         if code_bytes + len(one) > args.size_limit:
             keep, artifact = 1, one
             break
         per_location = max(1.0, (len(artifact) - len(one)) / max(keep - 1, 1))
         keep = max(1, keep - math.ceil(1.02 * excess / per_location) - 1)
     kept = tables.select(order[:keep].sort().values)
-    pairs = contexts.counts.numel()
+    pairs, empty = contexts.counts.numel(), None  # empty: without context pairs, packed once
     while code_bytes + len(artifact) > args.size_limit:
         if pairs == 0:
             raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not fit")
-        empty = build_artifact(model, kept, args, contexts.most_counted(0))
+        if empty is None:
+            empty = build_artifact(model, kept, args, no_contexts())
         per_pair = max(0.5, (len(artifact) - len(empty)) / pairs)
         excess = code_bytes + len(artifact) - args.size_limit
         pairs = max(0, pairs - math.ceil(1.02 * excess / per_pair) - 1)
