@@ -200,6 +200,45 @@ def test_fit_then_keeps_the_most_counted_context_pairs_and_reads_them_back(tmp_p
         assert torch.equal(getattr(loaded.contexts, name), getattr(contexts, name)), name
 
 
+def zero_initialised(student):
+    """The student as distillation starts it: the decoder's projection and the gate at zero."""
+    with torch.no_grad():
+        student.decoder.proj.weight.zero_()
+        student.gate.weight.zero_()
+    return student
+
+
+def test_untrained_bytes_are_about_what_the_zero_tensors_take_once_trained():
+    args, student = tiny_student(dec_hidden=256)
+    assert train_gpt.untrained_bytes(student, args.quant_bits) == 0  # nothing is zero
+    trained = train_gpt.build_artifact(student, student.tables, args)
+    estimate = train_gpt.untrained_bytes(zero_initialised(student), args.quant_bits)
+    packed = len(trained) - len(train_gpt.build_artifact(student, student.tables, args))
+    # Gaussian-like values at 6 bits carry ~5.4 bits of entropy each: the estimate is a little
+    # above what they pack to, never far from it.
+    assert 0.75 * estimate < packed <= 1.05 * estimate
+
+
+def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder():
+    args, student = tiny_student(locations=4, dec_hidden=256)
+    zero_initialised(student)
+    code_bytes = (REPO / "train_gpt.py").stat().st_size
+    reserve = train_gpt.untrained_bytes(student, args.quant_bits)
+    half = student.contexts.most_counted(student.context_counts.numel() // 2)
+    busiest = student.tables.select(student.log_counts.argmax().view(1))
+    limit = code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args, half))
+    args = dataclasses.replace(args, size_limit=limit)
+    pairs, tables = student.context_counts.numel(), student.tables
+    train_gpt.fit_memories(CPU, args, student)
+    assert 0 < student.context_counts.numel() < pairs
+    assert code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args)) <= limit
+    # Only the pairs are cut: distillation keeps every associative location.
+    assert torch.equal(student.addresses, tables.addresses)
+    # What it kept is what packing keeps of it: no pair to drop while the decoder is zero.
+    _, kept, contexts = train_gpt.fit_artifact(student, args, code_bytes + reserve)
+    assert kept.addresses.size(0) == 1 and torch.equal(contexts.counts, student.context_counts)
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (lambda raw: b"NOTEAM!!" + raw[8:], "not an eam-golf artifact"),
     (lambda raw: raw[:8] + (99).to_bytes(4, "little") + raw[12:], "version 99"),

@@ -87,8 +87,9 @@ def test_the_baseline_ships_the_same_teacher_and_is_scored_the_same_way(pipeline
 
 
 def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
-    """k-means addresses fill the memory, every rank ends with the identical memory and student,
-    and the artifact ships the gate and the token ids."""
+    """k-means addresses fill the memory, every rank ends with the identical memory and student
+    (fitted to a binding size limit before distillation), and the artifact ships the gate and
+    the token ids."""
     workdir, logs = pipeline_runs
     records = logs["memory_ddp"]
     write = records[train_gpt.stage_record("eam_write")]
@@ -106,3 +107,11 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
     _, _, arrays = train_gpt.read_artifact(workdir / "memory_ddp.eam")
     assert arrays["next_tokens"].shape[1] == 16 and "gate.weight" in arrays
     assert arrays["context_next_tokens"].size == int(records[train_gpt.FIT_RECORD]["context_pairs"])
+    # The fit before distillation cut the memories, leaving room for the untrained decoder;
+    # packing's fit is the record's last word.
+    fits = [train_gpt.parse_log(line)[train_gpt.FIT_RECORD] for line in text.splitlines()
+            if line.startswith(train_gpt.FIT_RECORD)]
+    assert [fit["at"] for fit in fits] == ["distill", "pack"]
+    assert int(fits[0]["dropped_locations"]) > 0 and int(fits[0]["reserve_bytes"]) > 0
+    artifact = records[train_gpt.ARTIFACT_RECORD]
+    assert int(artifact["total_bytes"]) <= int(artifact["limit"])

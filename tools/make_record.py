@@ -236,7 +236,8 @@ def context_paragraph(first: SeedResult) -> list[str]:
         "**Context memory.** Beside it, the counts of the tokens that followed each exact "
         f"context of 1 to {int(order) - 1} tokens in {number(counted, 0)} training tokens "
         f"(pairs seen at least {first.setting('EAM_CONTEXT_MIN_COUNT') or '?'} times; "
-        f"{number(shipped, 0)} shipped, the most counted), read by Witten-Bell interpolation "
+        f"{number(shipped, 0)} shipped, the most counted, fitted to the size limit before "
+        "distillation so that the student learns with them), read by Witten-Bell interpolation "
         "over the associative read; after each chunk is scored it also counts that chunk's "
         "pairs, if `EVAL_MEMORY_WRITES` is on.", ""]
 
