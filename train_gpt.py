@@ -1740,7 +1740,8 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
     length, vocab, seq_len = args.eam_context_order - 1, args.vocab_size, args.train_seq_len
     if length <= 0 or args.eam_context_tokens == 0:
         return no_contexts(runtime.device), 0
-    rank_tokens = max(seq_len, args.train_batch_tokens // runtime.world_size // seq_len * seq_len)
+    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, seq_len, runtime.world_size,
+                                       args.grad_accum_world, "TRAIN_BATCH_TOKENS")
     parts, counted = [], 0
     while counted < args.eam_context_tokens:
         x, y = loader.next_batch(rank_tokens, seq_len)
@@ -1750,9 +1751,9 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
         if len(parts) == 64:  # merged now and then: the pairs of one batch repeat many times
             parts = [merge_pairs(*parts)]
     codes, counts = merge_pairs(*parts)
-    rank_pairs = all_gather_rows(torch.tensor([codes.numel()], device=runtime.device),
-                                 [1] * runtime.world_size).tolist()
-    if len(rank_pairs) > 1:
+    if runtime.distributed:
+        rank_pairs = all_gather_rows(torch.tensor([codes.numel()], device=runtime.device),
+                                     [1] * runtime.world_size).tolist()
         codes, counts = merge_pairs((all_gather_rows(codes, rank_pairs),
                                      all_gather_rows(counts, rank_pairs)))
     return context_tables(codes, counts, vocab).pruned(args.eam_context_min_count), counted
