@@ -5,6 +5,7 @@ import hashlib
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 import zstandard
@@ -148,6 +149,49 @@ def test_same_model_gives_byte_identical_artifacts():
     assert first == second
 
 
+@pytest.mark.parametrize("largest, width", [(0, 1), (255, 1), (256, 2), (2**32 - 1, 4),
+                                            (2**32, 8), (2**62, 8)])
+def test_integers_pack_as_byte_planes_of_the_narrowest_type_and_back_exactly(largest, width):
+    values = np.array([[0, 1, largest], [largest // 3, 7, largest - 1 if largest else 0]])
+    planes = train_gpt.integer_planes(values)
+    assert planes.dtype == np.uint8 and planes.shape == (width, values.size)
+    assert (planes[0] == values.reshape(-1) % 256).all()  # the lowest bytes come first
+    assert np.array_equal(train_gpt.integers_from_planes(planes), values.reshape(-1))
+    assert train_gpt.integers_from_planes(train_gpt.integer_planes(np.zeros(0, int))).size == 0
+
+
+def test_counts_past_uint32_load_back_exactly(tmp_path):
+    args, student = tiny_student()
+    contexts = student.contexts
+    contexts.counts[0] = 2**33 + 5  # a pair counted more than 2^32 times
+    path = tmp_path / "big.eam"
+    path.write_bytes(train_gpt.build_artifact(student, student.tables, args, contexts))
+    assert torch.equal(train_gpt.load_artifact(path, CPU.device).contexts.counts, contexts.counts)
+
+
+def test_the_compressed_bytes_do_not_depend_on_the_threads(monkeypatch):
+    """Three jobs' worth of payload (a fast level: the jobs do not depend on it)."""
+    rng = np.random.default_rng(0)
+    payload = np.cumsum(rng.integers(0, 9, 3 << 20)).astype("<u4").tobytes()
+    packed = set()
+    for threads in (1, 2, 3):
+        monkeypatch.setattr(train_gpt, "compression_threads", lambda threads=threads: threads)
+        packed.add(train_gpt.compress(payload, 3))
+    assert len(packed) == 1
+    assert zstandard.ZstdDecompressor().decompress(packed.pop()) == payload
+
+
+def test_ranks_on_one_host_share_its_cpus_for_compression(monkeypatch):
+    monkeypatch.setattr(train_gpt.os, "sched_getaffinity", lambda pid: set(range(16)),
+                        raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert train_gpt.compression_threads() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert train_gpt.compression_threads() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train_gpt.compression_threads() == 8  # at most 8: each holds its own match tables
+
+
 def test_reported_sizes_are_the_real_file_sizes(tmp_path):
     args, student = tiny_student()
     path = write_artifact(tmp_path / "model.eam", args, student)
@@ -166,10 +210,11 @@ def test_fit_drops_least_written_locations_until_under_the_limit():
     dropped = 400 - kept.addresses.size(0)
     assert dropped > 0 and 100 + len(artifact) <= fitted_args.size_limit
     assert torch.equal(contexts.counts, student.context_counts)  # the context memory kept whole
-    _, _, _, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
+    _, _, entries, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
         artifact[train_gpt.ARTIFACT_PREFIX.size:]))
     kept = arrays["patterns.q"].shape[0]
-    assert kept == 400 - dropped and arrays["next_tokens"].shape[0] == kept
+    next_tokens = train_gpt.unpack_tensors(entries, arrays)["next_tokens"]
+    assert kept == 400 - dropped and next_tokens.shape == (kept, args.eam_top_tokens)
     # The most-written locations are the ones kept.
     threshold = student.log_counts.sort(descending=True).values[kept - 1]
     assert torch.equal(torch.from_numpy(arrays["log_counts"].astype("float32")),
@@ -234,9 +279,10 @@ def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder()
     assert code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args)) <= limit
     # Only the pairs are cut: distillation keeps every associative location.
     assert torch.equal(student.addresses, tables.addresses)
-    # What it kept is what packing keeps of it: no pair to drop while the decoder is zero.
-    _, kept, contexts = train_gpt.fit_artifact(student, args, code_bytes + reserve)
-    assert kept.addresses.size(0) == 1 and torch.equal(contexts.counts, student.context_counts)
+    # What it kept is what packing keeps of it: no pair to drop while the decoder is zero (a
+    # location or more may go into the room left).
+    _, _, contexts = train_gpt.fit_artifact(student, args, code_bytes + reserve)
+    assert torch.equal(contexts.counts, student.context_counts)
 
 
 @pytest.mark.parametrize("corrupt, message", [

@@ -104,9 +104,11 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
         assert f"replicas {name}:identical ranks:2" in text
     for line in (train_gpt.MEMORY_RECORD, train_gpt.SCORE_RECORD):
         assert 0 < float(records[line]["val_bpb"]) < 20
-    _, _, arrays = train_gpt.read_artifact(workdir / "memory_ddp.eam")
-    assert arrays["next_tokens"].shape[1] == 16 and "gate.weight" in arrays
-    assert arrays["context_next_tokens"].size == int(records[train_gpt.FIT_RECORD]["context_pairs"])
+    _, entries, arrays = train_gpt.read_artifact(workdir / "memory_ddp.eam")
+    tensors = train_gpt.unpack_tensors(entries, arrays)
+    assert tensors["next_tokens"].shape[1] == 16 and "gate.weight" in tensors
+    pairs = int(records[train_gpt.FIT_RECORD]["context_pairs"])
+    assert tensors["context_next_tokens"].numel() == pairs
     # The fit before distillation cut the memories, leaving room for the untrained decoder;
     # packing's fit is the record's last word.
     fits = [train_gpt.parse_log(line)[train_gpt.FIT_RECORD] for line in text.splitlines()
