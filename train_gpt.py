@@ -2250,6 +2250,8 @@ def integer_planes(values: np.ndarray) -> np.ndarray:
     planes [width, N]: every value's lowest byte, then every value's next one. The high planes of
     small numbers are runs of zeros, which zstd packs in little time and space (on context pairs
     7% smaller and twice as fast at level 22 as whole uint32/int64 values; README)."""
+    if values.size and values.min() < 0:
+        raise ValueError(f"integer_planes: {int(values.min())} is negative")
     largest = int(values.max()) if values.size else 0
     width = next(width for width in (1, 2, 4, 8) if largest < 2 ** (8 * width))
     flat = np.ascontiguousarray(values.reshape(-1).astype(f"<u{width}"))
@@ -2414,9 +2416,9 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     and re-pack; if one location is still too many, keep fewer of the context memory's pairs,
     the most counted, until it fits. The associative locations go first: per byte they measured
     worth far less (README, "The context memory against the baseline"). Each step estimates the
-    bytes of a location or a pair from the last packing, so a few packings (a few seconds each
-    at 16 MB: README, "Packing time") land close under the limit. The baseline has nothing to
-    drop: it fits as it is or fails.
+    bytes of a location or a pair from the packings before, so a few packings (a few seconds
+    each at 16 MB: README, "Packing time") land close under the limit. The baseline has nothing
+    to drop: it fits as it is or fails.
 
     Returns (artifact bytes, the associative tables and the context tables it holds).
     """
@@ -2432,7 +2434,7 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     contexts = contexts.most_counted(max(args.size_limit - code_bytes, 0) * 2 // 3)
     order = torch.argsort(tables.log_counts, descending=True, stable=True)
     # One location first: where even that is too many (the competition's context memory), the
-    # largest packing, with every location, is never made.
+    # largest packing, with every location, is never made (where all fit, it costs a packing).
     one = build_artifact(model, tables.select(order[:1]), args, contexts)
     keep, artifact = 1, one
     if code_bytes + len(one) <= args.size_limit and tables.addresses.size(0) > 1:
@@ -2450,16 +2452,19 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     kept = tables.select(order[:keep].sort().values)
     pairs, before = contexts.counts.numel(), None  # before: (pairs, bytes) of another packing
     while code_bytes + len(artifact) > args.size_limit:
-        if pairs == 0:
-            raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not fit")
         if before is None:
             empty = len(build_artifact(model, kept, args, no_contexts()))
+            if code_bytes + empty > args.size_limit:
+                raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not "
+                                 f"fit ({code_bytes + empty} bytes with the code)")
             before = (0, empty)
         # A pair's bytes between the last two packings (the least counted pack smaller than the
         # average: cutting by the average lands over), or on average where compression's noise
-        # made the sizes rise as pairs went (small artifacts).
+        # made the sizes rise as pairs went (small artifacts), and at most twice the average
+        # (near the limit few pairs change, and noise could make each step cut only a few).
+        average = (len(artifact) - empty) / pairs
         marginal = (len(artifact) - before[1]) / (pairs - before[0])
-        per_pair = max(0.5, marginal if marginal > 0 else (len(artifact) - empty) / pairs)
+        per_pair = max(0.5, min(marginal, 2 * average) if marginal > 0 else average)
         excess = code_bytes + len(artifact) - args.size_limit
         before = (pairs, len(artifact))
         pairs = max(0, pairs - math.ceil(1.02 * excess / per_pair) - 1)

@@ -158,6 +158,8 @@ def test_integers_pack_as_byte_planes_of_the_narrowest_type_and_back_exactly(lar
     assert (planes[0] == values.reshape(-1) % 256).all()  # the lowest bytes come first
     assert np.array_equal(train_gpt.integers_from_planes(planes), values.reshape(-1))
     assert train_gpt.integers_from_planes(train_gpt.integer_planes(np.zeros(0, int))).size == 0
+    with pytest.raises(ValueError, match="-1 is negative"):
+        train_gpt.integer_planes(np.array([3, -1]))
 
 
 def test_counts_past_uint32_load_back_exactly(tmp_path):

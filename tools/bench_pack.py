@@ -9,9 +9,11 @@ tokens, pairs seen EAM_CONTEXT_MIN_COUNT times), builds the profile's student ar
 random weights (trained ones pack about alike) and EAM_LOCATIONS random locations, fits it as
 packing does (the code's real bytes) and times the fit and one packing of what it kept.
 
-Settings come from the environment, as for train_gpt.py (PROFILE, DATA_PATH, SIZE_LIMIT, ...):
+Settings come from the environment, as for train_gpt.py (PROFILE, DATA_PATH, SIZE_LIMIT, ...),
+and LOCAL_WORLD_SIZE as torchrun sets it: every rank fits at once before distillation, each
+packing on its share of the host's CPUs (compression_threads), so set it to the ranks a host runs:
 
-    python -m tools.bench_pack                       # the competition profile and its data
+    LOCAL_WORLD_SIZE=8 python -m tools.bench_pack    # the competition profile and its data
     PROFILE=cpu_proxy python -m tools.bench_pack --json
 """
 
