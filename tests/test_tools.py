@@ -738,6 +738,26 @@ def test_check_of_logs_times_and_artifacts(tmp_path: Path, capsys: pytest.Captur
     assert "is not the one logged" in capsys.readouterr().out
 
 
+def test_descriptions_follow_the_memories_the_run_built(tmp_path: Path) -> None:
+    """One associative location (the profiles where the limit binds) is not described as
+    regions of key space; many are, with their key width; the context memory when it is on."""
+    stats = {"val_bpb_mean": 1.0, "val_bpb_std": None}
+    described = {}
+    for name, settings in (("one", {"EAM_LOCATIONS": "1", "EAM_CONTEXT_ORDER": "4"}),
+                           ("many", {"EAM_LOCATIONS": "4096", "EAM_KEY_DIM": "64",
+                                     "EAM_CONTEXT_ORDER": "0"})):
+        result = submission.read_results([write_log(tmp_path / f"{name}.txt",
+                                                    settings=settings)])
+        described[name] = (submission.technique_summary(result),
+                           submission.default_blurb(result, stats))
+    summary, blurb = described["one"]
+    assert "(one associative location; a context memory of exact contexts of up to 3" in summary
+    assert "key space" not in blurb and "followed each exact recent context of" in blurb
+    summary, blurb = described["many"]
+    assert "(up to 4096 associative locations, keys 64-dim) ->" in summary
+    assert "followed each region of a teacher transformer's key space;" in blurb
+
+
 def test_training_curves_read_every_step_line(tmp_path: Path) -> None:
     result = submission.read_results([write_log(tmp_path / "a.txt")])[0]
     assert plots.curve(result, "teacher") == ([1, 2], [6.931, 4.5])

@@ -288,9 +288,10 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
     order = first.setting("EAM_CONTEXT_ORDER")
     context = ("" if order in (None, "0") else
                f"; a context memory of exact contexts of up to {int(order) - 1} tokens")
+    locations = ("one associative location" if s("EAM_LOCATIONS") == "1" else
+                 f"up to {s('EAM_LOCATIONS')} associative locations, keys {s('EAM_KEY_DIM')}-dim")
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "
-            f"Elastic Associative Memory of next-token counts (up to {s('EAM_LOCATIONS')} "
-            f"locations, keys {s('EAM_KEY_DIM')}-dim{context}) -> "
+            f"Elastic Associative Memory of next-token counts ({locations}{context}) -> "
             f"distilled {s('ENC_LAYERS')}-layer encoder + decoder; int{s('QUANT_BITS')} per-row + "
             f"zstd-{s('ZSTD_LEVEL')} artifact; scored from the artifact with sliding windows "
             f"({s('EVAL_SEQ_LEN')}/{s('EVAL_STRIDE')}){knn}{ttt}; vocabulary {s('VOCAB_SIZE')}")
@@ -300,11 +301,16 @@ def default_blurb(valid: Sequence[SeedResult], stats: dict) -> str | None:
     if not valid or stats["val_bpb_mean"] is None:
         return None
     spread = ("" if stats["val_bpb_std"] is None else f", std {stats['val_bpb_std']:.5f}")
-    return ("An Elastic Associative Memory counts the tokens that followed each region of a "
-            "teacher transformer's key space and each exact recent context of the training "
-            "text; a small encoder (tokens -> memory keys) and "
-            "decoder are distilled, their distribution mixed with the memory's by a prefix-only "
-            "gate, the teacher is dropped, and only encoder + memory + decoder ship. "
+    first = valid[0]
+    what = [where for where, written in (
+        ("each region of a teacher transformer's key space", first.setting("EAM_LOCATIONS") != "1"),
+        ("each exact recent context of the training text",
+         first.setting("EAM_CONTEXT_ORDER") not in (None, "0"))) if written]
+    return ("An Elastic Associative Memory counts the tokens that followed "
+            f"{' and '.join(what) or 'any position of the training text'}; a small encoder "
+            "(tokens -> memory keys) and decoder are distilled, their distribution mixed with "
+            "the memory's by a prefix-only gate, the teacher is dropped, and only encoder + "
+            "memory + decoder ship. "
             f"{len(valid)}-seed mean val_bpb {stats['val_bpb_mean']:.5f}{spread}, profile "
             f"{joined([r.header('profile') for r in valid])}.")
 
