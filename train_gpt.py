@@ -400,6 +400,14 @@ class Runtime:
                 handle.write(message + "\n")
 
 
+def cpu_share() -> int:
+    """This process's share of the CPUs it may use, with the other ranks on its host (torchrun's
+    LOCAL_WORLD_SIZE): the threads of its CPU math and of its compression."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    ranks = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
+    return max(1, (cpus or 1) // int(ranks))
+
+
 def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
     """The process group, seeds, and the run's own log (its name settled on rank 0)."""
     rank = int(os.environ.get("RANK", "0"))
@@ -412,9 +420,7 @@ def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-        # Two processes on two cores must not each spawn a thread per core.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        torch.set_num_threads(cpu_share())  # two ranks on two cores: not a thread per core each
     if world_size > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
                                 device if device.type == "cuda" else None)
@@ -2260,7 +2266,7 @@ def integer_planes(values: np.ndarray) -> np.ndarray:
         raise ValueError(f"integer_planes: {int(values.min())} is negative")
     largest = int(values.max()) if values.size else 0
     width = next(width for width in (1, 2, 4, 8) if largest < 2 ** (8 * width))
-    flat = np.ascontiguousarray(values.reshape(-1).astype(f"<u{width}"))
+    flat = values.reshape(-1).astype(f"<u{width}")  # a new, contiguous array
     return np.ascontiguousarray(flat.view(np.uint8).reshape(-1, width).T)
 
 
@@ -2328,11 +2334,9 @@ def compress(payload: bytes, level: int) -> bytes:
 
 
 def compression_threads() -> int:
-    """This process's share of the CPUs it may use, shared with the other ranks on its host
-    (torchrun's LOCAL_WORLD_SIZE; every rank packs in the fit before distillation), at most 8
-    (each thread holds ~130 MB of match tables at level 22)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(8, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    """This rank's share of its host's CPUs (every rank packs in the fit before distillation),
+    at most 8 (each thread holds ~130 MB of match tables at level 22)."""
+    return min(8, cpu_share())
 
 
 def build_artifact(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
