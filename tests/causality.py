@@ -46,6 +46,8 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     # The shipped defaults' combination: the memory, its evaluation-time writes and TTT of every
     # parameter (no kNN store).
     "defaults": dict(knn_lambda=0.0, eval_memory_writes=True, **TTT),
+    # The same with the one associative location that the competition and cpu_proxy ship.
+    "defaults_one_location": dict(knn_lambda=0.0, eval_memory_writes=True, eam_locations=1, **TTT),
     # Evaluation-time writes into the memory, with the kNN store beside them and without.
     "writes": dict(knn_lambda=0.0, eval_memory_writes=True),
     "writes_knn": dict(knn_lambda=0.5, eval_memory_writes=True),

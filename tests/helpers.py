@@ -54,9 +54,10 @@ def random_contexts(args: train_gpt.Hyperparameters, tokens: int = 4096
 
 def tiny_student(seed: int = 0, locations: int = 48, **overrides):
     """(settings, a MemoryLM, by default of vocabulary 256, with random tables, context memory
-    and weights)."""
+    and weights). An EAM_LOCATIONS override sets how many associative locations it holds."""
     torch.manual_seed(seed)
     args = tiny_args(**{"vocab_size": 256, "dec_hidden": 64, **overrides})
+    locations = overrides.get("eam_locations", locations)
     addresses = F.normalize(torch.randn(locations, args.eam_key_dim), dim=1)
     # Skewed counts: some locations written only a little.
     counts = torch.rand(locations, args.vocab_size) ** 8 * torch.logspace(-1, 3, locations)[:, None]
