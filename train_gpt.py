@@ -59,12 +59,15 @@ SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built
 # teacher scored beside the memory, a 2x128 teacher (its curve is the flattest 2 cores reach in
 # minutes: README, "The memory against the baseline") and the teacher options that help at such
 # sizes (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
+# The encoder has all the teacher's layers, so it starts as its exact copy, whose keys are the
+# teacher's: the key phase, which could only move them away, gets no share (README, "The key
+# phase's seconds").
 CPU_BASE: dict[str, object] = dict(
     data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model", val_tokens=65536,
     compile=False, teacher_reference=True, grad_accum_world=2,
     num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2, xsa_layers=2,
-    enc_layers=2, rope_dims=0, qk_gain_init=1.5, ln_scale=False, eam_read_k=16,
-    eval_chunk_tokens=4096,
+    enc_layers=2, distill_key_frac=0.0, rope_dims=0, qk_gain_init=1.5, ln_scale=False,
+    eam_read_k=16, eval_chunk_tokens=4096,
 )
 # Where they differ, as (cpu_smoke, cpu_proxy). cpu_smoke runs the whole pipeline in about a
 # minute on 2 CPU cores (it proves it runs, not that it is good); cpu_proxy is the fixed
@@ -186,7 +189,7 @@ class Hyperparameters:
     dec_hidden: int = 1024
     dec_sees_encoder: bool = True
     dec_prior_rank: int = 0
-    distill_key_frac: float = 0.15
+    distill_key_frac: float = 0.15  # keys first: the encoder is 5 of the teacher's 11 layers
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
     distill_kl_weight: float = 0.5

@@ -28,11 +28,14 @@ def test_cpu_profiles_use_demo_data_and_cap_validation(profile):
 @pytest.mark.parametrize("profile", sorted(train_gpt.PROFILES))
 def test_profiles_leave_no_training_time_idle(profile):
     """The stages' shares of the budget add up to all of it (a share moved from one stage must
-    go to another), and one that writes no associative locations gives the stage no share."""
+    go to another); one that writes no associative locations gives the write stage no share,
+    and one whose encoder is the whole teacher gives the key phase none."""
     args = Hyperparameters.from_env({"PROFILE": profile})
     assert args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac == (
         pytest.approx(1.0))
     assert args.eam_locations > 1 or args.eam_time_frac == 0
+    # An encoder that starts as the teacher's exact copy already has its keys (test_teacher).
+    assert args.enc_layers < args.num_layers or args.distill_key_frac == 0
 
 
 def test_any_setting_overrides_the_profile():

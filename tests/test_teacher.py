@@ -145,6 +145,28 @@ def test_key_distance_is_one_minus_the_mean_cosine():
     assert train_gpt.key_distance(-keys, keys).item() == pytest.approx(2)
 
 
+@pytest.mark.parametrize("enc_layers", [1, 2])
+def test_an_encoder_with_all_the_teachers_layers_starts_with_its_keys(enc_layers):
+    """Why the CPU profiles give the key phase no share: an encoder initialised from every
+    teacher layer queries exactly the teacher's keys, so the key loss starts at its minimum;
+    with fewer layers it starts above it, and the phase has something to learn."""
+    args = tiny_args(num_layers=2, enc_layers=enc_layers, xsa_layers=2)
+    teacher, memories = teacher_and_memory(args)
+    with torch.no_grad():  # a fresh block adds nothing (zero-initialised projections)
+        for parameter in teacher.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    student = train_gpt.init_student(args, teacher, memories[0].tables(), memories[1])
+    x = torch.randint(0, args.vocab_size, (2, 16))
+    projection = train_gpt.key_projection(args.model_dim, args.eam_key_dim, args.seed)
+    keys, _ = train_gpt.teacher_keys_values(teacher, x, projection, args.eam_key_layer, CPU)
+    with torch.no_grad():
+        distance = train_gpt.key_distance(student(x, keys_only=True)[0], keys).item()
+    if enc_layers == args.num_layers:
+        assert distance == pytest.approx(0, abs=1e-5)
+    else:
+        assert distance > 1e-3
+
+
 def test_the_key_weight_holds_the_key_head_near_the_teachers_keys(capsys):
     """The encoder starts as the teacher's copy (key drift ~0); end-to-end steps move the key
     head away, less so with DISTILL_KEY_WEIGHT (the drift that stage:distill logs)."""
