@@ -2049,7 +2049,7 @@ def init_student(args: Hyperparameters, teacher: GPT, tables: MemoryTables,
     return student
 
 
-def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> None:
+def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> float:
     """Distil with the context pairs that ship: fit the memories to the size limit now, as
     packing will (fit_artifact, on every rank alike), reserving the bytes the zero-initialised
     tensors will take once trained (untrained_bytes), and keep the pairs that fit. The gate then
@@ -2057,12 +2057,14 @@ def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> 
     for distillation all the same: distilling with all of them measured 0.005 better on
     cpu_proxy than with those packing keeps, at equal steps (README, "Fitting before
     distillation"; at equal time, the seconds spent writing them did as well given to
-    distillation). Packing fits once more, to the trained weights' bytes."""
+    distillation). Packing fits once more, to the trained weights' bytes. Returns the seconds
+    this fit took: about what packing's will take."""
     started = time.perf_counter()
     reserve = untrained_bytes(student, args.quant_bits)
     _, kept, contexts = fit_artifact(student, args, Path(__file__).stat().st_size + reserve)
     log_fit(runtime, "distill", student, kept, contexts, started, reserve)
     student.load_contexts(contexts)
+    return time.perf_counter() - started
 
 
 def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
@@ -2070,7 +2072,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
             run_started: float) -> MemoryLM:
     started = time.perf_counter()
     student = init_student(args, teacher, memories[0].tables(), memories[1])
-    fit_memories(runtime, args, student)
+    fit_s = fit_memories(runtime, args, student)
     trained_from = time.perf_counter()  # the phases share the time the fit left
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
 
@@ -2092,8 +2094,11 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
             loss = loss + args.distill_key_weight * key_distance(queries, teacher_keys)
         return loss
 
-    stop_at = stage_end(run_started, args,
-                        args.teacher_time_frac + args.eam_time_frac + args.distill_time_frac)
+    # Packing repeats the fit on the trained weights: distillation leaves it at least twice the
+    # time the fit took, where TRAIN_RESERVE_FRAC's share would be short (a budget of seconds).
+    stop_at = min(stage_end(run_started, args, args.teacher_time_frac + args.eam_time_frac
+                            + args.distill_time_frac),
+                  run_started + args.max_wallclock_seconds - 2 * fit_s)
     batch = (args.distill_batch_tokens, args.train_seq_len)
     read_side = tuple(m for m in (student.decoder, student.prior, student.gate) if m is not None)
     phases = [Phase(KEY_PHASE, key_loss, *batch,

@@ -199,3 +199,24 @@ def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkey
     train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
                       run_started=time.perf_counter())
     assert phases == [(train_gpt.KEY_PHASE, False), (train_gpt.LM_PHASE, True)]
+
+
+@pytest.mark.parametrize("fit_s, stop_after", [(1.0, 950.0), (100.0, 800.0)])
+def test_distillation_leaves_packing_twice_the_time_the_fit_took(monkeypatch, fit_s,
+                                                                  stop_after):
+    """The end-to-end phase ends at the stages' share of the budget less the reserve (950 s of
+    1,000), or earlier where packing's fit, which repeats the one before distillation, would
+    not fit in the reserve: 1,000 s less twice the fit's seconds."""
+    args = tiny_args(max_wallclock_seconds=1000.0, train_reserve_frac=0.05)
+    teacher, memories = teacher_and_memory(args)
+    stops = {}
+
+    def record(runtime, args, model, phase, loader):
+        stops[phase.name] = phase.stop_at
+        return dict(steps=0, loss=0.0, time_s=0.0, tokens=0, step_ms=0.0)
+
+    monkeypatch.setattr(train_gpt, "fit_memories", lambda runtime, args, student: fit_s)
+    monkeypatch.setattr(train_gpt, "run_training", record)
+    started = time.perf_counter()
+    train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size), started)
+    assert stops[train_gpt.LM_PHASE] - started == pytest.approx(stop_after)
