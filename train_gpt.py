@@ -1632,27 +1632,42 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
     """The context memory's distribution [N, V] over the base distribution [N, V] (positive,
     normalized), and its evidence [N, C], log(1 + total count) of each context found (0 where
     none). recent [N, C] as recent_tokens gives them; starts: where each context's next tokens
-    begin (the exclusive cumsum of sizes)."""
+    begin (the exclusive cumsum of sizes).
+
+    Interpolated Witten-Bell, shortest context first: a context counted `total` times with
+    `types` distinct next tokens turns p into (count + types p) / (total + types). That is
+    affine in p, a row's scale types / (total + types) plus its counts' share, so the whole read
+    is one scale of the base's rows and sparse additions (each length's scaled by every longer
+    length's factor): no dense [N, V] table of counts per length, in the step or its backward.
+    """
     vocab = base.size(1)
     evidence = torch.zeros(recent.shape, device=base.device)
-    probs = base.float()
     if tables.codes.numel() == 0 or recent.size(1) == 0:
-        return probs, evidence
+        return base.float(), evidence
+    found_lengths = []  # per length: (rows, each pair's row, its token, its share, row scales)
     for length, codes in enumerate(context_codes(recent, vocab).T.contiguous()):
         index = torch.searchsorted(tables.codes, codes).clamp(max=tables.codes.numel() - 1)
         rows = (tables.codes[index] == codes).nonzero(as_tuple=True)[0]
-        if rows.numel() == 0:
-            continue
         found = index[rows]
         sizes = tables.sizes[found]
         owner = torch.repeat_interleave(torch.arange(rows.numel(), device=base.device), sizes)
         first = torch.repeat_interleave(starts[found] - (torch.cumsum(sizes, 0) - sizes), sizes)
         pairs = first + torch.arange(owner.numel(), device=base.device)
-        counts = torch.zeros(rows.numel(), vocab, device=base.device).index_put_(
-            (owner, tables.next_tokens[pairs]), tables.counts[pairs].float())
-        total, types = counts.sum(1, keepdim=True), sizes[:, None].float()
-        probs = probs.index_put((rows,), (counts + types * probs[rows]) / (total + types))
-        evidence[rows, length] = total[:, 0].log1p()
+        counts = tables.counts[pairs].float()
+        total = torch.zeros(rows.numel(), device=base.device).index_add_(0, owner, counts)
+        evidence[rows, length] = total.log1p()
+        denominator = total + sizes.float()
+        found_lengths.append((rows, rows[owner], tables.next_tokens[pairs],
+                              counts / denominator[owner], sizes.float() / denominator))
+    scale = torch.ones(base.size(0), device=base.device)
+    additions = []
+    for rows, pair_rows, tokens, shares, row_scales in reversed(found_lengths):
+        additions.append((pair_rows, tokens, shares * scale[pair_rows]))
+        scale[rows] *= row_scales
+    probs = base.float() * scale[:, None]
+    # Within a length each (row, token) is added once: a deterministic sum on every device.
+    for pair_rows, tokens, shares in additions:
+        probs.index_put_((pair_rows, tokens), shares, accumulate=True)
     return probs, evidence
 
 
@@ -1899,13 +1914,13 @@ class MemoryGate(nn.Module):
         return inputs @ self.weight + self.bias
 
 
-def mix_with_memory(model_logits: torch.Tensor, p_mem: torch.Tensor,
+def mix_with_memory(model_log_probs: torch.Tensor, p_mem: torch.Tensor,
                     gate_logit: torch.Tensor) -> torch.Tensor:
-    """log((1 - g) softmax(model_logits) + g p_mem) with g = sigmoid(gate_logit) [N], in log
-    space (stable for any g). p_mem [N, V] is a positive distribution, so the result is a
-    normalized log-distribution; the target is not an argument: it cannot be."""
+    """log((1 - g) exp(model_log_probs) + g p_mem) with g = sigmoid(gate_logit) [N], in log
+    space (stable for any g). Both [N, V] are normalized distributions, so the result is one;
+    the target is not an argument: it cannot be."""
     gate_logit = gate_logit.float()[:, None]
-    return torch.logaddexp(F.logsigmoid(-gate_logit) + F.log_softmax(model_logits.float(), -1),
+    return torch.logaddexp(F.logsigmoid(-gate_logit) + model_log_probs,
                            F.logsigmoid(gate_logit) + p_mem.log())
 
 
@@ -1991,8 +2006,8 @@ class MemoryLM(nn.Module):
     def head(self, features: torch.Tensor, queries: torch.Tensor,
              recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, D], unit queries [N, K], recent tokens [N, recent_length] (recent_tokens)
-        -> (scores [N, V], the model's own logits [N, V]). The scores are the mixture's
-        log-probabilities (normalized: log_softmax leaves them unchanged)."""
+        -> (scores [N, V], the model's own log-probabilities [N, V]). The scores are the
+        mixture's log-probabilities (normalized: log_softmax leaves them unchanged)."""
         p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read, self.token_rows)
         p_mem, evidence = read_contexts(recent[:, recent.size(1) - self.config.context_length:],
                                         self.contexts, self.context_starts, p_mem)
@@ -2000,10 +2015,11 @@ class MemoryLM(nn.Module):
         logits = self.encoder.logits(self.decoder(features, expected))
         logits = logits if self.prior is None else logits + self.prior(recent[:, -1])
         gate_logit = self.gate(features, top_sims, evidence, p_mem)
-        return mix_with_memory(logits, p_mem, gate_logit), logits
+        model_log_probs = F.log_softmax(logits.float(), -1)
+        return mix_with_memory(model_log_probs, p_mem, gate_logit), model_log_probs
 
     def forward(self, idx: torch.Tensor, keys_only: bool = False):
-        """idx [B, T] -> (unit queries [B*T, K], scores and model logits [B*T, V] as head's,
+        """idx [B, T] -> (unit queries [B*T, K], scores and model log-probs [B*T, V] as head's,
         or None, None when keys_only)."""
         features = self.features(idx).flatten(0, 1)
         queries = self.query(features)
@@ -2013,19 +2029,23 @@ class MemoryLM(nn.Module):
         return queries, *self.head(features, queries, recent)
 
 
-def distillation_loss(scores: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor,
-                      kl_weight: float, temperature: float,
-                      model_logits: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of the scores (logits, or normalized log-probabilities) on the next token
-    + kl_weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015: T^2 keeps
-    the soft term's gradients on the hard term's scale). The KL reads model_logits when given
-    (the model's part of a memory mixture), else the scores."""
-    loss = F.cross_entropy(scores, targets.reshape(-1))
+def distillation_loss(log_probs: torch.Tensor, targets: torch.Tensor,
+                      teacher_logits: torch.Tensor, kl_weight: float, temperature: float,
+                      model_log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of normalized log-probabilities [N, V] (the memory mixture) on the next
+    token + kl_weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015: T^2
+    keeps the soft term's gradients on the hard term's scale). The KL reads model_log_probs when
+    given (the model's part of a memory mixture), else log_probs. Inputs already normalized at
+    T = 1 are not normalized again: each pass over [N, V] costs the step time, forward and back.
+    """
+    loss = F.nll_loss(log_probs, targets.reshape(-1))
     if kl_weight:
-        logits = scores if model_logits is None else model_logits
-        kl = F.kl_div(F.log_softmax(logits / temperature, -1),
-                      F.log_softmax(teacher_logits / temperature, -1),
-                      log_target=True, reduction="batchmean")
+        student = log_probs if model_log_probs is None else model_log_probs
+        if temperature != 1:  # softmax is shift-invariant: log-probs temper as logits do
+            student = F.log_softmax(student / temperature, -1)
+            teacher_logits = teacher_logits / temperature
+        kl = F.kl_div(student, F.log_softmax(teacher_logits.float(), -1), log_target=True,
+                      reduction="batchmean")
         loss = loss + kl_weight * temperature**2 * kl
     return loss
 
@@ -2084,12 +2104,12 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         return key_distance(queries, teacher_targets(x)[0])
 
     def lm_loss(model, x, y):
-        queries, scores, logits = model(x)
+        queries, scores, model_log_probs = model(x)
         with torch.no_grad():
             teacher_keys, teacher_states = teacher_targets(x)
             teacher_logits = teacher.logits(teacher_states)
         loss = distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
-                                 args.distill_temperature, logits)
+                                 args.distill_temperature, model_log_probs)
         if args.distill_key_weight:
             loss = loss + args.distill_key_weight * key_distance(queries, teacher_keys)
         return loss
@@ -2173,7 +2193,8 @@ class TransformerLM(nn.Module):
 
     def head(self, features: torch.Tensor, queries: torch.Tensor,
              recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """As MemoryLM.head: (scores, the model's own logits), here both the GPT's logits."""
+        """As MemoryLM.head: (scores, the model's own distribution), here both the GPT's logits
+        (normalized when scored)."""
         logits = self.gpt.logits(features)
         return logits, logits
 

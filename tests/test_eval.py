@@ -174,7 +174,8 @@ def test_the_memory_mixture_is_normalized_for_any_gate(gate_logit):
     torch.manual_seed(0)
     logits = 5 * torch.randn(6, 40)
     p_mem = torch.softmax(3 * torch.randn(6, 40), dim=1)
-    mixed = train_gpt.mix_with_memory(logits, p_mem, torch.full((6,), gate_logit))
+    mixed = train_gpt.mix_with_memory(torch.log_softmax(logits, 1), p_mem,
+                                      torch.full((6,), gate_logit))
     torch.testing.assert_close(mixed.exp().sum(1), torch.ones(6), atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.log_softmax(mixed, 1), mixed, atol=1e-5, rtol=0)
     gate = torch.sigmoid(torch.tensor(gate_logit))

@@ -197,27 +197,49 @@ def witten_bell_reference(history: list[int], stream: list[int], longest: int, v
     return probs
 
 
-def test_the_context_read_is_witten_bell_interpolation_over_its_base():
+CONTEXT_HISTORIES = [[], [2], [0, 1], [1, 1, 0], [4, 4, 4], [2, 0, 1, 2], [0, 4, 1]]
+
+
+def counted_stream(vocab: int = 5, longest: int = 3):
+    """A stream of three tokens of five (some never follow anything), its context tables, and
+    the recent tokens of CONTEXT_HISTORIES: (stream, tables, starts, recent)."""
     torch.manual_seed(0)
-    vocab, longest = 5, 3
-    stream = torch.randint(0, 3, (200,))  # three tokens of five: some never follow anything
+    stream = torch.randint(0, 3, (200,))
     recent = train_gpt.recent_tokens(stream[None, :-1], longest)[0]
     tables = train_gpt.context_tables(*train_gpt.count_context_pairs(recent, stream[1:], vocab),
                                       vocab)
     starts = torch.cumsum(tables.sizes, 0) - tables.sizes
-    histories = [[], [2], [0, 1], [1, 1, 0], [4, 4, 4], [2, 0, 1, 2], [0, 4, 1]]
-    queries = torch.tensor([[-1] * (longest - len(h)) + h[-longest:] for h in histories])
-    base = torch.softmax(torch.randn(len(histories), vocab), dim=1)
+    queries = torch.tensor([[-1] * (longest - len(h)) + h[-longest:] for h in CONTEXT_HISTORIES])
+    return stream, tables, starts, queries
+
+
+def test_the_context_read_is_witten_bell_interpolation_over_its_base():
+    stream, tables, starts, queries = counted_stream()
+    base = torch.softmax(torch.randn(len(CONTEXT_HISTORIES), 5), dim=1)
     probs, evidence = train_gpt.read_contexts(queries, tables, starts, base)
-    for row, history in enumerate(histories):
-        expected = witten_bell_reference(history, stream.tolist(), longest, vocab,
-                                         base[row].tolist())
+    for row, history in enumerate(CONTEXT_HISTORIES):
+        expected = witten_bell_reference(history, stream.tolist(), 3, 5, base[row].tolist())
         torch.testing.assert_close(probs[row], torch.tensor(expected), atol=1e-6, rtol=0)
-    torch.testing.assert_close(probs.sum(1), torch.ones(len(histories)))
+    torch.testing.assert_close(probs.sum(1), torch.ones(len(CONTEXT_HISTORIES)))
     # No context to read (an empty history; token 4 never occurs): the base passes through.
     for row in (0, 4):
         assert torch.equal(probs[row], base[row]) and (evidence[row] == 0).all()
     assert (evidence[3] > 0).all() and (probs[3] != base[3]).any()  # all three lengths found
+
+
+def test_the_context_read_passes_the_gradient_its_interpolation_scales_the_base_by():
+    stream, tables, starts, queries = counted_stream()
+    base = torch.softmax(torch.randn(len(CONTEXT_HISTORIES), 5), dim=1).requires_grad_()
+    weights = torch.randn(len(CONTEXT_HISTORIES), 5)
+    probs, _ = train_gpt.read_contexts(queries, tables, starts, base)
+    (weights * probs).sum().backward()
+    for row, history in enumerate(CONTEXT_HISTORIES):
+        # The reference is affine in the base, s * base + a: twice the base gives s.
+        once, twice = (torch.tensor(witten_bell_reference(history, stream.tolist(), 3, 5,
+                                                          (times * base[row]).tolist()))
+                       for times in (1, 2))
+        scale = (twice - once) / base[row].detach()
+        torch.testing.assert_close(base.grad[row], weights[row] * scale, atol=1e-5, rtol=1e-4)
 
 
 def test_context_codes_tell_lengths_apart_and_mark_incomplete_contexts():
