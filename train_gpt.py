@@ -1653,12 +1653,13 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
         owner = torch.repeat_interleave(torch.arange(rows.numel(), device=base.device), sizes)
         first = torch.repeat_interleave(starts[found] - (torch.cumsum(sizes, 0) - sizes), sizes)
         pairs = first + torch.arange(owner.numel(), device=base.device)
-        counts = tables.counts[pairs].float()
-        total = torch.zeros(rows.numel(), device=base.device).index_add_(0, owner, counts)
+        counts = tables.counts[pairs]
+        # Whole counts summed as integers: exact in any order, on every device.
+        total = counts.new_zeros(rows.numel()).index_add_(0, owner, counts).float()
         evidence[rows, length] = total.log1p()
         denominator = total + sizes.float()
         found_lengths.append((rows, rows[owner], tables.next_tokens[pairs],
-                              counts / denominator[owner], sizes.float() / denominator))
+                              counts.float() / denominator[owner], sizes.float() / denominator))
     scale = torch.ones(base.size(0), device=base.device)
     additions = []
     for rows, pair_rows, tokens, shares, row_scales in reversed(found_lengths):
