@@ -176,11 +176,14 @@ class Hyperparameters:
     eam_batch: int = 8192
     eam_top_tokens: int = 128
     eam_read_alpha: float = 0.1
-    # The context memory: next-token counts of exact recent contexts of up to
-    # EAM_CONTEXT_ORDER - 1 tokens (0: none), counted from EAM_CONTEXT_TOKENS training tokens
+    # The context memory: next-token counts of exact recent contexts of EAM_CONTEXT_MIN_LENGTH
+    # to EAM_CONTEXT_ORDER - 1 tokens (0: none), counted from EAM_CONTEXT_TOKENS training tokens
     # (0: it ships empty and learns only from scored tokens, with EVAL_MEMORY_WRITES); pairs seen
     # fewer than EAM_CONTEXT_MIN_COUNT times are not kept (packing keeps fewer, if it must).
+    # Single tokens are left to the model: they measured no gain, and as contexts they are the
+    # busiest locations (README, "Single-token contexts").
     eam_context_order: int = 4
+    eam_context_min_length: int = 2
     eam_context_tokens: int = 33_554_432
     eam_context_min_count: int = 2
     # Distillation.
@@ -303,6 +306,10 @@ class Hyperparameters:
                                                                 self.eam_context_order):
             raise ValueError(f"EAM_CONTEXT_ORDER={self.eam_context_order}: 0 (no context memory) "
                              f"or 2.. while its codes fit int64 (VOCAB_SIZE={self.vocab_size})")
+        if self.eam_context_order and not (
+                1 <= self.eam_context_min_length <= self.eam_context_order - 1):
+            raise ValueError(f"EAM_CONTEXT_MIN_LENGTH={self.eam_context_min_length}: must lie in "
+                             f"1..EAM_CONTEXT_ORDER - 1 = {self.eam_context_order - 1}")
         if not 0 <= self.knn_lambda < 1:
             raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
         if self.model not in SHIPPED_MODELS:
@@ -1509,17 +1516,17 @@ def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
     return MemoryTables(addresses, kept / kept.sum(1, keepdim=True), counts.sum(1).log(), tokens)
 
 
-# The context memory: exact recent contexts as addresses. Each of its locations is one context
-# of 1..EAM_CONTEXT_ORDER - 1 tokens seen in training, holding the counts of the tokens that
-# followed it; a read finds the position's own contexts (exact matches, a binary search) and
-# interpolates their counts from the shortest to the longest, Witten-Bell style (Witten and Bell
-# 1991; Chen and Goodman 1998): p_c = (counts_c + types_c p_{c-1}) / (total_c + types_c), types
-# being how many distinct tokens the context kept, so an often-seen context with few followers
-# is trusted. The base p_0 is the associative read, so the context memory refines it and the
-# mixture stays normalized. Counting needs no teacher, so it reads far more tokens than the
-# associative writes, and a 2x128 transformer cannot hold what it stores: measured on the
-# demo corpus, its counts mixed into the baseline's distribution gained 0.05-0.16 bpb (README,
-# "The context memory").
+# The context memory: exact recent contexts as addresses. Each of its locations is one context of
+# EAM_CONTEXT_MIN_LENGTH..EAM_CONTEXT_ORDER - 1 tokens seen in training, holding the counts of the
+# tokens that followed it; a read finds the position's own contexts (exact matches, a binary search;
+# shorter lengths find none) and interpolates their counts from the shortest to the longest,
+# Witten-Bell style (Witten and Bell 1991; Chen and Goodman 1998):
+# p_c = (counts_c + types_c p_{c-1}) / (total_c + types_c), types being how many distinct tokens
+# the context kept, so an often-seen context with few followers is trusted. The base p_0 is the
+# associative read, so the context memory refines it and the mixture stays normalized. Counting
+# needs no teacher, so it reads far more tokens than the associative writes, and a 2x128
+# transformer cannot hold what it stores: measured on the demo corpus, its counts mixed into the
+# baseline's distribution gained 0.05-0.16 bpb (README, "The context memory").
 
 
 def context_codes_fit(vocab_size: int, order: int) -> bool:
@@ -1606,11 +1613,11 @@ def no_contexts(device: torch.device | None = None) -> ContextTables:
     return ContextTables(none, none, none, none)
 
 
-def count_context_pairs(recent: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
+def count_context_pairs(recent: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
+                        min_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recent tokens [N, C] and the tokens that follow them [N] -> (sorted unique pair codes,
-    their counts) over every complete context."""
-    codes = context_codes(recent, vocab_size)
+    their counts) over every complete context of min_length to C tokens."""
+    codes = context_codes(recent, vocab_size)[:, min_length - 1:]
     pairs = codes * vocab_size + next_tokens[:, None]
     return torch.unique(pairs[codes >= 0], return_counts=True)
 
@@ -1776,7 +1783,7 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
     while counted < args.eam_context_tokens:
         x, y = loader.next_batch(rank_tokens, seq_len)
         parts.append(count_context_pairs(recent_tokens(x, length).flatten(0, 1), y.flatten(),
-                                         vocab))
+                                         vocab, args.eam_context_min_length))
         counted += x.numel() * runtime.world_size
         if len(parts) == 64:  # merged now and then: the pairs of one batch repeat many times
             parts = [merge_pairs(*parts)]
@@ -1936,6 +1943,7 @@ class StudentConfig:
     dec_sees_encoder: bool
     dec_prior_rank: int
     context_length: int  # the context memory's longest context (0: none)
+    context_min_length: int  # and its shortest: what the evaluation-time writes count
 
 
 def student_config(args: Hyperparameters) -> StudentConfig:
@@ -1943,7 +1951,8 @@ def student_config(args: Hyperparameters) -> StudentConfig:
         encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers),
         read=memory_read_config(args), key_dim=args.eam_key_dim, dec_hidden=args.dec_hidden,
         dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank,
-        context_length=max(args.eam_context_order - 1, 0))
+        context_length=max(args.eam_context_order - 1, 0),
+        context_min_length=args.eam_context_min_length)
 
 
 class MemoryLM(nn.Module):
@@ -2220,8 +2229,8 @@ ARTIFACT_MAGIC = b"EAMGOLF\x00"
 # ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes); 5: without
 # the memory's kind of values (the read's `values`: next-token counts are the only kind left);
 # 6: the context memory (its tables, and its longest context in the config); 7: integers as byte
-# planes of their narrowest type
-ARTIFACT_VERSION = 7
+# planes of their narrowest type; 8: the context memory's shortest context in the config
+ARTIFACT_VERSION = 8
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state.
 ASSOCIATIVE_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")
@@ -2721,7 +2730,8 @@ class MemoryWrites:
         begin = max(score_from - length + 1, 0)
         text = tokens[begin: score_to + 1].to(self.model.context_codes.device)
         recent = recent_tokens(text[None, :-1], length)[0, score_from - begin:]
-        scored = count_context_pairs(recent, text[score_from - begin + 1:], self.model.vocab_size)
+        scored = count_context_pairs(recent, text[score_from - begin + 1:], self.model.vocab_size,
+                                     self.model.config.context_min_length)
         self.model.load_contexts(context_tables(
             *merge_pairs(self.model.contexts.pairs(self.model.vocab_size), scored),
             self.model.vocab_size))

@@ -48,7 +48,8 @@ def random_contexts(args: train_gpt.Hyperparameters, tokens: int = 4096
         return train_gpt.no_contexts()
     stream = torch.randint(0, min(8, args.vocab_size), (1, tokens + 1))
     recent = train_gpt.recent_tokens(stream[:, :-1], length)[0]
-    pairs = train_gpt.count_context_pairs(recent, stream[0, 1:], args.vocab_size)
+    pairs = train_gpt.count_context_pairs(recent, stream[0, 1:], args.vocab_size,
+                                          args.eam_context_min_length)
     return train_gpt.context_tables(*pairs, args.vocab_size)
 
 

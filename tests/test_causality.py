@@ -40,15 +40,16 @@ def test_a_split_shorter_than_one_window_scores_each_target_once(path, tmp_path)
     assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS[:20], [0, 9, 18])
 
 
-def context_distributions(folder: Path):
+def context_distributions(folder: Path, min_length: int):
     """The tiny students' random context memories rarely hold the harness's longer contexts;
     this one is counted from the scored tokens themselves (a fixed artifact, as any), so every
-    position finds contexts of every length; the shipped defaults beside it (evaluation-time
-    writes and TTT)."""
-    args, student = tiny_student(**EVAL_PATHS["defaults"], eam_context_order=5)
+    position finds contexts of every length kept (min_length..4); the shipped defaults beside it
+    (evaluation-time writes and TTT)."""
+    args, student = tiny_student(**EVAL_PATHS["defaults"], eam_context_order=5,
+                                 eam_context_min_length=min_length)
     recent = train_gpt.recent_tokens(TOKENS[None, :-1], 4)[0]
-    contexts = train_gpt.context_tables(*train_gpt.count_context_pairs(recent, TOKENS[1:], VOCAB),
-                                        VOCAB)
+    contexts = train_gpt.context_tables(
+        *train_gpt.count_context_pairs(recent, TOKENS[1:], VOCAB, min_length), VOCAB)
     path = write_artifact(folder / "contexts.eam", args,
                           train_gpt.MemoryLM(student.config, student.tables, contexts))
 
@@ -59,8 +60,10 @@ def context_distributions(folder: Path):
     return distributions
 
 
-def test_the_context_memory_reads_only_the_prefix_when_every_context_is_found(tmp_path):
-    assert_causal(context_distributions(tmp_path), TOKENS, CUTS)
+@pytest.mark.parametrize("min_length", [1, 2])
+def test_the_context_memory_reads_only_the_prefix_when_every_context_is_found(min_length,
+                                                                              tmp_path):
+    assert_causal(context_distributions(tmp_path, min_length), TOKENS, CUTS)
 
 
 def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
@@ -139,7 +142,7 @@ def test_the_harness_catches_a_context_memory_that_reads_the_target(tmp_path, mo
                        "recent_tokens(torch.roll(inputs, -1, dims=1), model.recent_length)")
     monkeypatch.setattr(train_gpt, "model_scores", leak(train_gpt.model_scores))
     with pytest.raises(AssertionError, match="leak"):
-        assert_causal(context_distributions(tmp_path), TOKENS, CUTS)
+        assert_causal(context_distributions(tmp_path, 2), TOKENS, CUTS)
 
 
 @pytest.mark.parametrize("target, leak, path", [

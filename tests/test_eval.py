@@ -106,19 +106,24 @@ def test_memory_writes_count_each_target_at_its_nearest_location(monkeypatch):
     assert torch.equal(student.scored_counts, expected) and writes.written == 23
 
 
-def test_evaluation_counts_every_scored_target_into_the_context_memory_once():
+@pytest.mark.parametrize("min_length", [1, 2])
+def test_evaluation_counts_every_scored_target_into_the_context_memory_once(min_length):
     """After a whole evaluation with EVAL_MEMORY_WRITES, the context memory holds its artifact's
-    counts plus exactly those of every scored (context, target) pair, chunk by chunk."""
-    args, student = tiny_student(eval_memory_writes=True, eval_chunk_tokens=24)
+    counts plus exactly those of every scored (context, target) pair, chunk by chunk, of the
+    context lengths it shipped with."""
+    args, student = tiny_student(eval_memory_writes=True, eval_chunk_tokens=24,
+                                 eam_context_min_length=min_length)
     tokens = torch.randint(0, 8, (150,), generator=torch.Generator().manual_seed(3))
     shipped = student.contexts.pairs(args.vocab_size)
     train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
                        unit_byte_tables(256), None, writes=train_gpt.MemoryWrites(student))
     recent = train_gpt.recent_tokens(tokens[None, :-1], student.config.context_length)[0]
     expected = train_gpt.merge_pairs(shipped, train_gpt.count_context_pairs(
-        recent, tokens[1:], args.vocab_size))
+        recent, tokens[1:], args.vocab_size, min_length))
     merged = student.contexts.pairs(args.vocab_size)
     assert torch.equal(merged[0], expected[0]) and torch.equal(merged[1], expected[1])
+    # A single token's codes are 1..V: none were counted when the shortest kept is two.
+    assert (student.context_codes <= args.vocab_size).any() == (min_length == 1)
     assert torch.equal(student.context_starts,
                        torch.cumsum(student.context_sizes, 0) - student.context_sizes)
 

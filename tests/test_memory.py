@@ -178,11 +178,11 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
 
 
 def witten_bell_reference(history: list[int], stream: list[int], longest: int, vocab: int,
-                          base: list[float]) -> list[float]:
+                          base: list[float], shortest: int = 1) -> list[float]:
     """The interpolated Witten-Bell distribution after `history`, written out plainly: counts
-    of every context of 1..longest tokens in `stream`, shortest first, over `base`."""
+    of every context of shortest..longest tokens in `stream`, shortest first, over `base`."""
     probs = list(base)
-    for length in range(1, longest + 1):
+    for length in range(shortest, longest + 1):
         if len(history) < length:
             break
         context = tuple(history[-length:])
@@ -200,31 +200,37 @@ def witten_bell_reference(history: list[int], stream: list[int], longest: int, v
 CONTEXT_HISTORIES = [[], [2], [0, 1], [1, 1, 0], [4, 4, 4], [2, 0, 1, 2], [0, 4, 1]]
 
 
-def counted_stream(vocab: int = 5, longest: int = 3):
-    """A stream of three tokens of five (some never follow anything), its context tables, and
-    the recent tokens of CONTEXT_HISTORIES: (stream, tables, starts, recent)."""
+def counted_stream(vocab: int = 5, longest: int = 3, shortest: int = 1):
+    """A stream of three tokens of five (some never follow anything), its context tables of
+    shortest..longest tokens, and the recent tokens of CONTEXT_HISTORIES: (stream, tables,
+    starts, recent)."""
     torch.manual_seed(0)
     stream = torch.randint(0, 3, (200,))
     recent = train_gpt.recent_tokens(stream[None, :-1], longest)[0]
-    tables = train_gpt.context_tables(*train_gpt.count_context_pairs(recent, stream[1:], vocab),
-                                      vocab)
+    tables = train_gpt.context_tables(
+        *train_gpt.count_context_pairs(recent, stream[1:], vocab, shortest), vocab)
     starts = torch.cumsum(tables.sizes, 0) - tables.sizes
     queries = torch.tensor([[-1] * (longest - len(h)) + h[-longest:] for h in CONTEXT_HISTORIES])
     return stream, tables, starts, queries
 
 
-def test_the_context_read_is_witten_bell_interpolation_over_its_base():
-    stream, tables, starts, queries = counted_stream()
+@pytest.mark.parametrize("shortest", [1, 2])
+def test_the_context_read_is_witten_bell_interpolation_over_its_base(shortest):
+    stream, tables, starts, queries = counted_stream(shortest=shortest)
     base = torch.softmax(torch.randn(len(CONTEXT_HISTORIES), 5), dim=1)
     probs, evidence = train_gpt.read_contexts(queries, tables, starts, base)
     for row, history in enumerate(CONTEXT_HISTORIES):
-        expected = witten_bell_reference(history, stream.tolist(), 3, 5, base[row].tolist())
+        expected = witten_bell_reference(history, stream.tolist(), 3, 5, base[row].tolist(),
+                                         shortest)
         torch.testing.assert_close(probs[row], torch.tensor(expected), atol=1e-6, rtol=0)
     torch.testing.assert_close(probs.sum(1), torch.ones(len(CONTEXT_HISTORIES)))
-    # No context to read (an empty history; token 4 never occurs): the base passes through.
-    for row in (0, 4):
+    # No context to read (an empty history; token 4 never occurs; a single token when the
+    # shortest kept is two): the base passes through.
+    for row in (0, 4) if shortest == 1 else (0, 1, 4):
         assert torch.equal(probs[row], base[row]) and (evidence[row] == 0).all()
-    assert (evidence[3] > 0).all() and (probs[3] != base[3]).any()  # all three lengths found
+    # Every length kept is found, and no shorter one.
+    assert (evidence[3, shortest - 1:] > 0).all() and (evidence[3, :shortest - 1] == 0).all()
+    assert (probs[3] != base[3]).any()
 
 
 def test_the_context_read_passes_the_gradient_its_interpolation_scales_the_base_by():
@@ -255,9 +261,9 @@ def test_merged_and_pruned_counts_equal_counting_at_once():
     torch.manual_seed(1)
     stream = torch.randint(0, 4, (301,))
     recent = train_gpt.recent_tokens(stream[None, :-1], 2)[0]
-    whole = train_gpt.count_context_pairs(recent, stream[1:], 4)
+    whole = train_gpt.count_context_pairs(recent, stream[1:], 4, 1)
     parts = [train_gpt.count_context_pairs(recent[begin: begin + 100], stream[1:][begin:][:100],
-                                           4) for begin in (0, 100, 200)]
+                                           4, 1) for begin in (0, 100, 200)]
     merged = train_gpt.merge_pairs(*parts)
     # Row boundaries lose no context: recent_tokens was taken over the whole stream.
     assert torch.equal(merged[0], whole[0]) and torch.equal(merged[1], whole[1])

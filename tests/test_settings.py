@@ -61,6 +61,8 @@ def test_any_setting_overrides_the_profile():
     ({"TTT_BATCH_ROWS": "0"}, "TTT_BATCH_ROWS=0"),
     ({"EAM_CONTEXT_ORDER": "1"}, "EAM_CONTEXT_ORDER=1"),
     ({"EAM_CONTEXT_ORDER": "7"}, "EAM_CONTEXT_ORDER=7.*fit int64"),
+    ({"EAM_CONTEXT_MIN_LENGTH": "0"}, r"EAM_CONTEXT_MIN_LENGTH=0: must lie in 1\.\..* = 3"),
+    ({"EAM_CONTEXT_ORDER": "2"}, r"EAM_CONTEXT_MIN_LENGTH=2: must lie in 1\.\..* = 1"),
     ({"EAM_CONTEXT_MIN_COUNT": "0"}, "EAM_CONTEXT_MIN_COUNT=0"),
     ({"KNN_CHUNK_TOKENS": "512"}, "KNN_CHUNK_TOKENS='512': this setting is now called "
                                   "EVAL_CHUNK_TOKENS"),

@@ -743,7 +743,8 @@ def test_descriptions_follow_the_memories_the_run_built(tmp_path: Path) -> None:
     regions of key space; many are, with their key width; the context memory when it is on."""
     stats = {"val_bpb_mean": 1.0, "val_bpb_std": None}
     described = {}
-    for name, settings in (("one", {"EAM_LOCATIONS": "1", "EAM_CONTEXT_ORDER": "4"}),
+    for name, settings in (("one", {"EAM_LOCATIONS": "1", "EAM_CONTEXT_ORDER": "4",
+                                    "EAM_CONTEXT_MIN_LENGTH": "2"}),
                            ("many", {"EAM_LOCATIONS": "4096", "EAM_KEY_DIM": "64",
                                      "EAM_CONTEXT_ORDER": "0"})):
         result = submission.read_results([write_log(tmp_path / f"{name}.txt",
@@ -751,7 +752,7 @@ def test_descriptions_follow_the_memories_the_run_built(tmp_path: Path) -> None:
         described[name] = (submission.technique_summary(result),
                            submission.default_blurb(result, stats))
     summary, blurb = described["one"]
-    assert "(one associative location; a context memory of exact contexts of up to 3" in summary
+    assert "(one associative location; a context memory of exact contexts of 2 to 3" in summary
     assert "key space" not in blurb and "followed each exact recent context of" in blurb
     summary, blurb = described["many"]
     assert "(up to 4096 associative locations, keys 64-dim) ->" in summary

@@ -91,6 +91,14 @@ class SeedResult:
     def setting(self, name: str) -> str | None:
         return self.run.records.get(_runs.SETTINGS_RECORD, {}).get(name)
 
+    def context_lengths(self) -> str | None:
+        """The context memory's context lengths in tokens ("2 to 3"), None where it had none.
+        Logs from before EAM_CONTEXT_MIN_LENGTH do not name it: those runs counted from one."""
+        order = self.setting("EAM_CONTEXT_ORDER")
+        if order in (None, "0"):
+            return None
+        return f"{self.setting('EAM_CONTEXT_MIN_LENGTH') or 1} to {int(order) - 1}"
+
     def bytes(self, key: str) -> int | None:
         value = self.value(_runs.ARTIFACT_RECORD, key)
         return None if value is None else int(value)
@@ -285,9 +293,8 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
            if (first.value(EVAL_STAGE, "ttt_steps") or 0) > 0 else "")
     ttt += (" + score-first writes into the memory"
             if first.value(EVAL_STAGE, "memory_writes") == 1 else "")
-    order = first.setting("EAM_CONTEXT_ORDER")
-    context = ("" if order in (None, "0") else
-               f"; a context memory of exact contexts of up to {int(order) - 1} tokens")
+    lengths = first.context_lengths()
+    context = "" if lengths is None else f"; a context memory of exact contexts of {lengths} tokens"
     locations = ("one associative location" if s("EAM_LOCATIONS") == "1" else
                  f"up to {s('EAM_LOCATIONS')} associative locations, keys {s('EAM_KEY_DIM')}-dim")
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "

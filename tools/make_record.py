@@ -227,14 +227,14 @@ def memory_paragraphs(first: SeedResult, writes: str | None, kept: str | None,
 
 def context_paragraph(first: SeedResult) -> list[str]:
     """The context memory's paragraph, if the run had one (EAM_CONTEXT_ORDER > 0)."""
-    order = first.setting("EAM_CONTEXT_ORDER")
-    if order in (None, "0"):
+    lengths = first.context_lengths()
+    if lengths is None:
         return []
     counted = first.value(train_gpt.stage_record("eam_write"), "context_tokens")
     shipped = first.value(_runs.FIT_RECORD, "context_pairs")
     return [
         "**Context memory.** Beside it, the counts of the tokens that followed each exact "
-        f"context of 1 to {int(order) - 1} tokens in {number(counted, 0)} training tokens "
+        f"context of {lengths} tokens in {number(counted, 0)} training tokens "
         f"(pairs seen at least {first.setting('EAM_CONTEXT_MIN_COUNT') or '?'} times; "
         f"{number(shipped, 0)} shipped, the most counted, fitted to the size limit before "
         "distillation so that the student learns with them), read by Witten-Bell interpolation "
