@@ -35,7 +35,7 @@ import tempfile
 import time
 import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -839,7 +839,9 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
     vocabulary is checked as it is scored; else free and in a writable folder); the validation
     token ids and the tokenizer against VOCAB_SIZE; the training shards' headers and sizes and
     the first one's token ids (later shards are checked as the loader opens them: reading every
-    shard of a full FineWeb download would cost more than it saves); the batches' split.
+    shard of a full FineWeb download would cost more than it saves); the batches' split; that
+    the model's weights can fit the size limit beside the code (from their shapes: a model too
+    large for the limit fails here, not after its teacher trained).
     """
     code_bytes = Path(__file__).stat().st_size
     if code_bytes >= args.size_limit:
@@ -879,8 +881,18 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
     for name in ("TRAIN_BATCH_TOKENS", "DISTILL_BATCH_TOKENS"):
         rank_batch_tokens(getattr(args, name.lower()), args.train_seq_len, runtime.world_size,
                           args.grad_accum_world, name)
+    model = model_skeleton(args)
+    weights = width_bytes(model, args.quant_bits)
+    if code_bytes + SMALLEST_PACKED_SHARE * weights > args.size_limit:
+        raise ValueError(
+            f"SIZE_LIMIT={args.size_limit}: MODEL={args.model} at these sizes cannot fit: its "
+            f"weights take {weights} bytes at the widths they pack to (QUANT_BITS="
+            f"{args.quant_bits}), and even packed to {SMALLEST_PACKED_SHARE:.0%} of that, less "
+            f"than trained weights have, they need {round(SMALLEST_PACKED_SHARE * weights)} "
+            f"beside the code's {code_bytes}: shrink it (NUM_LAYERS, MODEL_DIM, ENC_LAYERS, "
+            "DEC_HIDDEN) or raise SIZE_LIMIT")
     if args.ttt_steps:
-        adapted_parameters(model_skeleton(args), args.ttt_params)
+        adapted_parameters(model, args.ttt_params)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -2252,6 +2264,16 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return codes.float() * scale.float()[:, None]
 
 
+def packed_bits(model: nn.Module, quant_bits: int) -> dict[str, int | None]:
+    """The bits each parameter packs to: 8 a token table's value, QUANT_BITS a matrix's, None
+    (fp16) for vectors and for matrices too small to gain: their row scales cost more than
+    quantizing saves."""
+    group_bits = dict(table=8, matrix=quant_bits, vector=None)
+    sizes = {name: parameter.numel() for name, parameter in model.named_parameters()}
+    return {name: group_bits[group] if sizes[name] >= 4096 else None
+            for group, names in parameter_groups(model).items() for name in names}
+
+
 def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
                  quant_bits: int, contexts: ContextTables | None = None
                  ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
@@ -2278,13 +2300,10 @@ def pack_tensors(model: MemoryLM | TransformerLM, tables: MemoryTables | None,
         entries[name] = dict(kind="uint_planes", shape=list(values.shape),
                              differences=differences)
 
-    group_bits = dict(table=8, matrix=quant_bits, vector=None)
-    bits = {name: group_bits[group]
-            for group, names in parameter_groups(model).items() for name in names}
+    bits = packed_bits(model, quant_bits)
     for name, tensor in model.state_dict().items():
         if name not in MEMORY_BUFFERS:
-            # Small matrices cost more in scales than they save: fp16 (bits None).
-            add(name, tensor, bits[name] if tensor.numel() >= 4096 else None)
+            add(name, tensor, bits[name])
     if tables is not None:
         add("addresses", tables.addresses, 8)
         add("patterns", tables.patterns, 8)
@@ -2522,15 +2541,31 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     return artifact, kept, contexts
 
 
+# Trained weights pack to 87-93% of their width_bytes (cpu_proxy: token tables 7.0 bits a value
+# at 8, matrices 5.5-5.6 at 6), so weights that would not fit at this share cannot fit at all.
+SMALLEST_PACKED_SHARE = 0.85
+
+
+def width_bytes(model: nn.Module, quant_bits: int, names: Iterable[str] | None = None) -> int:
+    """The bytes the model's parameters (or those named) take at the widths they pack to,
+    before compression (packed_bits; int8_rows add a 2-byte scale a row). Shapes are all it
+    reads, so it works on the meta device (model_skeleton)."""
+    parameters = dict(model.named_parameters())
+    total = 0
+    for name, bits in packed_bits(model, quant_bits).items():
+        if names is None or name in names:
+            shape = parameters[name].shape
+            total += (2 * shape.numel() if bits is None
+                      else math.ceil(shape.numel() * bits / 8) + 2 * shape[0])
+    return total
+
+
 def untrained_bytes(model: MemoryLM, quant_bits: int) -> int:
     """About the bytes the model's all-zero parameters (the decoder's projection, the gate)
-    will take once trained, which now pack to almost nothing: QUANT_BITS per value of a matrix
-    (trained matrices packed to ~5.5 bits per value at 6 on cpu_proxy) and its scales, 2 bytes
-    per value of a vector packed as fp16."""
-    entries, arrays = pack_tensors(model, None, quant_bits, no_contexts())
-    zero = [name for name, parameter in model.named_parameters() if not parameter.any()]
-    return sum(math.ceil(arrays[name + ".q"].size * quant_bits / 8) + arrays[name + ".scale"].nbytes
-               if entries[name]["kind"] == "int8_rows" else arrays[name].nbytes for name in zero)
+    will take once trained, which now pack to almost nothing: their width_bytes (trained
+    matrices pack to ~5.5 bits a value at 6 on cpu_proxy)."""
+    zero = {name for name, parameter in model.named_parameters() if not parameter.any()}
+    return width_bytes(model, quant_bits, zero)
 
 
 def log_fit(runtime: Runtime, at: str, model: MemoryLM, kept: MemoryTables,

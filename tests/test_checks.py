@@ -75,6 +75,10 @@ def bad_token(ids: list[int]):
     ({"VAL_TOKENS": "1"}, None, "VAL_TOKENS=1: 1 validation tokens, at least 2"),
     ({"EVAL_ONLY": "1", "ARTIFACT_PATH": "absent.eam"}, None,
      "ARTIFACT_PATH='absent.eam': no such file"),
+    # Weights that cannot fit beside the code, whatever they pack to, at either kind of model.
+    ({"SIZE_LIMIT": "300000"}, None, "SIZE_LIMIT=300000: MODEL=eam at these sizes cannot fit"),
+    ({"SIZE_LIMIT": "300000", "MODEL": "transformer"}, None,
+     "SIZE_LIMIT=300000: MODEL=transformer at these sizes cannot fit"),
     ({"TTT_STEPS": "1", "TTT_PARAMS": "decoder", "MODEL": "transformer"}, None,
      r"TTT_PARAMS='decoder': \['decoder'\] names no parameter of the transformer model"),
 ])

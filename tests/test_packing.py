@@ -247,6 +247,22 @@ def test_fit_then_keeps_the_most_counted_context_pairs_and_reads_them_back(tmp_p
         assert torch.equal(getattr(loaded.contexts, name), getattr(contexts, name)), name
 
 
+@pytest.mark.parametrize("model", ["eam", "transformer"])
+def test_width_bytes_are_what_the_weights_take_packed_before_compression(model):
+    args = tiny_args(model=model, vocab_size=256, dec_hidden=256, model_dim=64)
+    skeleton = train_gpt.model_skeleton(args)
+    weighted = train_gpt.model_skeleton(args).to_empty(device="cpu")  # the shapes, with weights
+    for parameter in weighted.parameters():
+        torch.nn.init.normal_(parameter)
+    # At QUANT_BITS=8 a quantized value is one byte as stored: the width is the raw weights'.
+    _, arrays = train_gpt.pack_tensors(weighted, None, 8)
+    raw = sum(array.nbytes for name, array in arrays.items()
+              if name.split(".")[0] not in train_gpt.MEMORY_BUFFERS)
+    assert train_gpt.width_bytes(skeleton, 8) == raw
+    # At 6 bits the matrices take a quarter less; token tables, scales and vectors do not shrink.
+    assert 0 < raw - train_gpt.width_bytes(skeleton, 6) < raw / 4
+
+
 def zero_initialised(student):
     """The student as distillation starts it: the decoder's projection and the gate at zero."""
     with torch.no_grad():
