@@ -35,7 +35,7 @@ import tempfile
 import time
 import traceback
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -316,8 +316,8 @@ class Hyperparameters:
             raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
         if self.model not in SHIPPED_MODELS:
             raise ValueError(f"MODEL={self.model!r}: expected one of {list(SHIPPED_MODELS)}")
-        if self.quant_bits not in (6, 8):
-            raise ValueError(f"QUANT_BITS={self.quant_bits}: must be 6 or 8")
+        if not 5 <= self.quant_bits <= 8:
+            raise ValueError(f"QUANT_BITS={self.quant_bits}: must lie in 5..8")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"ZSTD_LEVEL={self.zstd_level}: must lie in 1..22")
         if self.eval_stride > self.eval_seq_len:
@@ -2496,7 +2496,9 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
         artifact = build_artifact(model, None, args)
         if code_bytes + len(artifact) > args.size_limit:
             raise ValueError(f"SIZE_LIMIT={args.size_limit}: the transformer baseline needs "
-                             f"{code_bytes + len(artifact)} bytes with the code")
+                             f"{code_bytes + len(artifact)} bytes with the code at QUANT_BITS="
+                             f"{args.quant_bits}: fewer bits a value pack it smaller (README, "
+                             "\"The baseline on 8xH100\")")
         return artifact, None, None
     tables, contexts = model.tables, model.contexts
     # Pairs that could not fit even at 1.5 bytes each (they pack to 1.6-1.9 on the web and demo
@@ -2543,12 +2545,16 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     return artifact, kept, contexts
 
 
-# Trained weights pack to 87-93% of their width_bytes (cpu_proxy: token tables 7.0 bits a value
-# at 8, matrices 5.5-5.6 at 6), so weights that would not fit at this share cannot fit at all.
-SMALLEST_PACKED_SHARE = 0.85
+# The least share of their width_bytes trained weights can be expected to pack to, so that the
+# check before training refuses only what cannot fit. Short training leaves matrices near their
+# Gaussian start, which packs densely: 87-93% on cpu_proxy (5.5-5.6 bits a value at 6). Long
+# training grows the rows' tails, which per-row scales spend levels on, and packs tighter: the
+# challenge's 11x512 int6 records (26.8M parameters, ~7,400 steps) take ~78% (README, "The
+# baseline on 8xH100").
+SMALLEST_PACKED_SHARE = 0.7
 
 
-def width_bytes(model: nn.Module, quant_bits: int, names: Iterable[str] | None = None) -> int:
+def width_bytes(model: nn.Module, quant_bits: int, names: set[str] | None = None) -> int:
     """The bytes the model's parameters (or those named) take at the widths they pack to,
     before compression (packed_bits; int8_rows add a 2-byte scale a row). Shapes are all it
     reads, so it works on the meta device (model_skeleton)."""
@@ -2564,8 +2570,7 @@ def width_bytes(model: nn.Module, quant_bits: int, names: Iterable[str] | None =
 
 def untrained_bytes(model: MemoryLM, quant_bits: int) -> int:
     """About the bytes the model's all-zero parameters (the decoder's projection, the gate)
-    will take once trained, which now pack to almost nothing: their width_bytes (trained
-    matrices pack to ~5.5 bits a value at 6 on cpu_proxy)."""
+    will take once trained, which now pack to almost nothing: their width_bytes."""
     zero = {name for name, parameter in model.named_parameters() if not parameter.any()}
     return width_bytes(model, quant_bits, zero)
 

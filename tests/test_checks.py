@@ -94,7 +94,17 @@ def test_bad_input_fails_before_training_and_the_log_says_why(run_dir, monkeypat
     assert "error rank:0" in log and str(error.value) in log
 
 
-def test_good_input_reaches_training(run_dir):
+# The competition's teacher shape: as the baseline it must not be refused, since the challenge's
+# records pack int6 weights of its shape under 16,000,000 bytes (README, "The baseline on 8xH100").
+COMPETITION_SHAPE = {name.upper(): str(getattr(train_gpt.Hyperparameters, name)) for name in (
+    "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "xsa_layers")}
+
+
+@pytest.mark.parametrize("env", [{}, {"MODEL": "transformer", "SIZE_LIMIT": "16000000",
+                                      **COMPETITION_SHAPE}])
+def test_good_input_reaches_training(run_dir, monkeypatch, env):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(TrainingStarted):
         train_gpt.main()
 

@@ -14,7 +14,7 @@ import train_gpt
 from tests.helpers import CPU, REPO, tiny_args, tiny_student, write_artifact
 
 
-@pytest.mark.parametrize("bits", [6, 8])
+@pytest.mark.parametrize("bits", [5, 6, 7, 8])
 def test_quantization_error_is_within_half_a_step(bits):
     weight = torch.randn(16, 64) * torch.logspace(-3, 1, 16)[:, None]
     codes, scale = train_gpt.quantize_rows(weight, bits)
@@ -343,6 +343,26 @@ def test_the_baseline_round_trips_as_a_transformer_and_says_so(tmp_path):
     reference = torch.log_softmax(teacher.logits(teacher.body(tokens)[0]), -1).flatten(0, 1)
     torch.testing.assert_close(scores(baseline, tokens), reference)
     assert not any(name in train_gpt.MEMORY_BUFFERS for name in rebuilt.state_dict())
+
+
+def test_a_baseline_over_the_limit_fails_at_packing_naming_what_packs_it_smaller():
+    """The baseline has nothing to drop: over the limit it fails, and its error names fewer bits
+    a value, which pack it smaller."""
+    args = tiny_args(vocab_size=256, model_dim=64)  # matrices large enough to quantize
+    torch.manual_seed(0)
+    teacher = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args))
+    with torch.no_grad():
+        for param in teacher.parameters():
+            param.copy_(torch.randn_like(param))
+    baseline = train_gpt.TransformerLM.from_teacher(teacher, args)
+    size = len(train_gpt.build_artifact(baseline, None, args))
+    fitted, _, _ = train_gpt.fit_artifact(baseline, dataclasses.replace(args, size_limit=size), 0)
+    assert len(fitted) == size
+    with pytest.raises(ValueError, match=f"needs {size + 1} bytes with the code at QUANT_BITS="
+                                         f"{args.quant_bits}: fewer bits"):
+        train_gpt.fit_artifact(baseline, dataclasses.replace(args, size_limit=size), 1)
+    smaller = dataclasses.replace(args, quant_bits=args.quant_bits - 1)
+    assert len(train_gpt.build_artifact(baseline, None, smaller)) < 0.95 * size
 
 
 def test_an_artifact_of_unknown_kind_is_refused_naming_the_file(tmp_path):
