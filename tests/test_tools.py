@@ -456,6 +456,25 @@ def test_size_audit_over_limit(tiny_artifact: Path, capsys: pytest.CaptureFixtur
     assert "OVER the limit" in capsys.readouterr().out
 
 
+def test_size_audit_plans_the_settings_weights_before_training(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """--plan packs Gaussian weights of the shapes the environment's settings ship: a little
+    under their widths (int6 codes of Gaussian rows hold ~5.5 bits), smaller at QUANT_BITS=5,
+    and exit 1 where they would not fit beside the code."""
+    for name, value in dict(PROFILE="cpu_smoke", MODEL="transformer").items():
+        monkeypatch.setenv(name, value)
+    assert size_audit.main(["--plan", "--code", CODE, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0.85 * result["width_bytes"] < result["gaussian_bytes"] < result["width_bytes"]
+    assert result["margin"] == (result["limit"] - result["code_bytes"] - result["gaussian_bytes"])
+    monkeypatch.setenv("QUANT_BITS", "5")
+    assert size_audit.main(["--plan", "--code", CODE, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["gaussian_bytes"] < result["gaussian_bytes"]
+    monkeypatch.setenv("SIZE_LIMIT", str(result["code_bytes"] + result["smallest_bytes"]))
+    assert size_audit.main(["--plan", "--code", CODE]) == 1
+    assert "OVER by" in capsys.readouterr().out
+
+
 def test_size_audit_unreadable(tiny_artifact: Path, tmp_path: Path,
                                capsys: pytest.CaptureFixture) -> None:
     corrupted = tmp_path / "corrupted.eam"

@@ -8,6 +8,13 @@ audit can never disagree with the packer.
 
     python -m tools.size_audit                          # train_gpt.py + competition_seed1337.eam
     python -m tools.size_audit --artifact run.eam --json
+    MODEL=transformer python -m tools.size_audit --plan  # before training: the settings' weights
+
+--plan sizes the weights the settings in the environment (PROFILE, MODEL, NUM_LAYERS, ...) would
+ship, before any training: their bytes at the widths they pack to, the least of that the check
+before training assumes (train_gpt.SMALLEST_PACKED_SHARE) and, packed for real, the same shapes
+filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails (README,
+"Packed bytes, measured"), so Gaussian weights that fit will fit trained.
 
 Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or foreign file).
 """
@@ -20,6 +27,8 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 import train_gpt
 
@@ -75,6 +84,44 @@ def report_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plan(args: train_gpt.Hyperparameters, code: Path) -> dict:
+    """The bytes of the weights `args` would ship (no memories), before training: at their
+    widths, at the check's least share of those, and packed with Gaussian values."""
+    model = train_gpt.model_skeleton(args).to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    entries, arrays = train_gpt.pack_tensors(model, None, args.quant_bits)
+    payload = train_gpt.serialize(entries, arrays, model.kind, {})
+    gaussian = train_gpt.ARTIFACT_PREFIX.size + len(train_gpt.compress(payload, args.zstd_level))
+    width = train_gpt.width_bytes(model, args.quant_bits)
+    code_bytes = code.stat().st_size
+    return dict(model=args.model, quant_bits=args.quant_bits, code_bytes=code_bytes,
+                width_bytes=width,
+                smallest_bytes=round(train_gpt.SMALLEST_PACKED_SHARE * width),
+                gaussian_bytes=gaussian, limit=args.size_limit,
+                margin=args.size_limit - code_bytes - gaussian,
+                fits=code_bytes + gaussian <= args.size_limit)
+
+
+def plan_text(result: dict) -> str:
+    share = f"{train_gpt.SMALLEST_PACKED_SHARE:.0%}"
+    lines = [f"MODEL={result['model']} QUANT_BITS={result['quant_bits']}, weights only:"]
+    for label, key in (("at their widths", "width_bytes"),
+                       (f"the check's least ({share})", "smallest_bytes"),
+                       ("Gaussian, packed", "gaussian_bytes"), ("code bytes", "code_bytes"),
+                       ("limit", "limit"), ("margin", "margin")):
+        lines.append(f"{label:<28}{result[key]:>14,}")
+    if result["fits"]:
+        lines.append(f"OK: Gaussian weights fit beside the code, {result['margin']:,} bytes to "
+                     "spare (the memory model's memories fill what is left)")
+    else:
+        lines.append(f"OVER by {-result['margin']:,} bytes with Gaussian weights: trained ones "
+                     "fit only if they pack smaller (heavier tails)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Per-component sizes of an eam-golf artifact and the code + artifact total "
@@ -88,11 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--zstd-level", type=int, default=DEFAULTS.zstd_level,
                         help="zstd level for the per-component sizes (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--plan", action="store_true",
+                        help="size the weights the environment's settings would ship, before "
+                             "training (--code, --json apply; exit 1 when Gaussian ones do not "
+                             "fit)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan:
+        result = plan(train_gpt.Hyperparameters.from_env(), args.code)
+        print(json.dumps(result, indent=2) if args.json else plan_text(result))
+        return 0 if result["fits"] else 1
     try:
         result = audit(args.code, args.artifact, args.limit, args.zstd_level)
     except ValueError as error:
