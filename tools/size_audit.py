@@ -92,9 +92,7 @@ def plan(args: train_gpt.Hyperparameters, code: Path) -> dict:
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    entries, arrays = train_gpt.pack_tensors(model, None, args.quant_bits)
-    payload = train_gpt.serialize(entries, arrays, model.kind, {})
-    gaussian = train_gpt.ARTIFACT_PREFIX.size + len(train_gpt.compress(payload, args.zstd_level))
+    gaussian = len(train_gpt.build_artifact(model, None, args))  # its memories are empty
     width = train_gpt.width_bytes(model, args.quant_bits)
     code_bytes = code.stat().st_size
     return dict(model=args.model, quant_bits=args.quant_bits, code_bytes=code_bytes,
