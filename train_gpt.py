@@ -726,14 +726,24 @@ def shard_paths(data_path: str, split: str) -> list[Path]:
     return paths
 
 
+# The most tokens a read may ask for before the stream's next one (DistributedTokenLoader's
+# next_text): the longest context whose codes fit int64 at any vocabulary (context_codes_fit).
+STREAM_TAIL_TOKENS = 64
+
+
 class TokenStream:
-    """Endless sequential reader over the training shards (wraps around at the end)."""
+    """Endless sequential reader over the training shards (wraps around at the end). `taken`
+    is the stream index of the next token: the stream repeats the corpus every corpus_tokens,
+    so index i holds the corpus's token i mod corpus_tokens."""
 
     def __init__(self, paths: list[Path], vocab_size: int = 0):
         self.paths, self.vocab_size = paths, vocab_size
+        self.corpus_tokens = sum(shard_token_count(path) for path in paths)
         self.shard_index = 0
         self.tokens = read_shard(paths[0], vocab_size)
         self.position = 0
+        self.taken = 0
+        self.tail = np.zeros(0, dtype=np.int64)  # the last STREAM_TAIL_TOKENS taken
 
     def take(self, count: int) -> np.ndarray:
         parts = []
@@ -746,7 +756,10 @@ class TokenStream:
             parts.append(part)
             self.position += len(part)
             count -= len(part)
-        return np.concatenate(parts)
+        taken = np.concatenate(parts)
+        self.taken += len(taken)
+        self.tail = np.concatenate([self.tail, taken[-STREAM_TAIL_TOKENS:]])[-STREAM_TAIL_TOKENS:]
+        return taken
 
 
 class DistributedTokenLoader:
@@ -755,13 +768,31 @@ class DistributedTokenLoader:
     def __init__(self, paths: list[Path], runtime: Runtime, vocab_size: int = 0):
         self.stream = TokenStream(paths, vocab_size)
         self.runtime = runtime
+        self.first_target_index = 0  # the stream index of the last batch's y[0, 0]
 
     def next_batch(self, rank_tokens: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = rank_tokens + 1
+        self.first_target_index = self.stream.taken + self.runtime.rank * span + 1
         chunk = self.stream.take(span * self.runtime.world_size)
         local = torch.from_numpy(chunk[self.runtime.rank * span:][:span].astype(np.int64))
         local = local.to(self.runtime.device, non_blocking=True)
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
+
+    def next_text(self, rank_tokens: int, history: int) -> tuple[torch.Tensor, int]:
+        """This rank's part of the next rank_tokens x world tokens as running text, with the
+        `history` tokens before it (-1 before the stream's start), and the stream index of its
+        first token: every token of the stream read this way is a target with its whole
+        context, unlike next_batch's rows."""
+        if history > STREAM_TAIL_TOKENS:
+            raise ValueError(f"next_text: {history} tokens of history, at most "
+                             f"{STREAM_TAIL_TOKENS} are kept")
+        before = self.stream.tail[max(len(self.stream.tail) - history, 0):]
+        before = np.concatenate([np.full(history - len(before), -1), before])
+        begin = self.runtime.rank * rank_tokens
+        first_index = self.stream.taken + begin
+        text = np.concatenate([before, self.stream.take(rank_tokens * self.runtime.world_size)])
+        local = torch.from_numpy(text[begin: begin + history + rank_tokens].astype(np.int64))
+        return local.to(self.runtime.device), first_index
 
 
 def load_validation_tokens(args: Hyperparameters) -> torch.Tensor:
@@ -1649,7 +1680,8 @@ def merge_pairs(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
 # recompile, so torch.compile leaves it eager and compiles around it.
 @torch.compiler.disable
 def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Tensor,
-                  base: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                  base: torch.Tensor, leave_out: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """The context memory's distribution [N, V] over the base distribution [N, V] (positive,
     normalized), and its evidence [N, C], log(1 + total count) of each context found (0 where
     none). recent [N, C] as recent_tokens gives them; starts: where each context's next tokens
@@ -1660,6 +1692,11 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
     affine in p, a row's scale types / (total + types) plus its counts' share, so the whole read
     is one scale of the base's rows and sparse additions (each length's scaled by every longer
     length's factor): no dense [N, V] table of counts per length, in the step or its backward.
+
+    leave_out (training only): (each position's target [N], how many times the counts hold it
+    [N], CountedText.times). Those occurrences are taken out of its contexts' counts, so that
+    text the memory counted is read as the evaluation reads text it has not seen
+    (leave-one-out, as held-out estimates of smoothing are made: Ney, Essen and Kneser 1994).
     """
     vocab = base.size(1)
     evidence = torch.zeros(recent.shape, device=base.device)
@@ -1674,13 +1711,19 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
         owner = torch.repeat_interleave(torch.arange(rows.numel(), device=base.device), sizes)
         first = torch.repeat_interleave(starts[found] - (torch.cumsum(sizes, 0) - sizes), sizes)
         pairs = first + torch.arange(owner.numel(), device=base.device)
-        counts = tables.counts[pairs]
+        counts, tokens, types = tables.counts[pairs], tables.next_tokens[pairs], sizes.float()
+        if leave_out is not None:
+            targets, times = leave_out[0][rows[owner]], leave_out[1][rows[owner]]
+            counts = counts - torch.where(tokens == targets, times, 0)
+            types = counts.new_zeros(rows.numel()).index_add_(0, owner, (counts > 0).long())
+            types = types.float()
         # Whole counts summed as integers: exact in any order, on every device.
         total = counts.new_zeros(rows.numel()).index_add_(0, owner, counts).float()
         evidence[rows, length] = total.log1p()
-        denominator = total + sizes.float()
-        found_lengths.append((rows, rows[owner], tables.next_tokens[pairs],
-                              counts.float() / denominator[owner], sizes.float() / denominator))
+        # A context left with no count (its only occurrences left out) leaves p as it is.
+        denominator = (total + types).clamp_min(1)
+        found_lengths.append((rows, rows[owner], tokens, counts.float() / denominator[owner],
+                              torch.where(total > 0, types / denominator, 1.0)))
     scale = torch.ones(base.size(0), device=base.device)
     additions = []
     for rows, pair_rows, tokens, shares, row_scales in reversed(found_lengths):
@@ -1782,23 +1825,46 @@ def memory_diagnostics(read: MemoryReadConfig, memory: ElasticMemory, keys: torc
                 top_tokens_mass=kept.item())
 
 
+@dataclass(frozen=True)
+class CountedText:
+    """The stream indices [first, end) whose tokens the context memory counted as targets, each
+    with its whole context, in a stream that repeats its corpus every corpus_tokens."""
+
+    first: int
+    end: int
+    corpus_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.first
+
+    def times(self, indices: torch.Tensor) -> torch.Tensor:
+        """How many times the targets at these stream indices were counted: the indices of
+        [first, end) that hold the same corpus token."""
+        corpus = indices % self.corpus_tokens
+        return ((self.end - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor")
+                - (self.first - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor"))
+
+
 def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
-                   ) -> tuple[ContextTables, int]:
+                   ) -> tuple[ContextTables, CountedText]:
     """The context memory, identical on every rank: each rank counts its share of
-    EAM_CONTEXT_TOKENS training tokens, the ranks' (pair, count) sets are gathered and summed,
-    and pairs seen fewer than EAM_CONTEXT_MIN_COUNT times are dropped. Returns (the tables, the
-    tokens counted over all ranks)."""
-    length, vocab, seq_len = args.eam_context_order - 1, args.vocab_size, args.train_seq_len
+    EAM_CONTEXT_TOKENS training tokens, read as running text (next_text), the ranks' (pair,
+    count) sets are gathered and summed, and pairs seen fewer than EAM_CONTEXT_MIN_COUNT times
+    are dropped. Returns (the tables, the text counted over all ranks)."""
+    length, vocab = args.eam_context_order - 1, args.vocab_size
+    first = loader.stream.taken
     if length <= 0 or args.eam_context_tokens == 0:
-        return no_contexts(runtime.device), 0
-    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, seq_len, runtime.world_size,
-                                       args.grad_accum_world, "TRAIN_BATCH_TOKENS")
-    parts, counted = [], 0
-    while counted < args.eam_context_tokens:
-        x, y = loader.next_batch(rank_tokens, seq_len)
-        parts.append(count_context_pairs(recent_tokens(x, length).flatten(0, 1), y.flatten(),
-                                         vocab, args.eam_context_min_length))
-        counted += x.numel() * runtime.world_size
+        return no_contexts(runtime.device), CountedText(first, first, loader.stream.corpus_tokens)
+    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
+                                       runtime.world_size, args.grad_accum_world,
+                                       "TRAIN_BATCH_TOKENS")
+    parts = []
+    while loader.stream.taken - first < args.eam_context_tokens:
+        text, _ = loader.next_text(rank_tokens, length)
+        recent = recent_tokens(text[None, :-1], length)[0, length - 1:]  # [rank_tokens, length]
+        parts.append(count_context_pairs(recent, text[length:], vocab,
+                                         args.eam_context_min_length))
         if len(parts) == 64:  # merged now and then: the pairs of one batch repeat many times
             parts = [merge_pairs(*parts)]
     codes, counts = merge_pairs(*parts)
@@ -1807,14 +1873,16 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
                                      [1] * runtime.world_size).tolist()
         codes, counts = merge_pairs((all_gather_rows(codes, rank_pairs),
                                      all_gather_rows(counts, rank_pairs)))
+    counted = CountedText(first, loader.stream.taken, loader.stream.corpus_tokens)
     return context_tables(codes, counts, vocab).pruned(args.eam_context_min_count), counted
 
 
 def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
                  loader: DistributedTokenLoader, run_started: float
-                 ) -> tuple[ElasticMemory, ContextTables]:
+                 ) -> tuple[ElasticMemory, ContextTables, CountedText]:
     """Both memories: the context memory counted first (it needs no teacher, and its token
-    budget is fixed), then the associative one written until the stage's deadline."""
+    budget is fixed), then the associative one written until the stage's deadline. Returns
+    them, and the text the context memory counted."""
     started = time.perf_counter()
     contexts, counted = count_contexts(runtime, args, loader)
     context_ms = elapsed_ms(started)
@@ -1847,11 +1915,11 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
               f"median_count:{used.median().item():.1f} max_count:{used.max().item():.1f} "
               + " ".join(f"{name}:{value:.4f}" for name, value in quality.items())
               + f" held_share:{usage['held_share']:.4f} top1pct_mass:{usage['top1pct_mass']:.4f}"
-              f" max_mass:{usage['max_mass']:.4f} context_tokens:{counted} "
+              f" max_mass:{usage['max_mass']:.4f} context_tokens:{counted.tokens} "
               f"context_contexts:{contexts.codes.numel()} context_pairs:{contexts.counts.numel()} "
               f"context_top1pct_mass:{context_usage['top1pct_mass']:.4f} "
               f"context_max_mass:{context_usage['max_mass']:.4f} context_ms:{context_ms:.0f}")
-    return memory, contexts
+    return memory, contexts, counted
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1872,7 +1940,10 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
 # end to end through the differentiable read on the mixture's next-token cross-entropy plus KL from
 # the teacher's distribution to the model part only, so the memory may add what the teacher lacks.
 # Before both, the context pairs are fitted to the size limit as packing will fit them
-# (fit_memories), so the student learns around the counts that ship.
+# (fit_memories), so the student learns around the counts that ship; where distillation reads
+# text the context memory counted (a small corpus read more than once), each position's own
+# occurrences are left out of the counts it reads, so it learns to trust them as far as they
+# hold on text never seen, which is what the evaluation reads.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -2027,14 +2098,16 @@ class MemoryLM(nn.Module):
     def query(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.key_head(features).float(), dim=-1)
 
-    def head(self, features: torch.Tensor, queries: torch.Tensor,
-             recent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head(self, features: torch.Tensor, queries: torch.Tensor, recent: torch.Tensor,
+             leave_out: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, D], unit queries [N, K], recent tokens [N, recent_length] (recent_tokens)
         -> (scores [N, V], the model's own log-probabilities [N, V]). The scores are the
-        mixture's log-probabilities (normalized: log_softmax leaves them unchanged)."""
+        mixture's log-probabilities (normalized: log_softmax leaves them unchanged). leave_out:
+        read_contexts' (training only)."""
         p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read, self.token_rows)
         p_mem, evidence = read_contexts(recent[:, recent.size(1) - self.config.context_length:],
-                                        self.contexts, self.context_starts, p_mem)
+                                        self.contexts, self.context_starts, p_mem, leave_out)
         expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
         logits = self.encoder.logits(self.decoder(features, expected))
         logits = logits if self.prior is None else logits + self.prior(recent[:, -1])
@@ -2042,15 +2115,16 @@ class MemoryLM(nn.Module):
         model_log_probs = F.log_softmax(logits.float(), -1)
         return mix_with_memory(model_log_probs, p_mem, gate_logit), model_log_probs
 
-    def forward(self, idx: torch.Tensor, keys_only: bool = False):
+    def forward(self, idx: torch.Tensor, keys_only: bool = False,
+                leave_out: tuple[torch.Tensor, torch.Tensor] | None = None):
         """idx [B, T] -> (unit queries [B*T, K], scores and model log-probs [B*T, V] as head's,
-        or None, None when keys_only)."""
+        or None, None when keys_only); leave_out as head's, over the B*T positions."""
         features = self.features(idx).flatten(0, 1)
         queries = self.query(features)
         if keys_only:
             return queries, None, None
         recent = recent_tokens(idx, self.recent_length).flatten(0, 1)
-        return queries, *self.head(features, queries, recent)
+        return queries, *self.head(features, queries, recent, leave_out)
 
 
 def distillation_loss(log_probs: torch.Tensor, targets: torch.Tensor,
@@ -2112,10 +2186,11 @@ def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> 
 
 
 def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
-            memories: tuple[ElasticMemory, ContextTables], loader: DistributedTokenLoader,
-            run_started: float) -> MemoryLM:
+            memories: tuple[ElasticMemory, ContextTables, CountedText],
+            loader: DistributedTokenLoader, run_started: float) -> MemoryLM:
     started = time.perf_counter()
-    student = init_student(args, teacher, memories[0].tables(), memories[1])
+    memory, contexts, counted = memories
+    student = init_student(args, teacher, memory.tables(), contexts)
     fit_s = fit_memories(runtime, args, student)
     trained_from = time.perf_counter()  # the phases share the time the fit left
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
@@ -2123,12 +2198,20 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     def teacher_targets(x: torch.Tensor):
         return teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
 
+    left_out = torch.zeros(2, dtype=torch.long, device=runtime.device)  # targets: left out, all
+
     def key_loss(model, x, y):
         queries, _, _ = model(x, keys_only=True)
         return key_distance(queries, teacher_targets(x)[0])
 
     def lm_loss(model, x, y):
-        queries, scores, model_log_probs = model(x)
+        # The batch's own occurrences in the counts, left out (none where its text was never
+        # counted: FineWeb's 8B tokens are not read twice in 600 s; the demo data's 1.1M are).
+        indices = loader.first_target_index + torch.arange(y.numel(), device=y.device)
+        leave_out = (y.flatten(), counted.times(indices))
+        left_out[0] += (leave_out[1] > 0).sum()
+        left_out[1] += y.numel()
+        queries, scores, model_log_probs = model(x, leave_out=leave_out)
         with torch.no_grad():
             teacher_keys, teacher_states = teacher_targets(x)
             teacher_logits = teacher.logits(teacher_states)
@@ -2166,7 +2249,8 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     drift = all_reduce_(drift).item() / runtime.world_size
     summary = " ".join(f"{name}_steps:{stats['steps']} {name}_loss:{stats['loss']:.4f}"
                        for name, stats in results.items())
-    summary += f" key_drift:{drift:.4f}"
+    left, targets = all_reduce_(left_out).tolist()
+    summary += f" key_drift:{drift:.4f} left_out_share:{left / max(targets, 1):.4f}"
     params = sum(p.numel() for p in student.parameters())
     log_stage(runtime, "distill", elapsed_ms(started),
               f"params:{params} dec_sees_encoder:{int(args.dec_sees_encoder)} {summary}")

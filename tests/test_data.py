@@ -84,3 +84,44 @@ def test_loader_gives_each_rank_a_disjoint_part(tmp_path):
         assert x.shape == (2, 8) and torch.equal(x.flatten()[1:], y.flatten()[:-1])
         seen.append(set(x.flatten().tolist()))
     assert not seen[0] & seen[1]
+
+
+def test_batches_know_the_stream_index_of_their_targets(tmp_path):
+    """next_batch's first target, over ranks and past the corpus's end (the stream wraps)."""
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(100)))
+    train_gpt.write_shard(tmp_path / "fineweb_train_000001.bin", list(range(100, 150)))
+    paths = train_gpt.shard_paths(str(tmp_path), "train")
+    for rank in range(2):
+        loader = train_gpt.DistributedTokenLoader(
+            paths, train_gpt.Runtime(rank, 2, 0, torch.device("cpu"), None))
+        assert loader.stream.corpus_tokens == 150
+        for _ in range(5):  # 5 x 2 x 17 tokens: the stream wraps once
+            _, y = loader.next_batch(16, 8)
+            index = loader.first_target_index + torch.arange(16)
+            assert torch.equal(y.flatten(), index % 150)  # token i of the corpus is i here
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_running_text_gives_every_token_once_with_its_history(tmp_path, world_size):
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(70)))
+    paths = train_gpt.shard_paths(str(tmp_path), "train")
+    loaders = [train_gpt.DistributedTokenLoader(
+        paths, train_gpt.Runtime(rank, world_size, 0, torch.device("cpu"), None))
+        for rank in range(world_size)]
+    for loader in loaders:
+        loader.next_batch(4, 4)  # the stream has begun: 5 x world tokens read
+    begun = 5 * world_size
+    targets = []
+    for _ in range(4):  # 4 x world x 6 tokens: past the corpus's end
+        for loader in loaders:
+            text, first = loader.next_text(6, history=3)
+            expected = torch.arange(first - 3, first + 6)
+            assert torch.equal(text, torch.where(expected >= 0, expected % 70, -1))
+            targets += range(first, first + 6)
+    assert sorted(targets) == list(range(begun, begun + 24 * world_size))
+    # At the stream's start there is no history: -1 stands for it.
+    fresh = train_gpt.DistributedTokenLoader(paths, loaders[0].runtime)
+    text, first = fresh.next_text(6, history=3)
+    assert first == 0 and text[:3].tolist() == [-1, -1, -1] and text[3:].tolist() == list(range(6))
+    with pytest.raises(ValueError, match="history"):
+        fresh.next_text(6, history=train_gpt.STREAM_TAIL_TOKENS + 1)

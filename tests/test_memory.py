@@ -178,9 +178,11 @@ def test_next_token_read_is_the_weighted_mean_of_smoothed_location_distributions
 
 
 def witten_bell_reference(history: list[int], stream: list[int], longest: int, vocab: int,
-                          base: list[float], shortest: int = 1) -> list[float]:
+                          base: list[float], shortest: int = 1,
+                          skipped: int | None = None) -> list[float]:
     """The interpolated Witten-Bell distribution after `history`, written out plainly: counts
-    of every context of shortest..longest tokens in `stream`, shortest first, over `base`."""
+    of every context of shortest..longest tokens in `stream`, shortest first, over `base`; the
+    target at stream index `skipped` (and its contexts) not counted."""
     probs = list(base)
     for length in range(shortest, longest + 1):
         if len(history) < length:
@@ -188,7 +190,7 @@ def witten_bell_reference(history: list[int], stream: list[int], longest: int, v
         context = tuple(history[-length:])
         followers: dict[int, int] = {}
         for end in range(length, len(stream)):
-            if tuple(stream[end - length: end]) == context:
+            if end != skipped and tuple(stream[end - length: end]) == context:
                 followers[stream[end]] = followers.get(stream[end], 0) + 1
         if followers:
             total, types = sum(followers.values()), len(followers)
@@ -246,6 +248,69 @@ def test_the_context_read_passes_the_gradient_its_interpolation_scales_the_base_
                        for times in (1, 2))
         scale = (twice - once) / base[row].detach()
         torch.testing.assert_close(base.grad[row], weights[row] * scale, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shortest", [1, 2])
+def test_leaving_a_counted_target_out_reads_as_if_it_was_never_counted(shortest):
+    """Distillation reads counted text as the evaluation reads new text: each position's own
+    occurrence taken out of the counts (leave-one-out) gives the distribution of counts made
+    without it, at every length; a count of 0 (text not counted) changes nothing."""
+    stream, tables, starts, _ = counted_stream(shortest=shortest)
+    positions = torch.arange(3, 200, 7)  # targets stream[p], each with 3 tokens of history
+    recent = torch.stack([stream[p - 3: p] for p in positions])
+    targets = stream[positions]
+    base = torch.softmax(torch.randn(positions.numel(), 5), dim=1)
+    ones = torch.ones_like(targets)
+    probs, evidence = train_gpt.read_contexts(recent, tables, starts, base, (targets, ones))
+    for row, position in enumerate(positions.tolist()):
+        expected = witten_bell_reference(recent[row].tolist(), stream.tolist(), 3, 5,
+                                         base[row].tolist(), shortest, skipped=position)
+        torch.testing.assert_close(probs[row], torch.tensor(expected), atol=1e-6, rtol=0)
+    full, full_evidence = train_gpt.read_contexts(recent, tables, starts, base)
+    assert (evidence <= full_evidence).all() and (evidence < full_evidence).any()
+    none_left_out = train_gpt.read_contexts(recent, tables, starts, base, (targets, 0 * ones))
+    assert torch.equal(none_left_out[0], full) and torch.equal(none_left_out[1], full_evidence)
+    # A context seen once, left out, is no context: the base passes through.
+    once = torch.tensor([0, 1, 2, 3, 4])
+    single = train_gpt.context_tables(*train_gpt.count_context_pairs(
+        train_gpt.recent_tokens(once[None, :-1], 3)[0], once[1:], 5, shortest), 5)
+    single_starts = torch.cumsum(single.sizes, 0) - single.sizes
+    alone, alone_evidence = train_gpt.read_contexts(
+        torch.tensor([[0, 1, 2]]), single, single_starts, base[:1],
+        (torch.tensor([3]), torch.tensor([1])))
+    assert torch.equal(alone, base[:1]) and (alone_evidence == 0).all()
+
+
+def test_counted_text_knows_how_often_each_stream_index_was_counted():
+    corpus = 7
+    for first, end in ((3, 5), (3, 10), (2, 30), (12, 12)):
+        counted = train_gpt.CountedText(first, end, corpus)
+        indices = torch.arange(0, 60)
+        brute = [sum(1 for j in range(first, end) if j % corpus == i % corpus) for i in range(60)]
+        assert counted.times(indices).tolist() == brute, (first, end)
+        assert counted.tokens == end - first
+
+
+def test_the_context_memory_counts_running_text_and_says_which(tmp_path):
+    """Counting reads the stream as running text: the pairs of every counted target, with its
+    whole context across batch rows, exactly the pairs of the text counted at once."""
+    tokens = torch.randint(0, 6, (500,), generator=torch.Generator().manual_seed(3))
+    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", tokens.numpy())
+    args = tiny_args(vocab_size=6, eam_context_order=4, eam_context_min_length=1,
+                     eam_context_min_count=1, eam_context_tokens=600, train_seq_len=8,
+                     train_batch_tokens=64, grad_accum_world=1)
+    loader = train_gpt.DistributedTokenLoader(train_gpt.shard_paths(str(tmp_path), "train"),
+                                              train_gpt.Runtime(0, 1, 0, torch.device("cpu"),
+                                                                None))
+    loader.next_batch(64, 8)  # the teacher read first: 65 tokens
+    contexts, counted = train_gpt.count_contexts(train_gpt.Runtime(0, 1, 0, torch.device("cpu"),
+                                                                   None), args, loader)
+    assert (counted.first, counted.end, counted.corpus_tokens) == (65, 65 + 640, 500)
+    stream = tokens[torch.arange(counted.first - 3, counted.end) % 500]
+    recent = train_gpt.recent_tokens(stream[None, :-1], 3)[0, 2:]
+    whole = train_gpt.context_tables(*train_gpt.count_context_pairs(recent, stream[3:], 6, 1), 6)
+    for name in train_gpt.CONTEXT_BUFFERS:
+        assert torch.equal(getattr(contexts, name), getattr(whole, name)), name
 
 
 def test_context_codes_tell_lengths_apart_and_mark_incomplete_contexts():

@@ -118,6 +118,7 @@ class RandomTokens:
 
     def __init__(self, vocab_size: int):
         self.vocab_size = vocab_size
+        self.first_target_index = 0
 
     def next_batch(self, rank_tokens: int, seq_len: int):
         tokens = torch.randint(0, self.vocab_size, (rank_tokens + 1,))
@@ -133,7 +134,7 @@ def teacher_and_memory(args):
     keys = torch.nn.functional.normalize(torch.randn(256, args.eam_key_dim), dim=1)
     memory.place(keys)
     memory.accumulate(keys, torch.randint(0, args.vocab_size, (256,)))
-    return teacher, (memory, random_contexts(args))
+    return teacher, (memory, random_contexts(args), train_gpt.CountedText(0, 0, 1))
 
 
 def test_key_distance_is_one_minus_the_mean_cosine():

@@ -65,7 +65,7 @@ def run(args: train_gpt.Hyperparameters) -> dict:
     started = time.perf_counter()
     train_gpt.build_artifact(student, kept, args, fitted)
     pack_s = time.perf_counter() - started
-    return dict(profile=args.profile, data_path=args.data_path, tokens_counted=counted,
+    return dict(profile=args.profile, data_path=args.data_path, tokens_counted=counted.tokens,
                 pairs_counted=contexts.counts.numel(), pairs_kept=fitted.counts.numel(),
                 locations=args.eam_locations, locations_kept=kept.addresses.size(0),
                 code_bytes=code_bytes, artifact_bytes=len(artifact), limit=args.size_limit,
