@@ -57,13 +57,13 @@ DEMO_DATA = "./data/demo_sp1024"
 SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
 # What both CPU profiles share: the demo data, a capped validation split, no compilation, the
 # teacher scored beside the memory, a 2x128 teacher (its curve is the flattest 2 cores reach in
-# minutes: README, "The memory against the baseline") and the teacher options that help at such
-# sizes (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M parameters).
-# A decoder of 256 hidden units leaves cpu_proxy's limit ~38K more context pairs, which measured
-# better than 512 (README, "Leave-one-out and a smaller decoder").
-# The encoder has all the teacher's layers, so it starts as its exact copy, whose keys are the
-# teacher's: the key phase, which could only move them away, gets no share (README, "The key
-# phase's seconds").
+# minutes: docs/measurements.md, "The memory against the baseline") and the teacher options that
+# help at such sizes (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M
+# parameters). A decoder of 256 hidden units leaves cpu_proxy's limit ~38K more context pairs, which
+# measured better than 512 (docs/measurements.md, "Leave-one-out and a smaller decoder"). The
+# encoder has all the teacher's layers, so it starts as its exact copy, whose keys are the
+# teacher's: the key phase, which could only move them away, gets no share (docs/measurements.md,
+# "The key phase's seconds").
 CPU_BASE: dict[str, object] = dict(
     data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model", val_tokens=65536,
     compile=False, teacher_reference=True, grad_accum_world=2,
@@ -71,14 +71,14 @@ CPU_BASE: dict[str, object] = dict(
     enc_layers=2, distill_key_frac=0.0, rope_dims=0, qk_gain_init=1.5, ln_scale=False,
     eam_read_k=16, eval_chunk_tokens=4096, dec_hidden=256,
 )
-# Where they differ, as (cpu_smoke, cpu_proxy). cpu_smoke runs the whole pipeline in about a
-# minute on 2 CPU cores (it proves it runs, not that it is good); cpu_proxy is the fixed
-# benchmark for comparing changes (about 8-10 minutes on 2 CPU cores). Its size limit binds
-# the memory model as 16,000,000 bytes bind the competition's: the context pairs counted fill
-# the room, so, as there, one associative location is written and the write stage's seconds go
-# to distillation (README, "The write stage's seconds"). cpu_smoke's 16 MB keep every location.
-# cpu_proxy gives distillation, which trains the teacher's copy with the memory in the loop, more
-# of the time than the teacher (README, "The time split, re-measured").
+# Where they differ, as (cpu_smoke, cpu_proxy). cpu_smoke runs the whole pipeline in about a minute
+# on 2 CPU cores (it proves it runs, not that it is good); cpu_proxy is the fixed benchmark for
+# comparing changes (about 8-10 minutes on 2 CPU cores). Its size limit binds the memory model as
+# 16,000,000 bytes bind the competition's: the context pairs counted fill the room, so, as there,
+# one associative location is written and the write stage's seconds go to distillation
+# (docs/measurements.md, "The write stage's seconds"). cpu_smoke's 16 MB keep every location.
+# cpu_proxy gives distillation, which trains the teacher's copy with the memory in the loop, more of
+# the time than the teacher (docs/measurements.md, "The time split, re-measured").
 CPU_SIZES: dict[str, tuple[object, object]] = dict(
     max_wallclock_seconds=(30.0, 420.0), teacher_time_frac=(0.5, 0.45),
     eam_time_frac=(0.15, 0.0), distill_time_frac=(0.35, 0.55), train_seq_len=(128, 256),
@@ -89,9 +89,9 @@ CPU_SIZES: dict[str, tuple[object, object]] = dict(
     eam_context_tokens=(262_144, 1_048_576),
 )
 RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
-# Settings of ideas removed from the code after they measured no gain, or worse (README,
-# "Memory ideas, measured"), and why: refused too, so that no run silently goes without what it
-# asked for.
+# Settings of ideas removed from the code after they measured no gain, or worse
+# (docs/measurements.md, "Memory ideas, measured"), and why: refused too, so that no run silently
+# goes without what it asked for.
 REMOVED_SETTINGS: dict[str, str] = {
     **dict.fromkeys(("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
                      "EVAL_ENC_RECUR_STEPS"), "it measured no gain"),
@@ -166,8 +166,9 @@ class Hyperparameters:
     # Elastic Associative Memory.
     # One location (a unigram, the base of the context memory's interpolation): the context
     # pairs fill the room beside the encoder and decoder, and the fits drop the associative
-    # locations first, so more would be seconds spent on what never ships (README, "The write
-    # stage's seconds"). Where the limit leaves room (cpu_smoke), the gain grew with locations.
+    # locations first, so more would be seconds spent on what never ships (docs/measurements.md,
+    # "The write stage's seconds"). Where the limit leaves room (cpu_smoke), the gain grew with
+    # locations.
     eam_locations: int = 1
     eam_key_dim: int = 128
     eam_key_layer: int = -1
@@ -185,7 +186,7 @@ class Hyperparameters:
     # (0: it ships empty and learns only from scored tokens, with EVAL_MEMORY_WRITES); pairs seen
     # fewer than EAM_CONTEXT_MIN_COUNT times are not kept (packing keeps fewer, if it must).
     # Single tokens are left to the model: they measured no gain, and as contexts they are the
-    # busiest locations (README, "Single-token contexts").
+    # busiest locations (docs/measurements.md, "Single-token contexts").
     eam_context_order: int = 4
     eam_context_min_length: int = 2
     eam_context_tokens: int = 33_554_432
@@ -202,7 +203,7 @@ class Hyperparameters:
     distill_kl_weight: float = 0.5
     # The key phase's loss at this weight in the end-to-end phase holds the key head near the
     # teacher's keys. Off: left free, the memory's read moves it (key_drift) where the kNN store
-    # finds better neighbours (README, "The memory against the baseline").
+    # finds better neighbours (docs/measurements.md, "The memory against the baseline").
     distill_key_weight: float = 0.0
     distill_temperature: float = 1.0
     distill_iterations: int = 0
@@ -218,12 +219,13 @@ class Hyperparameters:
     knn_k: int = 32
     knn_beta: float = 20.0
     # The score-first kNN store: off (0) by default, since on the 2x128 proxy it costs both the
-    # memory model and the baseline (README, "The context memory against the baseline").
+    # memory model and the baseline (docs/measurements.md, "The context memory against the
+    # baseline").
     knn_lambda: float = 0.0
     eval_chunk_tokens: int = 65536  # score-first learning (kNN, TTT) after each chunk
     knn_capacity: int = 4_000_000
-    # Score-first test-time training (README, "Test-time training, measured": the best of 12
-    # settings on cpu_proxy, and it helps the baseline too). TTT_STEPS=0 turns it off.
+    # Score-first test-time training (docs/measurements.md, "Test-time training, measured": the best
+    # of 12 settings on cpu_proxy, and it helps the baseline too). TTT_STEPS=0 turns it off.
     ttt_steps: int = 1  # optimizer steps per scored chunk
     ttt_params: str = "all"  # what adapts: parameter name prefixes, comma-separated, or all
     ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
@@ -245,7 +247,7 @@ class Hyperparameters:
         for old, reason in REMOVED_SETTINGS.items():
             if old in environ:
                 raise ValueError(f"{old}={environ[old]!r}: this setting was removed ({reason}; "
-                                 "see README, \"Memory ideas, measured\")")
+                                 "see docs/measurements.md, \"Memory ideas, measured\")")
         values: dict[str, object] = {"profile": profile, **PROFILES[profile]}
         types = typing.get_type_hints(cls)
         for field in dataclasses.fields(cls):
@@ -1363,11 +1365,11 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # -------------------------------------------------------------------------------------------------
 # 5. Memory
 #
-# Two memories written from training data, both next-token counts: the associative one, keyed
-# by the teacher's states, and the context memory, keyed by the exact recent tokens (below,
-# after the associative one). The context memory carries the model (README, "The context
-# memory"); the associative one, measured, adds little, and where the size limit binds (the
-# competition, cpu_proxy) the profiles write one location (README, "The write stage's seconds").
+# Two memories written from training data, both next-token counts: the associative one, keyed by the
+# teacher's states, and the context memory, keyed by the exact recent tokens (below, after the
+# associative one). The context memory carries the model (README, "The context memory"); the
+# associative one, measured, adds little, and where the size limit binds (the competition,
+# cpu_proxy) the profiles write one location (docs/measurements.md, "The write stage's seconds").
 #
 # The Elastic Associative Memory keeps up to M locations, each a unit address in key space with
 # the counts of the next tokens written to it. Keys are a fixed random projection of the
@@ -1573,7 +1575,8 @@ def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
 # associative read, so the context memory refines it and the mixture stays normalized. Counting
 # needs no teacher, so it reads far more tokens than the associative writes, and a 2x128
 # transformer cannot hold what it stores: measured on the demo corpus, its counts mixed into the
-# baseline's distribution gained 0.05-0.16 bpb (README, "The context memory").
+# baseline's distribution gained 0.05-0.16 bpb (docs/measurements.md, "The context memory against
+# the baseline").
 
 
 def context_codes_fit(vocab_size: int, order: int) -> bool:
@@ -1678,11 +1681,16 @@ def merge_pairs(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor
     return unique, counts
 
 
+# Training's leave-one-out (read_contexts): each position's target [N] and how many times the
+# counts hold that very occurrence [N] (CountedText.times).
+LeaveOut = tuple[torch.Tensor, torch.Tensor]
+
+
 # Its shapes depend on the data (how many contexts are found): compiled, every batch would
 # recompile, so torch.compile leaves it eager and compiles around it.
 @torch.compiler.disable
 def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Tensor,
-                  base: torch.Tensor, leave_out: tuple[torch.Tensor, torch.Tensor] | None = None
+                  base: torch.Tensor, leave_out: LeaveOut | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The context memory's distribution [N, V] over the base distribution [N, V] (positive,
     normalized), and its evidence [N, C], log(1 + total count) of each context found (0 where
@@ -1695,10 +1703,10 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
     is one scale of the base's rows and sparse additions (each length's scaled by every longer
     length's factor): no dense [N, V] table of counts per length, in the step or its backward.
 
-    leave_out (training only): (each position's target [N], how many times the counts hold it
-    [N], CountedText.times). Those occurrences are taken out of its contexts' counts, so that
-    text the memory counted is read as the evaluation reads text it has not seen
-    (leave-one-out, as held-out estimates of smoothing are made: Ney, Essen and Kneser 1994).
+    leave_out (training only): each position's own occurrences in the counts (LeaveOut) are taken
+    out of its contexts' counts, so that text the memory counted is read as the evaluation reads
+    text it has not seen (leave-one-out, as held-out estimates of smoothing are made: Ney, Essen
+    and Kneser 1994).
     """
     vocab = base.size(1)
     evidence = torch.zeros(recent.shape, device=base.device)
@@ -2101,7 +2109,7 @@ class MemoryLM(nn.Module):
         return F.normalize(self.key_head(features).float(), dim=-1)
 
     def head(self, features: torch.Tensor, queries: torch.Tensor, recent: torch.Tensor,
-             leave_out: tuple[torch.Tensor, torch.Tensor] | None = None
+             leave_out: LeaveOut | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """features [N, D], unit queries [N, K], recent tokens [N, recent_length] (recent_tokens)
         -> (scores [N, V], the model's own log-probabilities [N, V]). The scores are the
@@ -2118,7 +2126,7 @@ class MemoryLM(nn.Module):
         return mix_with_memory(model_log_probs, p_mem, gate_logit), model_log_probs
 
     def forward(self, idx: torch.Tensor, keys_only: bool = False,
-                leave_out: tuple[torch.Tensor, torch.Tensor] | None = None):
+                leave_out: LeaveOut | None = None):
         """idx [B, T] -> (unit queries [B*T, K], scores and model log-probs [B*T, V] as head's,
         or None, None when keys_only); leave_out as head's, over the B*T positions."""
         features = self.features(idx).flatten(0, 1)
@@ -2175,7 +2183,7 @@ def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> 
     tensors will take once trained (untrained_bytes), and keep the pairs that fit. The gate then
     learns to trust the counts the artifact holds. The associative locations the fit drops stay
     for distillation all the same: distilling with all of them measured 0.005 better on
-    cpu_proxy than with those packing keeps, at equal steps (README, "Fitting before
+    cpu_proxy than with those packing keeps, at equal steps (docs/measurements.md, "Fitting before
     distillation"; at equal time, the seconds spent writing them did as well given to
     distillation). Packing fits once more, to the trained weights' bytes. Returns the seconds
     this fit took: about what packing's will take."""
@@ -2407,7 +2415,8 @@ def integer_planes(values: np.ndarray) -> np.ndarray:
     """Non-negative integers in the narrowest unsigned type that holds them, as that type's byte
     planes [width, N]: every value's lowest byte, then every value's next one. The high planes of
     small numbers are runs of zeros, which zstd packs in little time and space (on context pairs
-    7% smaller and twice as fast at level 22 as whole uint32/int64 values; README)."""
+    7% smaller and twice as fast at level 22 as whole uint32/int64 values; docs/measurements.md,
+    "Packing time")."""
     if values.size and values.min() < 0:
         raise ValueError(f"integer_planes: {int(values.min())} is negative")
     largest = int(values.max()) if values.size else 0
@@ -2471,7 +2480,8 @@ def compress(payload: bytes, level: int) -> bytes:
     """zstd in jobs of 4 MB (8 MB windows, 1 MB overlaps) on up to 8 threads: level 22 packs ~2
     MB of payload a second on one core, and the fit packs several candidates of up to 16 MB.
     Measured on 12 MB of context pairs: 0.4% smaller than one job, 1.7x faster on 2 cores
-    (README, "Packing time"). The bytes depend on the level and the jobs, not on the threads."""
+    (docs/measurements.md, "Packing time"). The bytes depend on the level and the jobs, not on
+    the threads."""
     import zstandard
 
     params = zstandard.ZstdCompressionParameters.from_level(
@@ -2571,10 +2581,10 @@ def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_by
     """Pack; while code + artifact > SIZE_LIMIT, drop the least-written associative locations
     and re-pack; if one location is still too many, keep fewer of the context memory's pairs,
     the most counted, until it fits. The associative locations go first: per byte they measured
-    worth far less (README, "The context memory against the baseline"). Each step estimates the
-    bytes of a location or a pair from the packings before, so a few packings (a few seconds
-    each at 16 MB: README, "Packing time") land close under the limit. The baseline has nothing
-    to drop: it fits as it is or fails.
+    worth far less (docs/measurements.md, "The context memory against the baseline"). Each step
+    estimates the bytes of a location or a pair from the packings before, so a few packings (a
+    few seconds each at 16 MB: docs/measurements.md, "Packing time") land close under the limit.
+    The baseline has nothing to drop: it fits as it is or fails.
 
     Returns (artifact bytes, the associative tables and the context tables it holds).
     """

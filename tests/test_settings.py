@@ -72,7 +72,7 @@ def test_bad_values_name_the_variable(environ, variable):
         Hyperparameters.from_env(environ)
 
 
-# The removed settings and why each went (README, "Memory ideas, measured").
+# The removed settings and why each went (docs/measurements.md, "Memory ideas, measured").
 NO_GAIN = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
            "EVAL_ENC_RECUR_STEPS")
 HIDDEN_MEMORY = ("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA_DECAY", "EAM_TAU",
@@ -86,8 +86,8 @@ HIDDEN_MEMORY = ("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA
 def test_a_removed_setting_is_refused_saying_so(name, reason):
     assert name.lower() not in {field.name for field in dataclasses.fields(Hyperparameters)}
     with pytest.raises(ValueError, match=re.escape(
-            f"{name}='1': this setting was removed ({reason}; see README, \"Memory ideas, "
-            "measured\")")):
+            f"{name}='1': this setting was removed ({reason}; see docs/measurements.md, "
+            "\"Memory ideas, measured\")")):
         Hyperparameters.from_env({name: "1"})
     assert set(train_gpt.REMOVED_SETTINGS) == {*NO_GAIN, *HIDDEN_MEMORY}
 

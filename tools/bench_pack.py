@@ -3,11 +3,12 @@
 Why: before distillation and again at packing, fit_artifact packs candidate artifacts at
 ZSTD_LEVEL until code + artifact fit SIZE_LIMIT, inside the training budget. At the
 competition's 16 MB and level 22 that is the step to time on the host before a submission run
-(README, "Packing time"), and no CPU profile packs anything that large. This counts the context
-memory from the training shards as the write stage does (count_contexts: EAM_CONTEXT_TOKENS
-tokens, pairs seen EAM_CONTEXT_MIN_COUNT times), builds the profile's student around it with
-random weights (trained ones pack about alike) and EAM_LOCATIONS random locations, fits it as
-packing does (the code's real bytes) and times the fit and one packing of what it kept.
+(docs/measurements.md, "Packing time"), and no CPU profile packs anything that large. This
+counts the context memory from the training shards as the write stage does (count_contexts:
+EAM_CONTEXT_TOKENS tokens, pairs seen EAM_CONTEXT_MIN_COUNT times), builds the profile's student
+around it with random weights (trained ones pack about alike) and EAM_LOCATIONS random
+locations, fits it as packing does (the code's real bytes) and times the fit and one packing of
+what it kept.
 
 Settings come from the environment, as for train_gpt.py (PROFILE, DATA_PATH, SIZE_LIMIT, ...),
 and LOCAL_WORLD_SIZE as torchrun sets it: every rank fits at once before distillation, each

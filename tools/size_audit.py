@@ -13,8 +13,8 @@ audit can never disagree with the packer.
 --plan sizes the weights the settings in the environment (PROFILE, MODEL, NUM_LAYERS, ...) would
 ship, before any training: their bytes at the widths they pack to, the least of that the check
 before training assumes (train_gpt.SMALLEST_PACKED_SHARE) and, packed for real, the same shapes
-filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails (README,
-"Packed bytes, measured"), so Gaussian weights that fit will fit trained.
+filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails
+(docs/measurements.md, "Packed bytes, measured"), so Gaussian weights that fit will fit trained.
 
 Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or foreign file).
 """
