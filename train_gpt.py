@@ -1855,6 +1855,15 @@ class CountedText:
         return ((self.end - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor")
                 - (self.first - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor"))
 
+    def overlaps(self, begin: int, count: int) -> bool:
+        """Whether any of the stream indices [begin, begin + count) holds a counted corpus token
+        (times > 0): counted are the corpus offsets [0, tokens) from first's, cyclically."""
+        if self.tokens == 0 or count == 0:
+            return False
+        shift = (begin - self.first) % self.corpus_tokens
+        return (max(self.tokens, count) >= self.corpus_tokens or shift < self.tokens
+                or shift + count > self.corpus_tokens)
+
 
 def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
                    ) -> tuple[ContextTables, CountedText]:
@@ -2215,11 +2224,14 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         return key_distance(queries, teacher_targets(x)[0])
 
     def lm_loss(model, x, y):
-        # The batch's own occurrences in the counts, left out (none where its text was never
-        # counted: FineWeb's 8B tokens are not read twice in 600 s; the demo data's 1.1M are).
-        indices = loader.first_target_index + torch.arange(y.numel(), device=y.device)
-        leave_out = (y.flatten(), counted.times(indices))
-        left_out[0] += (leave_out[1] > 0).sum()
+        # The batch's own occurrences in the counts, left out where its text was counted (the
+        # demo data's 1.1M tokens are read many times; FineWeb's 8B are not read twice in 600 s,
+        # so there the read is the evaluation's and nothing needs undoing).
+        first, leave_out = loader.first_target_index, None
+        if counted.overlaps(first, y.numel()):
+            times = counted.times(first + torch.arange(y.numel(), device=y.device))
+            leave_out = (y.flatten(), times)
+            left_out[0] += (times > 0).sum()
         left_out[1] += y.numel()
         queries, scores, model_log_probs = model(x, leave_out=leave_out)
         with torch.no_grad():

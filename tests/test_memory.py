@@ -282,13 +282,19 @@ def test_leaving_a_counted_target_out_reads_as_if_it_was_never_counted(shortest)
 
 
 def test_counted_text_knows_how_often_each_stream_index_was_counted():
+    """times against counting by hand; overlaps (whether a batch meets the counted text at
+    all) against times."""
     corpus = 7
-    for first, end in ((3, 5), (3, 10), (2, 30), (12, 12)):
+    for first, end in ((3, 5), (3, 10), (2, 30), (12, 12), (5, 11), (6, 8)):
         counted = train_gpt.CountedText(first, end, corpus)
         indices = torch.arange(0, 60)
         brute = [sum(1 for j in range(first, end) if j % corpus == i % corpus) for i in range(60)]
         assert counted.times(indices).tolist() == brute, (first, end)
         assert counted.tokens == end - first
+        for begin in range(0, 20):
+            for count in (0, 1, 2, 5, 7, 9):
+                hit = counted.times(torch.arange(begin, begin + count)) > 0
+                assert counted.overlaps(begin, count) == bool(hit.any()), (first, end, begin)
 
 
 def test_the_context_memory_counts_running_text_and_says_which(tmp_path):
