@@ -108,6 +108,11 @@ PROFILES: dict[str, dict[str, object]] = {
 }
 
 
+# QUANT_BITS's least value: the fewest bits a matrix value packs to, and the floor of the
+# baseline's fall back to fewer bits where QUANT_BITS does not fit (fit_baseline).
+LOWEST_QUANT_BITS = 5
+
+
 @dataclass(frozen=True)
 class Hyperparameters:
     # Run and data.
@@ -320,8 +325,8 @@ class Hyperparameters:
             raise ValueError(f"KNN_LAMBDA={self.knn_lambda}: must lie in [0, 1)")
         if self.model not in SHIPPED_MODELS:
             raise ValueError(f"MODEL={self.model!r}: expected one of {list(SHIPPED_MODELS)}")
-        if not 5 <= self.quant_bits <= 8:
-            raise ValueError(f"QUANT_BITS={self.quant_bits}: must lie in 5..8")
+        if not LOWEST_QUANT_BITS <= self.quant_bits <= 8:
+            raise ValueError(f"QUANT_BITS={self.quant_bits}: must lie in {LOWEST_QUANT_BITS}..8")
         if not 1 <= self.zstd_level <= 22:
             raise ValueError(f"ZSTD_LEVEL={self.zstd_level}: must lie in 1..22")
         if self.eval_stride > self.eval_seq_len:
@@ -583,7 +588,7 @@ TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a
 PREPACK_RECORD = "prepack_reference_exact"
 HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
 ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
-# read), path sha256 (the file the evaluation checks it scores)
+# read), quant_bits (a matrix value's), path sha256 (the file the evaluation checks it scores)
 COMPONENT_RECORD = "artifact_component"  # one per packed group: name raw_bytes zstd_bytes
 # Each fit of the memories to the size limit (before distillation, at packing; the latter is
 # what the artifact holds): at dropped_locations kept_locations context_pairs
@@ -919,12 +924,13 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
         rank_batch_tokens(getattr(args, name.lower()), args.train_seq_len, runtime.world_size,
                           args.grad_accum_world, name)
     model = model_skeleton(args)
-    weights = width_bytes(model, args.quant_bits)
+    bits = fewest_bits(args)
+    weights = width_bytes(model, bits)
     if code_bytes + SMALLEST_PACKED_SHARE * weights > args.size_limit:
         raise ValueError(
             f"SIZE_LIMIT={args.size_limit}: MODEL={args.model} at these sizes cannot fit: its "
-            f"weights take {weights} bytes at the widths they pack to (QUANT_BITS="
-            f"{args.quant_bits}), and even packed to {SMALLEST_PACKED_SHARE:.0%} of that, less "
+            f"weights take {weights} bytes at the widths they pack to ({bits} bits a matrix "
+            f"value), and even packed to {SMALLEST_PACKED_SHARE:.0%} of that, less "
             f"than trained weights have, they need {round(SMALLEST_PACKED_SHARE * weights)} "
             f"beside the code's {code_bytes}: shrink it (NUM_LAYERS, MODEL_DIM, ENC_LAYERS, "
             "DEC_HIDDEN) or raise SIZE_LIMIT")
@@ -2588,26 +2594,38 @@ def write_atomically(path: Path, data: bytes) -> None:
         os.close(folder)
 
 
-def fit_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters, code_bytes: int
-                 ) -> tuple[bytes, MemoryTables | None, ContextTables | None]:
+def fewest_bits(args: Hyperparameters) -> int:
+    """The fewest bits a matrix value of MODEL can pack to: QUANT_BITS for the memory model,
+    which drops memory to fit (fit_artifact), LOWEST_QUANT_BITS for the baseline (fit_baseline)."""
+    return LOWEST_QUANT_BITS if args.model == "transformer" else args.quant_bits
+
+
+def fit_baseline(model: TransformerLM, args: Hyperparameters, code_bytes: int
+                 ) -> tuple[bytes, int]:
+    """The baseline has no memory to drop: it packs at QUANT_BITS or, where code + artifact
+    would exceed SIZE_LIMIT, at the most bits a matrix value below that fit, so that a run over
+    the limit is not lost after its training (README, "The baseline on 8xH100").
+    Returns (artifact bytes, the bits its matrices packed to)."""
+    for bits in range(args.quant_bits, LOWEST_QUANT_BITS - 1, -1):
+        artifact = build_artifact(model, None, dataclasses.replace(args, quant_bits=bits))
+        if code_bytes + len(artifact) <= args.size_limit:
+            return artifact, bits
+    raise ValueError(f"SIZE_LIMIT={args.size_limit}: the transformer baseline needs "
+                     f"{code_bytes + len(artifact)} bytes with the code even at {LOWEST_QUANT_BITS}"
+                     " bits a value: shrink it (NUM_LAYERS, MODEL_DIM) or raise SIZE_LIMIT")
+
+
+def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int
+                 ) -> tuple[bytes, MemoryTables, ContextTables]:
     """Pack; while code + artifact > SIZE_LIMIT, drop the least-written associative locations
     and re-pack; if one location is still too many, keep fewer of the context memory's pairs,
     the most counted, until it fits. The associative locations go first: per byte they measured
     worth far less (docs/measurements.md, "The context memory against the baseline"). Each step
     estimates the bytes of a location or a pair from the packings before, so a few packings (a
     few seconds each at 16 MB: docs/measurements.md, "Packing time") land close under the limit.
-    The baseline has nothing to drop: it fits as it is or fails.
 
     Returns (artifact bytes, the associative tables and the context tables it holds).
     """
-    if isinstance(model, TransformerLM):
-        artifact = build_artifact(model, None, args)
-        if code_bytes + len(artifact) > args.size_limit:
-            raise ValueError(f"SIZE_LIMIT={args.size_limit}: the transformer baseline needs "
-                             f"{code_bytes + len(artifact)} bytes with the code at QUANT_BITS="
-                             f"{args.quant_bits}: fewer bits a value pack it smaller (README, "
-                             "\"The baseline on 8xH100\")")
-        return artifact, None, None
     tables, contexts = model.tables, model.contexts
     # Pairs that could not fit even at 1.5 bytes each (they pack to 1.6-1.9 on the web and demo
     # samples) go before any packing.
@@ -2702,16 +2720,20 @@ def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerL
     code_bytes = Path(__file__).stat().st_size
     digest = [""]
     if runtime.master:
-        artifact, kept, contexts = fit_artifact(model, args, code_bytes)
+        if isinstance(model, MemoryLM):
+            artifact, kept, contexts = fit_artifact(model, args, code_bytes)
+            log_fit(runtime, "pack", model, kept, contexts, started)
+            quant_bits = args.quant_bits
+        else:
+            artifact, quant_bits = fit_baseline(model, args, code_bytes)
         write_atomically(path, artifact)
         read_artifact(path)  # the file as written reads back, before training counts as done
-        if isinstance(model, MemoryLM):
-            log_fit(runtime, "pack", model, kept, contexts, started)
         sizes = artifact_accounting(Path(__file__), path, args.size_limit)
         digest[0] = file_sha256(path)
         runtime.log(f"{ARTIFACT_RECORD} code_bytes:{sizes['code_bytes']} "
                     f"model_bytes:{sizes['model_bytes']} total_bytes:{sizes['total_bytes']} "
-                    f"limit:{sizes['limit']} path:{path} sha256:{digest[0]}")
+                    f"limit:{sizes['limit']} quant_bits:{quant_bits} path:{path} "
+                    f"sha256:{digest[0]}")
     if runtime.distributed:
         dist.broadcast_object_list(digest, 0)
     log_stage(runtime, "pack", elapsed_ms(started))

@@ -345,24 +345,29 @@ def test_the_baseline_round_trips_as_a_transformer_and_says_so(tmp_path):
     assert not any(name in train_gpt.MEMORY_BUFFERS for name in rebuilt.state_dict())
 
 
-def test_a_baseline_over_the_limit_fails_at_packing_naming_what_packs_it_smaller():
-    """The baseline has nothing to drop: over the limit it fails, and its error names fewer bits
-    a value, which pack it smaller."""
-    args = tiny_args(vocab_size=256, model_dim=64)  # matrices large enough to quantize
+def test_a_baseline_over_the_limit_packs_at_the_most_bits_that_fit():
+    """The baseline has no memory to drop: where QUANT_BITS is over the limit it packs at the
+    most bits a value below that fit, and fails, naming what to shrink, only where even the
+    fewest are over."""
+    args = tiny_args(vocab_size=256, model_dim=64, quant_bits=7)  # matrices large enough
     torch.manual_seed(0)
     teacher = train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args))
     with torch.no_grad():
         for param in teacher.parameters():
             param.copy_(torch.randn_like(param))
     baseline = train_gpt.TransformerLM.from_teacher(teacher, args)
-    size = len(train_gpt.build_artifact(baseline, None, args))
-    fitted, _, _ = train_gpt.fit_artifact(baseline, dataclasses.replace(args, size_limit=size), 0)
-    assert len(fitted) == size
-    with pytest.raises(ValueError, match=f"needs {size + 1} bytes with the code at QUANT_BITS="
-                                         f"{args.quant_bits}: fewer bits"):
-        train_gpt.fit_artifact(baseline, dataclasses.replace(args, size_limit=size), 1)
-    smaller = dataclasses.replace(args, quant_bits=args.quant_bits - 1)
-    assert len(train_gpt.build_artifact(baseline, None, smaller)) < 0.95 * size
+    lowest = train_gpt.LOWEST_QUANT_BITS
+    sizes = {bits: len(train_gpt.build_artifact(baseline, None,
+                                                dataclasses.replace(args, quant_bits=bits)))
+             for bits in range(lowest, args.quant_bits + 1)}
+    assert all(sizes[bits - 1] < sizes[bits] for bits in range(lowest + 1, args.quant_bits + 1))
+    for bits, size in sizes.items():
+        fitted, packed_bits = train_gpt.fit_baseline(
+            baseline, dataclasses.replace(args, size_limit=size), 0)
+        assert packed_bits == bits and len(fitted) == size
+    with pytest.raises(ValueError, match=f"needs {sizes[lowest] + 1} bytes with the code even "
+                                         f"at {lowest} bits a value: shrink it"):
+        train_gpt.fit_baseline(baseline, dataclasses.replace(args, size_limit=sizes[lowest]), 1)
 
 
 def test_an_artifact_of_unknown_kind_is_refused_naming_the_file(tmp_path):

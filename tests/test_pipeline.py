@@ -23,6 +23,7 @@ def test_single_process_logs_every_stage_and_fits(pipeline_runs):
     assert artifact["path"] == artifact_file.name
     assert artifact["sha256"] == train_gpt.file_sha256(artifact_file)
     assert records[train_gpt.SETTINGS_RECORD]["SEED"] == "1337"
+    assert artifact["quant_bits"] == records[train_gpt.SETTINGS_RECORD]["QUANT_BITS"]
     # The per-component report compresses the artifact a second time: after the training clock.
     text = (workdir / "logs" / f"{PIPELINE_RUN_ID}.txt").read_text()
     assert text.index(f"\n{train_gpt.TRAIN_TIME_RECORD} ") < text.index(

@@ -467,6 +467,7 @@ def test_size_audit_plans_the_settings_weights_before_training(
     result = json.loads(capsys.readouterr().out)
     assert 0.85 * result["width_bytes"] < result["gaussian_bytes"] < result["width_bytes"]
     assert result["margin"] == (result["limit"] - result["code_bytes"] - result["gaussian_bytes"])
+    assert result["fewest_bits"] == train_gpt.LOWEST_QUANT_BITS  # the baseline's fall back
     monkeypatch.setenv("QUANT_BITS", "5")
     assert size_audit.main(["--plan", "--code", CODE, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["gaussian_bytes"] < result["gaussian_bytes"]

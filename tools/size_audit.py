@@ -11,8 +11,9 @@ audit can never disagree with the packer.
     MODEL=transformer python -m tools.size_audit --plan  # before training: the settings' weights
 
 --plan sizes the weights the settings in the environment (PROFILE, MODEL, NUM_LAYERS, ...) would
-ship, before any training: their bytes at the widths they pack to, the least of that the check
-before training assumes (train_gpt.SMALLEST_PACKED_SHARE) and, packed for real, the same shapes
+ship, before any training: their bytes at the widths they pack to, the least the check before
+training assumes (train_gpt.SMALLEST_PACKED_SHARE of the widths at train_gpt.fewest_bits: the
+baseline may pack to fewer bits than QUANT_BITS) and, packed for real, the same shapes
 filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails
 (docs/measurements.md, "Packed bytes, measured"), so Gaussian weights that fit will fit trained.
 
@@ -94,10 +95,12 @@ def plan(args: train_gpt.Hyperparameters, code: Path) -> dict:
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
     gaussian = len(train_gpt.build_artifact(model, None, args))  # its memories are empty
     width = train_gpt.width_bytes(model, args.quant_bits)
+    fewest = train_gpt.fewest_bits(args)  # the check's: the baseline may pack to fewer bits
     code_bytes = code.stat().st_size
     return dict(model=args.model, quant_bits=args.quant_bits, code_bytes=code_bytes,
-                width_bytes=width,
-                smallest_bytes=round(train_gpt.SMALLEST_PACKED_SHARE * width),
+                width_bytes=width, fewest_bits=fewest,
+                smallest_bytes=round(train_gpt.SMALLEST_PACKED_SHARE
+                                     * train_gpt.width_bytes(model, fewest)),
                 gaussian_bytes=gaussian, limit=args.size_limit,
                 margin=args.size_limit - code_bytes - gaussian,
                 fits=code_bytes + gaussian <= args.size_limit)
@@ -107,7 +110,8 @@ def plan_text(result: dict) -> str:
     share = f"{train_gpt.SMALLEST_PACKED_SHARE:.0%}"
     lines = [f"MODEL={result['model']} QUANT_BITS={result['quant_bits']}, weights only:"]
     for label, key in (("at their widths", "width_bytes"),
-                       (f"the check's least ({share})", "smallest_bytes"),
+                       (f"the check's least ({share}, {result['fewest_bits']} bits)",
+                        "smallest_bytes"),
                        ("Gaussian, packed", "gaussian_bytes"), ("code bytes", "code_bytes"),
                        ("limit", "limit"), ("margin", "margin")):
         lines.append(f"{label:<28}{result[key]:>14,}")
@@ -116,7 +120,9 @@ def plan_text(result: dict) -> str:
                      "spare (the memory model's memories fill what is left)")
     else:
         lines.append(f"OVER by {-result['margin']:,} bytes with Gaussian weights: trained ones "
-                     "fit only if they pack smaller (heavier tails)")
+                     "fit only if they pack smaller (heavier tails)"
+                     + (f", or at fewer bits (down to {result['fewest_bits']})"
+                        if result["fewest_bits"] < result["quant_bits"] else ""))
     return "\n".join(lines)
 
 
