@@ -94,7 +94,7 @@ RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never s
 # goes without what it asked for.
 REMOVED_SETTINGS: dict[str, str] = {
     **dict.fromkeys(("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
-                     "EVAL_ENC_RECUR_STEPS"), "it measured no gain"),
+                     "EVAL_ENC_RECUR_STEPS", "EAM_KEY_LAYER"), "it measured no gain"),
     **dict.fromkeys(("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA_DECAY",
                      "EAM_TAU", "EAM_NOVELTY", "EAM_SPLIT_COUNT", "EAM_MERGE_THRESHOLD"),
                     "it belonged to the hidden-state memory, which measured worse than "
@@ -176,7 +176,6 @@ class Hyperparameters:
     # locations.
     eam_locations: int = 1
     eam_key_dim: int = 128
-    eam_key_layer: int = -1
     eam_write_k: int = 20
     eam_read_k: int = 32
     eam_read_beta: float = 20.0
@@ -275,10 +274,9 @@ class Hyperparameters:
         object.__setattr__(self, "artifact_path", self.artifact_path or f"{self.run_id}.eam")
         for field in dataclasses.fields(self):
             value, name = getattr(self, field.name), field.name.upper()
-            signed = field.name == "eam_key_layer"
             if types[field.name] is float and not math.isfinite(value):
                 raise ValueError(f"{name}={value}: must be a finite number")
-            if types[field.name] in (int, float) and value < 0 and not signed:
+            if types[field.name] in (int, float) and value < 0:
                 raise ValueError(f"{name}={value}: must not be negative")
         # Zero would divide by zero, loop forever or leave a stage nothing to work with.
         positive = ["vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_layers",
@@ -311,8 +309,6 @@ class Hyperparameters:
             raise ValueError(f"ROPE_DIMS={self.rope_dims}: must be even and <= head dim {head_dim}")
         if self.enc_layers > self.num_layers:
             raise ValueError(f"ENC_LAYERS={self.enc_layers}: must be <= NUM_LAYERS")
-        if self.eam_key_layer not in (-1, *range(1, self.num_layers + 1)):
-            raise ValueError(f"EAM_KEY_LAYER={self.eam_key_layer}: -1 (final) or 1..NUM_LAYERS")
         if self.eam_context_order == 1 or not context_codes_fit(self.vocab_size,
                                                                 self.eam_context_order):
             raise ValueError(f"EAM_CONTEXT_ORDER={self.eam_context_order}: 0 (no context memory) "
@@ -1093,20 +1089,15 @@ class GPT(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.005)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
 
-    def body(self, idx: torch.Tensor, capture_layer: int = -1):
-        """Normalized final hidden state [B, T, D] and the normalized state after block
-        `capture_layer` (-1: the final one)."""
+    def body(self, idx: torch.Tensor) -> torch.Tensor:
+        """Normalized final hidden state [B, T, D]."""
         head_dim = self.config.model_dim // self.config.num_heads
         cos, sin = rotary_tables(idx.size(1), self.config.rope_dims or head_dim,
                                  self.config.rope_base, idx.device)
         x = self.embed(idx)
-        captured = None
-        for index, block in enumerate(self.blocks):
+        for block in self.blocks:
             x = block(x, cos, sin)
-            if index + 1 == capture_layer:
-                captured = rms_norm(x)
-        final = rms_norm(x)
-        return final, final if captured is None else captured
+        return rms_norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.embed.weight.to(hidden.dtype)).float()
@@ -1114,7 +1105,7 @@ class GPT(nn.Module):
         return cap * torch.tanh(logits / cap)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self.logits(self.body(idx)[0])
+        logits = self.logits(self.body(idx))
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
 
@@ -1377,11 +1368,11 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # associative one, measured, adds little, and where the size limit binds (the competition,
 # cpu_proxy) the profiles write one location (docs/measurements.md, "The write stage's seconds").
 #
-# The Elastic Associative Memory keeps up to M locations, each a unit address in key space with
-# the counts of the next tokens written to it. Keys are a fixed random projection of the
-# teacher's hidden state (layer EAM_KEY_LAYER, the final one by default), normalized; what a key
-# writes is the true next token. The memory holds what the encoder cannot compute: statistics of
-# far more tokens than the teacher saw (the counts are additive, so writing is one index_add_).
+# The Elastic Associative Memory keeps up to M locations, each a unit address in key space with the
+# counts of the next tokens written to it. Keys are a fixed random projection of the teacher's final
+# hidden state, normalized; what a key writes is the true next token. The memory holds what the
+# encoder cannot compute: statistics of far more tokens than the teacher saw (the counts are
+# additive, so writing is one index_add_).
 #
 # Addresses are placed once, by a few passes of spherical k-means over a sample of keys
 # (EAM_ORGANIZE_TOKENS): cheap, and every location ends up used. They are then frozen, and each
@@ -1757,12 +1748,11 @@ def memory_read_config(args: Hyperparameters) -> MemoryReadConfig:
 
 
 def teacher_keys_values(teacher: GPT, idx: torch.Tensor, projection: torch.Tensor,
-                        key_layer: int, runtime: Runtime):
+                        runtime: Runtime):
     """Teacher forward -> (unit keys [N, K], final states [N, D]) for every position of idx."""
     with torch.no_grad(), autocast(runtime):
-        final, keyed = teacher.body(idx, key_layer)
-    keys = F.normalize(keyed.float().flatten(0, 1) @ projection, dim=1)
-    return keys, final.float().flatten(0, 1)
+        final = teacher.body(idx).float().flatten(0, 1)
+    return F.normalize(final @ projection, dim=1), final
 
 
 def place_memory(runtime: Runtime, args: Hyperparameters, memory: ElasticMemory,
@@ -1918,7 +1908,7 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     def teacher_batch(rank_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(unit keys [N, K], their next tokens [N])."""
         x, y = loader.next_batch(rank_tokens, seq_len)
-        keys, _ = teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
+        keys, _ = teacher_keys_values(teacher, x, projection, runtime)
         return keys, y.flatten()
 
     memory = ElasticMemory(memory_write_config(args), args.vocab_size, runtime.device)
@@ -2118,7 +2108,7 @@ class MemoryLM(nn.Module):
         return self.config.encoder.vocab_size
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.encoder.body(idx)[0]
+        return self.encoder.body(idx)
 
     def query(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.key_head(features).float(), dim=-1)
@@ -2221,7 +2211,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     projection = key_projection(args.model_dim, args.eam_key_dim, args.seed).to(runtime.device)
 
     def teacher_targets(x: torch.Tensor):
-        return teacher_keys_values(teacher, x, projection, args.eam_key_layer, runtime)
+        return teacher_keys_values(teacher, x, projection, runtime)
 
     left_out = torch.zeros(2, dtype=torch.long, device=runtime.device)  # targets: left out, all
 
@@ -2322,7 +2312,7 @@ class TransformerLM(nn.Module):
         return self.config.gpt.vocab_size
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.gpt.body(idx)[0]
+        return self.gpt.body(idx)
 
     def query(self, features: torch.Tensor) -> torch.Tensor:
         return F.normalize(features.float() @ self.projection, dim=-1)
@@ -3135,7 +3125,7 @@ def student_scorer(model: MemoryLM | TransformerLM):
 
 def teacher_scorer(teacher: GPT):
     def score(inputs: torch.Tensor, mask: torch.Tensor):
-        logits = teacher.logits(teacher.body(inputs)[0][mask])
+        logits = teacher.logits(teacher.body(inputs)[mask])
         return F.log_softmax(logits.float(), dim=-1), None
     return score
 

@@ -159,7 +159,7 @@ def test_an_encoder_with_all_the_teachers_layers_starts_with_its_keys(enc_layers
     student = train_gpt.init_student(args, teacher, memories[0].tables(), memories[1])
     x = torch.randint(0, args.vocab_size, (2, 16))
     projection = train_gpt.key_projection(args.model_dim, args.eam_key_dim, args.seed)
-    keys, _ = train_gpt.teacher_keys_values(teacher, x, projection, args.eam_key_layer, CPU)
+    keys, _ = train_gpt.teacher_keys_values(teacher, x, projection, CPU)
     with torch.no_grad():
         distance = train_gpt.key_distance(student(x, keys_only=True)[0], keys).item()
     if enc_layers == args.num_layers:
