@@ -923,13 +923,14 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
     bits = fewest_bits(args)
     weights = width_bytes(model, bits)
     if code_bytes + SMALLEST_PACKED_SHARE * weights > args.size_limit:
+        at = f"QUANT_BITS={args.quant_bits}" + (f", the baseline's fewest {bits}"
+                                                if bits < args.quant_bits else "")
         raise ValueError(
             f"SIZE_LIMIT={args.size_limit}: MODEL={args.model} at these sizes cannot fit: its "
-            f"weights take {weights} bytes at the widths they pack to ({bits} bits a matrix "
-            f"value), and even packed to {SMALLEST_PACKED_SHARE:.0%} of that, less "
-            f"than trained weights have, they need {round(SMALLEST_PACKED_SHARE * weights)} "
-            f"beside the code's {code_bytes}: shrink it (NUM_LAYERS, MODEL_DIM, ENC_LAYERS, "
-            "DEC_HIDDEN) or raise SIZE_LIMIT")
+            f"weights take {weights} bytes at the widths they pack to ({at}), and even packed "
+            f"to {SMALLEST_PACKED_SHARE:.0%} of that, less than trained weights have, they need "
+            f"{round(SMALLEST_PACKED_SHARE * weights)} beside the code's {code_bytes}: shrink it "
+            "(NUM_LAYERS, MODEL_DIM, ENC_LAYERS, DEC_HIDDEN) or raise SIZE_LIMIT")
     if args.ttt_steps:
         adapted_parameters(model, args.ttt_params)
 
@@ -2223,6 +2224,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         # The batch's own occurrences in the counts, left out where its text was counted (the
         # demo data's 1.1M tokens are read many times; FineWeb's 8B are not read twice in 600 s,
         # so there the read is the evaluation's and nothing needs undoing).
+        # (Where batches alternate, torch.compile builds the model's graph once for each kind.)
         first, leave_out = loader.first_target_index, None
         if counted.overlaps(first, y.numel()):
             times = counted.times(first + torch.arange(y.numel(), device=y.device))
@@ -2337,7 +2339,9 @@ class TransformerLM(nn.Module):
 # artifact exceed the limit, the least-written associative locations are dropped and the
 # artifact re-packed until it fits, and then, past one location, the context memory's
 # least-counted pairs (distillation started with the pairs of the same fit, leaving room for its
-# untrained tensors, so few more go here). zstd packs in jobs, on up to 8 of the rank's CPUs.
+# untrained tensors, so few more go here). The baseline, with no memory to drop, packs at the
+# most bits a matrix value that fit, QUANT_BITS down to 5. zstd packs in jobs, on up to 8 of the
+# rank's CPUs.
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
@@ -2602,7 +2606,8 @@ def fit_baseline(model: TransformerLM, args: Hyperparameters, code_bytes: int
             return artifact, bits
     raise ValueError(f"SIZE_LIMIT={args.size_limit}: the transformer baseline needs "
                      f"{code_bytes + len(artifact)} bytes with the code even at {LOWEST_QUANT_BITS}"
-                     " bits a value: shrink it (NUM_LAYERS, MODEL_DIM) or raise SIZE_LIMIT")
+                     " bits a value (QUANT_BITS's least): shrink it (NUM_LAYERS, MODEL_DIM, "
+                     "MLP_MULT) or raise SIZE_LIMIT")
 
 
 def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int

@@ -1,5 +1,6 @@
 """Bad input fails before training, naming the problem; runs never clobber each other."""
 
+import dataclasses
 import os
 import shutil
 import struct
@@ -107,6 +108,24 @@ def test_good_input_reaches_training(run_dir, monkeypatch, env):
         monkeypatch.setenv(name, value)
     with pytest.raises(TrainingStarted):
         train_gpt.main()
+
+
+def test_the_check_sizes_the_baseline_at_its_fewest_bits(run_dir, monkeypatch):
+    """The baseline packs to fewer bits where QUANT_BITS does not fit (fit_baseline): a limit
+    that only its fewest bits could meet reaches training. The memory model's fewest are
+    QUANT_BITS: it drops memory instead."""
+    monkeypatch.setenv("MODEL", "transformer")
+    args = train_gpt.Hyperparameters.from_env(dict(os.environ))
+    model = train_gpt.model_skeleton(args)
+    code = os.path.getsize(train_gpt.__file__)
+    least = {bits: train_gpt.SMALLEST_PACKED_SHARE * train_gpt.width_bytes(model, bits)
+             for bits in (train_gpt.LOWEST_QUANT_BITS, args.quant_bits)}
+    limit = code + round(least[train_gpt.LOWEST_QUANT_BITS]) + 1
+    assert limit < code + least[args.quant_bits]
+    monkeypatch.setenv("SIZE_LIMIT", str(limit))
+    with pytest.raises(TrainingStarted):
+        train_gpt.main()
+    assert train_gpt.fewest_bits(dataclasses.replace(args, model="eam")) == args.quant_bits
 
 
 @pytest.mark.parametrize("environ, variable", [

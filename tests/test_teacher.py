@@ -185,6 +185,22 @@ def test_the_key_weight_holds_the_key_head_near_the_teachers_keys(capsys):
     assert 0 <= drift[10.0] < 0.5 * drift[0.0], drift
 
 
+@pytest.mark.parametrize("counted, share", [((0, 4096), 1.0), ((10**5, 10**5 + 4096), 0.0)])
+def test_distillation_leaves_out_what_it_reads_of_the_counted_text(capsys, counted, share):
+    """left_out_share: the share of the targets read that the context memory counted. The loader
+    reads stream indices [0, 512) each step: inside the counted text all of them, beyond it
+    none."""
+    args = tiny_args(distill_key_frac=0.0, distill_iterations=2, train_seq_len=32,
+                     distill_batch_tokens=512, grad_accum_world=1, max_wallclock_seconds=1e5)
+    teacher, (memory, contexts, _) = teacher_and_memory(args)
+    memories = (memory, contexts, train_gpt.CountedText(*counted, 10**6))
+    train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
+                      run_started=time.perf_counter())
+    line = capsys.readouterr().out.splitlines()[-1]
+    record = train_gpt.parse_log(line)[train_gpt.stage_record("distill")]
+    assert float(record["left_out_share"]) == share
+
+
 def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkeypatch):
     """On one H100 the key phase's compiled graph took its whole share of time to build (README,
     "Measured on one H100"), so distill asks for compilation only in the long phase."""

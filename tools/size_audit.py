@@ -17,7 +17,8 @@ baseline may pack to fewer bits than QUANT_BITS) and, packed for real, the same 
 filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails
 (docs/measurements.md, "Packed bytes, measured"), so Gaussian weights that fit will fit trained.
 
-Exit status: 0 fits, 1 over the limit, 2 unreadable (missing, corrupted or foreign file).
+Exit status: 0 fits, 1 over the limit (with --plan: Gaussian weights at QUANT_BITS, which the
+baseline may still meet at fewer bits), 2 unreadable (missing, corrupted or foreign file).
 """
 
 from __future__ import annotations
