@@ -94,7 +94,8 @@ RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never s
 # goes without what it asked for.
 REMOVED_SETTINGS: dict[str, str] = {
     **dict.fromkeys(("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
-                     "EVAL_ENC_RECUR_STEPS", "EAM_KEY_LAYER"), "it measured no gain"),
+                     "EVAL_ENC_RECUR_STEPS", "EAM_KEY_LAYER", "DEC_PRIOR_RANK"),
+                    "it measured no gain"),
     **dict.fromkeys(("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA_DECAY",
                      "EAM_TAU", "EAM_NOVELTY", "EAM_SPLIT_COUNT", "EAM_MERGE_THRESHOLD"),
                     "it belonged to the hidden-state memory, which measured worse than "
@@ -200,7 +201,6 @@ class Hyperparameters:
     enc_init_from_teacher: bool = True
     dec_hidden: int = 1024
     dec_sees_encoder: bool = True
-    dec_prior_rank: int = 0
     distill_key_frac: float = 0.15  # keys first: the encoder is 5 of the teacher's 11 layers
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
@@ -1599,7 +1599,7 @@ def context_codes(recent: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 def recent_tokens(idx: torch.Tensor, count: int) -> torch.Tensor:
     """idx [B, T] -> each position's last `count` tokens [B, T, count] (its own last), -1 where
-    the row starts later: what the context memory and the prior read, the prefix only."""
+    the row starts later: what the context memory reads, the prefix only."""
     padded = F.pad(idx, (count - 1, 0), value=-1)
     return padded.unfold(1, count, 1)
 
@@ -1980,24 +1980,6 @@ class Decoder(nn.Module):
         return rms_norm(base + self.proj(hidden))
 
 
-class VocabPrior(nn.Module):
-    """Low-rank word interaction: logits += U[previous token] V^T (rank DEC_PRIOR_RANK).
-
-    Both factors are token tables (nn.Embedding: trained by Adam, packed int8). V starts at
-    zero, so a fresh prior leaves the decoder's logits unchanged.
-    """
-
-    def __init__(self, vocab_size: int, rank: int):
-        super().__init__()
-        self.previous_table = nn.Embedding(vocab_size, rank)
-        self.next_table = nn.Embedding(vocab_size, rank)
-        nn.init.normal_(self.previous_table.weight, std=rank**-0.5)
-        nn.init.zeros_(self.next_table.weight)
-
-    def forward(self, previous: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.previous_table(previous), self.next_table.weight).float()
-
-
 class MemoryGate(nn.Module):
     """The mixture weight's logit from the prefix alone: a linear map of the encoder's features
     [N, D], the read's top similarities [N, k] (zero-padded when the memory has fewer locations),
@@ -2042,7 +2024,6 @@ class StudentConfig:
     key_dim: int
     dec_hidden: int
     dec_sees_encoder: bool
-    dec_prior_rank: int
     context_length: int  # the context memory's longest context (0: none)
     context_min_length: int  # and its shortest: what the evaluation-time writes count
 
@@ -2051,7 +2032,7 @@ def student_config(args: Hyperparameters) -> StudentConfig:
     return StudentConfig(
         encoder=settings_view(GPTConfig, args, num_layers=args.enc_layers),
         read=memory_read_config(args), key_dim=args.eam_key_dim, dec_hidden=args.dec_hidden,
-        dec_sees_encoder=args.dec_sees_encoder, dec_prior_rank=args.dec_prior_rank,
+        dec_sees_encoder=args.dec_sees_encoder,
         context_length=max(args.eam_context_order - 1, 0),
         context_min_length=args.eam_context_min_length)
 
@@ -2070,8 +2051,6 @@ class MemoryLM(nn.Module):
         self.encoder = GPT(config.encoder)
         self.key_head = nn.Linear(dim, config.key_dim, bias=False)
         self.decoder = Decoder(dim, config.dec_hidden, config.dec_sees_encoder)
-        rank = config.dec_prior_rank
-        self.prior = VocabPrior(vocab, rank) if rank else None
         self.gate = MemoryGate(dim, config.read.k, config.context_length)
         self.register_buffer("addresses", tables.addresses)
         self.register_buffer("patterns", tables.patterns)
@@ -2101,7 +2080,8 @@ class MemoryLM(nn.Module):
 
     @property
     def recent_length(self) -> int:
-        """How many recent tokens head reads: the longest context, and the prior's one."""
+        """How many recent tokens head reads: the longest context (one where there is none,
+        an empty read)."""
         return max(self.config.context_length, 1)
 
     @property
@@ -2126,7 +2106,6 @@ class MemoryLM(nn.Module):
                                         self.contexts, self.context_starts, p_mem, leave_out)
         expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
         logits = self.encoder.logits(self.decoder(features, expected))
-        logits = logits if self.prior is None else logits + self.prior(recent[:, -1])
         gate_logit = self.gate(features, top_sims, evidence, p_mem)
         model_log_probs = F.log_softmax(logits.float(), -1)
         return mix_with_memory(model_log_probs, p_mem, gate_logit), model_log_probs
@@ -2247,7 +2226,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
                             + args.distill_time_frac),
                   run_started + args.max_wallclock_seconds - 2 * fit_s)
     batch = (args.distill_batch_tokens, args.train_seq_len)
-    read_side = tuple(m for m in (student.decoder, student.prior, student.gate) if m is not None)
+    read_side = (student.decoder, student.gate)
     phases = [Phase(KEY_PHASE, key_loss, *batch,
                     trained_from + args.distill_key_frac * (stop_at - trained_from),
                     args.distill_key_iterations, args.distill_lr_scale, frozen=read_side,
@@ -2349,8 +2328,9 @@ ARTIFACT_MAGIC = b"EAMGOLF\x00"
 # ideas' fields (the read's steps, damping and tolerance, the GPT's recurrent passes); 5: without
 # the memory's kind of values (the read's `values`: next-token counts are the only kind left);
 # 6: the context memory (its tables, and its longest context in the config); 7: integers as byte
-# planes of their narrowest type; 8: the context memory's shortest context in the config
-ARTIFACT_VERSION = 8
+# planes of their narrowest type; 8: the context memory's shortest context in the config; 9:
+# without the vocabulary prior (the decoder's dec_prior_rank)
+ARTIFACT_VERSION = 9
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state.
 ASSOCIATIVE_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")

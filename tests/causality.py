@@ -40,7 +40,6 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     # The memory mixed in through its prefix-only gate, alone and with the kNN store.
     "memory": dict(knn_lambda=0.0),
     "knn": dict(knn_lambda=0.5),
-    "prior": dict(dec_prior_rank=4),
     "ttt": dict(knn_lambda=0.0, **TTT),
     "ttt_decoder": dict(knn_lambda=0.5, **TTT | dict(ttt_params="decoder")),
     # The shipped defaults' combination: the memory, its evaluation-time writes and TTT of every
@@ -53,10 +52,8 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "writes_knn": dict(knn_lambda=0.5, eval_memory_writes=True),
     # Every option at once, with test-time training of every parameter or of the decoder and
     # the gate.
-    "everything": dict(knn_lambda=0.5, dec_prior_rank=4, eam_count_prior=0.5,
-                       eval_memory_writes=True, **TTT),
-    "everything_decoder_gate": dict(knn_lambda=0.5, dec_prior_rank=4, eam_count_prior=0.5,
-                                    eval_memory_writes=True,
+    "everything": dict(knn_lambda=0.5, eam_count_prior=0.5, eval_memory_writes=True, **TTT),
+    "everything_decoder_gate": dict(knn_lambda=0.5, eam_count_prior=0.5, eval_memory_writes=True,
                                     **TTT | dict(ttt_params="decoder,gate")),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
     "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),

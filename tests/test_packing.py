@@ -35,9 +35,9 @@ def scores(model, tokens):
         return train_gpt.student_scorer(model.eval())(tokens, mask)[0]
 
 
-# Options that change what is packed: a prior's tables, and the tokens a location keeps (every
-# memory ships token ids, probabilities, log counts and the gate).
-@pytest.mark.parametrize("options", [{}, dict(dec_prior_rank=4, eam_count_prior=0.5),
+# Options that change what is packed: the tokens a location keeps (every memory ships token ids,
+# probabilities, log counts and the gate).
+@pytest.mark.parametrize("options", [{}, dict(eam_count_prior=0.5),
                                      dict(eam_top_tokens=16)])
 def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes_nothing(
         tmp_path, options):

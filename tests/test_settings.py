@@ -74,7 +74,7 @@ def test_bad_values_name_the_variable(environ, variable):
 
 # The removed settings and why each went (docs/measurements.md, "Memory ideas, measured").
 NO_GAIN = ("EAM_READ_STEPS", "EAM_READ_DAMPING", "EAM_READ_TOL", "ENC_RECUR_STEPS",
-           "EVAL_ENC_RECUR_STEPS", "EAM_KEY_LAYER")
+           "EVAL_ENC_RECUR_STEPS", "EAM_KEY_LAYER", "DEC_PRIOR_RANK")
 HIDDEN_MEMORY = ("EAM_VALUES", "EAM_GAMMA", "EAM_ETA", "EAM_ETA_FLOOR", "EAM_ETA_DECAY", "EAM_TAU",
                  "EAM_NOVELTY", "EAM_SPLIT_COUNT", "EAM_MERGE_THRESHOLD")
 

@@ -1,6 +1,5 @@
-"""The student's low-rank vocabulary prior, and its distillation loss."""
+"""The student's distillation loss."""
 
-import dataclasses
 
 import pytest
 import torch
@@ -8,27 +7,6 @@ import torch.nn.functional as F
 
 import train_gpt
 from tests.helpers import tiny_student
-
-
-def test_a_fresh_prior_leaves_the_logits_unchanged_and_then_adds_a_bigram_term():
-    _, without = tiny_student()
-    with_prior = train_gpt.MemoryLM(dataclasses.replace(without.config, dec_prior_rank=4),
-                                    without.tables, without.contexts)
-    missing, unexpected = with_prior.load_state_dict(without.state_dict(), strict=False)
-    assert unexpected == [] and all(name.startswith("prior.") for name in missing)
-    tokens = torch.randint(0, 256, (2, 32))
-    with torch.no_grad():  # (queries, scores: the memory mixture, the model's own log-probs)
-        _, reference_scores, reference = without.eval()(tokens)
-        _, fresh_scores, fresh = with_prior.eval()(tokens)
-        torch.testing.assert_close(fresh, reference)
-        torch.testing.assert_close(fresh_scores, reference_scores)
-        assert with_prior.prior(tokens.flatten()).shape == (64, 256)
-        with_prior.prior.next_table.weight.normal_()
-        _, scores, trained = with_prior(tokens)
-        bigram = with_prior.prior(tokens.flatten())
-    torch.testing.assert_close(trained, torch.log_softmax(reference + bigram, 1), atol=1e-4,
-                               rtol=0)
-    assert (scores - reference_scores).abs().max() > 0.1
 
 
 def test_distillation_loss_is_cross_entropy_plus_the_scaled_kl():

@@ -64,10 +64,9 @@ def test_compile_falls_back_to_eager_on_cpu():
 
 
 def test_parameter_groups_follow_what_a_parameter_is():
-    _, student = tiny_student(dec_prior_rank=4)
+    _, student = tiny_student()
     groups = train_gpt.parameter_groups(student)
-    assert groups["table"] == ["encoder.embed.weight", "prior.next_table.weight",
-                               "prior.previous_table.weight"]
+    assert groups["table"] == ["encoder.embed.weight"]
     assert "key_head.weight" in groups["matrix"] and "decoder.fc.weight" in groups["matrix"]
     # The gate's weights are vectors (Adam, fp16 when packed), beside the attention's gains.
     assert {"gate.weight", "gate.bias"} <= set(groups["vector"])
@@ -81,10 +80,10 @@ def test_parameter_groups_follow_what_a_parameter_is():
 
 def test_each_distillation_phase_uses_every_parameter_it_trains():
     """What lets DDP run without find_unused_parameters: the key phase freezes the decoder side
-    (decoder, prior and gate) and uses all the rest; the LM phase uses everything."""
-    _, student = tiny_student(dec_prior_rank=4)
+    (decoder and gate) and uses all the rest; the LM phase uses everything."""
+    _, student = tiny_student()
     idx = torch.randint(0, 256, (2, 16))
-    read_side = {id(p) for m in (student.decoder, student.prior, student.gate)
+    read_side = {id(p) for m in (student.decoder, student.gate)
                  for p in m.parameters()}
     for keys_only in (True, False):
         student.zero_grad(set_to_none=True)
