@@ -1,6 +1,5 @@
 """The student's distillation loss."""
 
-
 import pytest
 import torch
 import torch.nn.functional as F

@@ -67,6 +67,10 @@ def test_parameter_groups_follow_what_a_parameter_is():
     _, student = tiny_student()
     groups = train_gpt.parameter_groups(student)
     assert groups["table"] == ["encoder.embed.weight"]
+    # By what a parameter is, never its name: any nn.Embedding's weight is a token table.
+    modules = torch.nn.ModuleDict(dict(rows=torch.nn.Embedding(8, 4), mix=torch.nn.Linear(4, 4)))
+    assert train_gpt.parameter_groups(modules) == {
+        "table": ["rows.weight"], "matrix": ["mix.weight"], "vector": ["mix.bias"]}
     assert "key_head.weight" in groups["matrix"] and "decoder.fc.weight" in groups["matrix"]
     # The gate's weights are vectors (Adam, fp16 when packed), beside the attention's gains.
     assert {"gate.weight", "gate.bias"} <= set(groups["vector"])
