@@ -55,39 +55,43 @@ import torch.nn.functional as F
 
 DEMO_DATA = "./data/demo_sp1024"
 SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
-# What both CPU profiles share: the demo data, a capped validation split, no compilation, the
-# teacher scored beside the memory, a 2x128 teacher (its curve is the flattest 2 cores reach in
-# minutes: docs/measurements.md, "The memory against the baseline") and the teacher options that
-# help at such sizes (README, "Teacher": partial RoPE, LN scale and a QK gain of 4 hurt below ~2M
-# parameters). A decoder of 256 hidden units leaves cpu_proxy's limit ~38K more context pairs, which
-# measured better than 512 (docs/measurements.md, "Leave-one-out and a smaller decoder"). The
-# encoder has all the teacher's layers, so it starts as its exact copy, whose keys are the
-# teacher's: the key phase, which could only move them away, gets no share (docs/measurements.md,
-# "The key phase's seconds").
-CPU_BASE: dict[str, object] = dict(
-    data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model", val_tokens=65536,
-    compile=False, teacher_reference=True, grad_accum_world=2,
+# What the CPU profiles share: a capped validation split, no compilation, the teacher scored
+# beside the memory, and a small teacher with the options that help at such sizes (partial RoPE,
+# LN scale and a QK gain of 4 hurt below ~2M parameters). The encoder has all the teacher's
+# layers, so it starts as its exact copy, whose keys are the teacher's.
+CPU_COMMON: dict[str, object] = dict(
+    val_tokens=65536, compile=False, teacher_reference=True, grad_accum_world=2,
     num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2, xsa_layers=2,
     enc_layers=2, distill_key_frac=0.0, rope_dims=0, qk_gain_init=1.5, ln_scale=False,
-    eam_read_k=16, eval_chunk_tokens=4096, dec_hidden=256,
+    eam_read_k=16, eval_chunk_tokens=4096, dec_hidden=256, train_seq_len=256,
+    train_batch_tokens=8192, distill_batch_tokens=8192, eval_seq_len=256, eval_batch_windows=32,
+    warmup_steps=10, eam_key_dim=64, eam_organize_tokens=65536, eam_batch=2048,
 )
-# Where they differ, as (cpu_smoke, cpu_proxy). cpu_smoke runs the whole pipeline in about a minute
-# on 2 CPU cores (it proves it runs, not that it is good); cpu_proxy is the fixed benchmark for
-# comparing changes (about 8-10 minutes on 2 CPU cores). Its size limit binds the memory model as
-# 16,000,000 bytes bind the competition's: the context pairs counted fill the room, so, as there,
-# one associative location is written and the write stage's seconds go to distillation
-# (docs/measurements.md, "The write stage's seconds"). cpu_smoke's 16 MB keep every location.
-# cpu_proxy gives distillation, which trains the teacher's copy with the memory in the loop, more of
-# the time than the teacher (docs/measurements.md, "The time split, re-measured").
-CPU_SIZES: dict[str, tuple[object, object]] = dict(
-    max_wallclock_seconds=(30.0, 420.0), teacher_time_frac=(0.5, 0.45),
-    eam_time_frac=(0.15, 0.0), distill_time_frac=(0.35, 0.55), train_seq_len=(128, 256),
-    train_batch_tokens=(4096, 8192), warmup_steps=(5, 10), eam_locations=(1024, 1),
-    eam_key_dim=(32, 64), eam_organize_tokens=(16384, 65536), eam_batch=(1024, 2048),
-    distill_batch_tokens=(4096, 8192), eval_seq_len=(128, 256),
-    eval_batch_windows=(64, 32), size_limit=(16_000_000, 1_000_000),
-    eam_context_tokens=(262_144, 1_048_576),
-)
+PROFILES: dict[str, dict[str, object]] = {
+    # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
+    "competition": {},
+    # The whole pipeline in about a minute on 2 CPU cores, on the demo data: it proves it runs.
+    "cpu_smoke": CPU_COMMON | dict(
+        data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model",
+        max_wallclock_seconds=30.0, teacher_time_frac=0.5, eam_time_frac=0.15,
+        distill_time_frac=0.35, train_seq_len=128, train_batch_tokens=4096,
+        distill_batch_tokens=4096, eval_seq_len=128, eval_batch_windows=64, warmup_steps=5,
+        eam_locations=1024, eam_key_dim=32, eam_organize_tokens=16384, eam_batch=1024,
+        size_limit=16_000_000, eam_context_tokens=262_144),
+    # A fixed benchmark on 2 CPU cores (about 8-10 minutes): a binding size limit, a teacher
+    # trained from scratch (a steep regime: its curve is far from flat).
+    "cpu_proxy": CPU_COMMON | dict(
+        max_wallclock_seconds=420.0, teacher_time_frac=0.45, eam_time_frac=0.0,
+        distill_time_frac=0.55, eam_locations=1, size_limit=1_000_000,
+        eam_context_tokens=1_048_576),
+    # The benchmark where transformers are strong: every run starts from a teacher trained to
+    # the flat end of its curve (tools.pretrain_teacher) and gets the same remaining budget.
+    "cpu_converged": CPU_COMMON | dict(
+        init_checkpoint="checkpoints/cpu_converged_teacher.pt", num_layers=4, xsa_layers=4,
+        enc_layers=4, max_wallclock_seconds=300.0, teacher_time_frac=0.45, eam_time_frac=0.0,
+        distill_time_frac=0.55, eam_locations=1, size_limit=1_000_000,
+        eam_context_tokens=1_048_576),
+}
 RENAMED_SETTINGS = {"KNN_CHUNK_TOKENS": "EVAL_CHUNK_TOKENS"}  # refused, never silently ignored
 # Settings of ideas removed from the code after they measured no gain, or worse
 # (docs/measurements.md, "Memory ideas, measured"), and why: refused too, so that no run silently
@@ -100,12 +104,6 @@ REMOVED_SETTINGS: dict[str, str] = {
                      "EAM_TAU", "EAM_NOVELTY", "EAM_SPLIT_COUNT", "EAM_MERGE_THRESHOLD"),
                     "it belonged to the hidden-state memory, which measured worse than "
                     "next-token counts"),
-}
-PROFILES: dict[str, dict[str, object]] = {
-    # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
-    "competition": {},
-    **{name: CPU_BASE | {key: pair[column] for key, pair in CPU_SIZES.items()}
-       for column, name in enumerate(("cpu_smoke", "cpu_proxy"))},
 }
 
 
@@ -130,6 +128,9 @@ class Hyperparameters:
     model: str = "eam"
     eval_only: bool = False
     compile: bool = True
+    # A teacher to start from, written by tools.pretrain_teacher: benchmarks only (the challenge
+    # trains from scratch inside its 600 s, and tools.check_record refuses such a log).
+    init_checkpoint: str = ""
     # Time: one deadline, MAX_WALLCLOCK_SECONDS from the start of the run, for everything up to
     # the packed artifact; the training stages end at these cumulative shares of it, less the
     # reserve kept for packing.
@@ -933,6 +934,8 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
             "(NUM_LAYERS, MODEL_DIM, ENC_LAYERS, DEC_HIDDEN) or raise SIZE_LIMIT")
     if args.ttt_steps:
         adapted_parameters(model, args.ttt_params)
+    if args.init_checkpoint:
+        read_checkpoint(args)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1274,7 +1277,8 @@ class Phase:
 
 
 def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phase: Phase,
-                 loader: DistributedTokenLoader) -> dict[str, float]:
+                 loader: DistributedTokenLoader,
+                 optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict[str, float]:
     """The shared training loop: DDP, gradient accumulation, wall-clock stop, schedules.
 
     No step starts that would end after phase.stop_at (a step is taken to last as long as the
@@ -1290,7 +1294,7 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
             model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
             broadcast_buffers=False)
     compiled = maybe_compile(wrapped, args, runtime) if phase.compiled else wrapped
-    optimizers = build_optimizers(model, args, phase.lr_scale)
+    optimizers = optimizers or build_optimizers(model, args, phase.lr_scale)
     ema = EMA(model, phase.ema_decay) if phase.ema_decay > 0 else None
     start, next_end = time.perf_counter(), step_clock()
     budget_s = max(phase.stop_at - start, 1e-9)
@@ -1340,11 +1344,43 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
                 tokens=step * phase.batch_tokens, step_ms=1000 * elapsed / max(step, 1))
 
 
+def data_fingerprint(paths: list[Path]) -> str:
+    """A cheap identity of the training shards: names, sizes and the first MB of each."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            digest.update(f"{Path(path).name}:{Path(path).stat().st_size}:".encode())
+            digest.update(handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def read_checkpoint(args: Hyperparameters) -> dict:
+    """INIT_CHECKPOINT's teacher, checked against these settings and training shards: a teacher
+    of another shape, or pretrained on other data, is an error naming the setting."""
+    path = Path(args.init_checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"INIT_CHECKPOINT={args.init_checkpoint!r}: no such file (make "
+                                "it with python -m tools.pretrain_teacher, same PROFILE and "
+                                "DATA_PATH)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    expected = dataclasses.asdict(settings_view(GPTConfig, args))
+    if checkpoint.get("config") != expected:
+        raise ValueError(f"INIT_CHECKPOINT={args.init_checkpoint!r}: a teacher of config "
+                         f"{checkpoint.get('config')}, but these settings make {expected}")
+    data = data_fingerprint(shard_paths(args.data_path, "train"))
+    if checkpoint.get("data") != data:
+        raise ValueError(f"INIT_CHECKPOINT={args.init_checkpoint!r}: pretrained on data "
+                         f"{checkpoint.get('data')}, but DATA_PATH={args.data_path!r} is {data}")
+    return checkpoint
+
+
 def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader,
                   run_started: float) -> GPT:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     teacher = GPT(settings_view(GPTConfig, args)).to(runtime.device)
+    if args.init_checkpoint:
+        teacher.load_state_dict(read_checkpoint(args)["state"])
     params = sum(p.numel() for p in teacher.parameters())
     # The baseline's teacher is the shipped model: it gets the whole training budget.
     teacher_share = 1.0 if args.model == "transformer" else args.teacher_time_frac
@@ -1569,8 +1605,9 @@ def next_token_tables(addresses: torch.Tensor, counts: torch.Tensor,
 # shorter lengths find none) and interpolates their counts from the shortest to the longest,
 # Witten-Bell style (Witten and Bell 1991; Chen and Goodman 1998):
 # p_c = (counts_c + types_c p_{c-1}) / (total_c + types_c), types being how many distinct tokens
-# the context kept, so an often-seen context with few followers is trusted. The base p_0 is the
-# associative read, so the context memory refines it and the mixture stays normalized. Counting
+# the context kept, so an often-seen context with few followers is trusted. The chain starts from
+# the uniform distribution and the empty context (the unigram counts), so every token keeps
+# mass and the result is a distribution over the whole vocabulary. Counting
 # needs no teacher, so it reads far more tokens than the associative writes, and a 2x128
 # transformer cannot hold what it stores: measured on the demo corpus, its counts mixed into the
 # baseline's distribution gained 0.05-0.16 bpb (docs/measurements.md, "The context memory against
@@ -1584,11 +1621,12 @@ def context_codes_fit(vocab_size: int, order: int) -> bool:
 
 def context_codes(recent: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Recent tokens [..., C] (the position's own token last, -1 before the text's start) ->
-    the codes of its contexts of 1..C tokens [..., C]: digits token + 1 in base V + 1, so
-    contexts of different lengths never share a code; -1 where the context is incomplete."""
-    codes, complete = torch.zeros_like(recent[..., :1]), torch.ones_like(recent[..., :1],
-                                                                         dtype=torch.bool)
-    columns = []
+    the codes of its contexts of 0..C tokens [..., C + 1]: 0 for the empty context, then digits
+    token + 1 in base V + 1, so contexts of different lengths never share a code; -1 where the
+    context is incomplete."""
+    codes = recent.new_zeros((*recent.shape[:-1], 1))
+    complete = torch.ones_like(codes, dtype=torch.bool)
+    columns = [codes]
     for back in range(recent.size(-1)):
         token = recent[..., -1 - back: recent.size(-1) - back]
         complete = complete & (token >= 0)
@@ -1664,8 +1702,9 @@ def no_contexts(device: torch.device | None = None) -> ContextTables:
 def count_context_pairs(recent: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
                         min_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Recent tokens [N, C] and the tokens that follow them [N] -> (sorted unique pair codes,
-    their counts) over every complete context of min_length to C tokens."""
-    codes = context_codes(recent, vocab_size)[:, min_length - 1:]
+    their counts) over the empty context and every complete context of min_length to C tokens."""
+    codes = context_codes(recent, vocab_size)
+    codes = torch.cat([codes[:, :1], codes[:, min_length:]], dim=1)
     pairs = codes * vocab_size + next_tokens[:, None]
     return torch.unique(pairs[codes >= 0], return_counts=True)
 
@@ -1691,9 +1730,9 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
                   base: torch.Tensor, leave_out: LeaveOut | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The context memory's distribution [N, V] over the base distribution [N, V] (positive,
-    normalized), and its evidence [N, C], log(1 + total count) of each context found (0 where
-    none). recent [N, C] as recent_tokens gives them; starts: where each context's next tokens
-    begin (the exclusive cumsum of sizes).
+    normalized), and its evidence [N, C + 1], log(1 + total count) of each context of 0..C
+    tokens found (0 where none). recent [N, C] as recent_tokens gives them; starts: where each
+    context's next tokens begin (the exclusive cumsum of sizes).
 
     Interpolated Witten-Bell, shortest context first: a context counted `total` times with
     `types` distinct next tokens turns p into (count + types p) / (total + types). That is
@@ -1707,8 +1746,8 @@ def read_contexts(recent: torch.Tensor, tables: ContextTables, starts: torch.Ten
     and Kneser 1994).
     """
     vocab = base.size(1)
-    evidence = torch.zeros(recent.shape, device=base.device)
-    if tables.codes.numel() == 0 or recent.size(1) == 0:
+    evidence = torch.zeros(recent.size(0), recent.size(1) + 1, device=base.device)
+    if tables.codes.numel() == 0:
         return base.float(), evidence
     found_lengths = []  # per length: (rows, each pair's row, its token, its share, row scales)
     for length, codes in enumerate(context_codes(recent, vocab).T.contiguous()):
@@ -1813,23 +1852,22 @@ def write_mass_usage(counts: torch.Tensor, capacity: int) -> dict[str, float]:
                 max_mass=(busiest[:1].sum() / total).item())
 
 
-def memory_diagnostics(read: MemoryReadConfig, memory: ElasticMemory, keys: torch.Tensor,
-                       tokens: torch.Tensor) -> dict[str, float]:
-    """On keys and next tokens never written: the memory's own loss (nats per token) beside that
-    of a single location holding all the writes, packed alike (the unigram), and the share of
-    the written mass the packed top tokens keep."""
-    tables = memory.tables()
-    written = memory.counters[: memory.size]
-    single = next_token_tables(tables.addresses[:1], written.sum(0, keepdim=True),
-                               tables.patterns.size(1))
+def context_diagnostics(contexts: ContextTables, text: torch.Tensor, length: int,
+                        vocab_size: int) -> dict[str, float]:
+    """On running text the memory did not count (its first `length` tokens the history): the
+    context memory's loss in nats per token, and that of its empty context alone (the unigram
+    counts over the uniform distribution); a distribution over the whole vocabulary gives both
+    at most about ln V on any real text."""
+    recent = recent_tokens(text[None, :-1], max(length, 1))[0, length - 1 if length else 0:]
+    targets = text[max(length, 1):]
+    starts = torch.cumsum(contexts.sizes, 0) - contexts.sizes
+    uniform = torch.full((targets.numel(), vocab_size), 1 / vocab_size, device=text.device)
     nll = {}
-    for name, read_tables in (("memory", tables), ("unigram", single)):
-        rows = next_token_rows(read_tables, written.size(1))
-        p_mem = read_next_tokens(keys, read_tables, read, rows)[0]
-        nll[name] = -p_mem.gather(1, tokens[:, None]).log().mean().item()
-    kept = written.topk(tables.patterns.size(1), dim=1).values.sum() / written.sum()
-    return dict(memory_nll=nll["memory"], unigram_nll=nll["unigram"],
-                top_tokens_mass=kept.item())
+    for name, columns in (("memory_nll", recent[:, recent.size(1) - length:]),
+                          ("unigram_nll", recent[:, :0])):
+        probs, _ = read_contexts(columns, contexts, starts, uniform)
+        nll[name] = -probs.gather(1, targets[:, None]).log().mean().item()
+    return nll
 
 
 @dataclass(frozen=True)
@@ -1918,7 +1956,9 @@ def write_memory(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     organize_ms = elapsed_ms(started) - context_ms
     rank_batch = max(seq_len, args.eam_batch // seq_len * seq_len)
     written = accumulate_memory(runtime, args, memory, teacher_batch, own, rank_batch, stop_at)
-    quality = memory_diagnostics(memory_read_config(args), memory, *teacher_batch(rank_batch))
+    length = max(args.eam_context_order - 1, 0)
+    quality = context_diagnostics(contexts, loader.next_text(rank_batch, max(length, 1))[0], length,
+                                  args.vocab_size)
     used = memory.counts[: memory.size]
     usage = write_mass_usage(used, args.eam_locations)
     context_usage = write_mass_usage(contexts.totals().float(), max(contexts.codes.numel(), 1))
@@ -1992,7 +2032,7 @@ class MemoryGate(nn.Module):
     def __init__(self, model_dim: int, read_k: int, context_length: int):
         super().__init__()
         self.read_k = read_k
-        self.weight = nn.Parameter(torch.zeros(model_dim + read_k + context_length + 2))
+        self.weight = nn.Parameter(torch.zeros(model_dim + read_k + context_length + 3))
         self.bias = nn.Parameter(torch.full((1,), math.log(self.GATE_INIT / (1 - self.GATE_INIT))))
 
     def forward(self, features: torch.Tensor, top_sims: torch.Tensor, evidence: torch.Tensor,
@@ -2101,9 +2141,11 @@ class MemoryLM(nn.Module):
         -> (scores [N, V], the model's own log-probabilities [N, V]). The scores are the
         mixture's log-probabilities (normalized: log_softmax leaves them unchanged). leave_out:
         read_contexts' (training only)."""
-        p_mem, top_sims = read_next_tokens(queries, self.tables, self.config.read, self.token_rows)
+        _, top_sims = read_next_tokens(queries, self.tables, self.config.read, self.token_rows)
+        uniform = features.new_full((features.size(0), self.vocab_size), 1 / self.vocab_size)
         p_mem, evidence = read_contexts(recent[:, recent.size(1) - self.config.context_length:],
-                                        self.contexts, self.context_starts, p_mem, leave_out)
+                                        self.contexts, self.context_starts, uniform.float(),
+                                        leave_out)
         expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
         logits = self.encoder.logits(self.decoder(features, expected))
         gate_logit = self.gate(features, top_sims, evidence, p_mem)
@@ -2329,8 +2371,9 @@ ARTIFACT_MAGIC = b"EAMGOLF\x00"
 # the memory's kind of values (the read's `values`: next-token counts are the only kind left);
 # 6: the context memory (its tables, and its longest context in the config); 7: integers as byte
 # planes of their narrowest type; 8: the context memory's shortest context in the config; 9:
-# without the vocabulary prior (the decoder's dec_prior_rank)
-ARTIFACT_VERSION = 9
+# without the vocabulary prior (the decoder's dec_prior_rank); 10: the empty context (the
+# unigram counts) in the context memory, which starts from the uniform distribution
+ARTIFACT_VERSION = 10
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 # Packed from the tables, not the state.
 ASSOCIATIVE_BUFFERS = ("addresses", "patterns", "log_counts", "next_tokens")

@@ -1,4 +1,5 @@
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -181,15 +182,16 @@ def witten_bell_reference(history: list[int], stream: list[int], longest: int, v
                           base: list[float], shortest: int = 1,
                           skipped: int | None = None) -> list[float]:
     """The interpolated Witten-Bell distribution after `history`, written out plainly: counts
-    of every context of shortest..longest tokens in `stream`, shortest first, over `base`; the
-    target at stream index `skipped` (and its contexts) not counted."""
+    of the empty context and of every context of shortest..longest tokens in `stream` (of its
+    targets stream[1:]), shortest first, over `base`; the target at stream index `skipped` (and
+    its contexts) not counted."""
     probs = list(base)
-    for length in range(shortest, longest + 1):
+    for length in [0, *range(shortest, longest + 1)]:
         if len(history) < length:
             break
-        context = tuple(history[-length:])
+        context = tuple(history[len(history) - length:])
         followers: dict[int, int] = {}
-        for end in range(length, len(stream)):
+        for end in range(max(length, 1), len(stream)):
             if end != skipped and tuple(stream[end - length: end]) == context:
                 followers[stream[end]] = followers.get(stream[end], 0) + 1
         if followers:
@@ -226,13 +228,16 @@ def test_the_context_read_is_witten_bell_interpolation_over_its_base(shortest):
                                          shortest)
         torch.testing.assert_close(probs[row], torch.tensor(expected), atol=1e-6, rtol=0)
     torch.testing.assert_close(probs.sum(1), torch.ones(len(CONTEXT_HISTORIES)))
-    # No context to read (an empty history; token 4 never occurs; a single token when the
-    # shortest kept is two): the base passes through.
+    # The empty context is found everywhere; no longer one (an empty history; token 4 never
+    # occurs; a single token when the shortest kept is two).
+    assert (evidence[:, 0] > 0).all()
     for row in (0, 4) if shortest == 1 else (0, 1, 4):
-        assert torch.equal(probs[row], base[row]) and (evidence[row] == 0).all()
+        assert (evidence[row, 1:] == 0).all()
     # Every length kept is found, and no shorter one.
-    assert (evidence[3, shortest - 1:] > 0).all() and (evidence[3, :shortest - 1] == 0).all()
-    assert (probs[3] != base[3]).any()
+    assert (evidence[3, shortest:] > 0).all() and (evidence[3, 1:shortest] == 0).all()
+    # Over the uniform base, tokens never counted keep mass: a distribution over the vocabulary.
+    uniform = torch.full((len(CONTEXT_HISTORIES), 5), 0.2)
+    assert (train_gpt.read_contexts(queries, tables, starts, uniform)[0] > 0).all()
 
 
 def test_the_context_read_passes_the_gradient_its_interpolation_scales_the_base_by():
@@ -270,7 +275,7 @@ def test_leaving_a_counted_target_out_reads_as_if_it_was_never_counted(shortest)
     assert (evidence <= full_evidence).all() and (evidence < full_evidence).any()
     none_left_out = train_gpt.read_contexts(recent, tables, starts, base, (targets, 0 * ones))
     assert torch.equal(none_left_out[0], full) and torch.equal(none_left_out[1], full_evidence)
-    # A context seen once, left out, is no context: the base passes through.
+    # A context seen once, left out, is no context; the empty context keeps the other tokens.
     once = torch.tensor([0, 1, 2, 3, 4])
     single = train_gpt.context_tables(*train_gpt.count_context_pairs(
         train_gpt.recent_tokens(once[None, :-1], 3)[0], once[1:], 5, shortest), 5)
@@ -278,7 +283,10 @@ def test_leaving_a_counted_target_out_reads_as_if_it_was_never_counted(shortest)
     alone, alone_evidence = train_gpt.read_contexts(
         torch.tensor([[0, 1, 2]]), single, single_starts, base[:1],
         (torch.tensor([3]), torch.tensor([1])))
-    assert torch.equal(alone, base[:1]) and (alone_evidence == 0).all()
+    expected = witten_bell_reference([0, 1, 2], once.tolist(), 3, 5, base[0].tolist(), shortest,
+                                     skipped=3)
+    torch.testing.assert_close(alone[0], torch.tensor(expected), atol=1e-6, rtol=0)
+    assert (alone_evidence[:, 1:] == 0).all() and alone_evidence[0, 0] == math.log(4)
 
 
 def test_counted_text_knows_how_often_each_stream_index_was_counted():
@@ -322,9 +330,9 @@ def test_the_context_memory_counts_running_text_and_says_which(tmp_path):
 def test_context_codes_tell_lengths_apart_and_mark_incomplete_contexts():
     recent = torch.tensor([[-1, -1, 0], [-1, 0, 0], [0, 0, 0], [3, 1, 2]])
     codes = train_gpt.context_codes(recent, vocab_size=4)
-    assert codes[0].tolist() == [1, -1, -1] and codes[1].tolist() == [1, 6, -1]
-    assert len(set(codes[2].tolist())) == 3  # "0", "0 0" and "0 0 0" differ
-    assert codes[3].tolist() == [3, 3 * 5 + 2, (3 * 5 + 2) * 5 + 4]
+    assert codes[0].tolist() == [0, 1, -1, -1] and codes[1].tolist() == [0, 1, 6, -1]
+    assert len(set(codes[2].tolist())) == 4  # "", "0", "0 0" and "0 0 0" differ
+    assert codes[3].tolist() == [0, 3, 3 * 5 + 2, (3 * 5 + 2) * 5 + 4]
     assert train_gpt.context_codes_fit(1024, 6) and not train_gpt.context_codes_fit(1024, 7)
 
 

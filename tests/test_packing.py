@@ -287,9 +287,9 @@ def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder()
     zero_initialised(student)
     code_bytes = (REPO / "train_gpt.py").stat().st_size
     reserve = train_gpt.untrained_bytes(student, args.quant_bits)
-    half = student.contexts.most_counted(student.context_counts.numel() // 2)
+    quarter = student.contexts.most_counted(student.context_counts.numel() // 4)
     busiest = student.tables.select(student.log_counts.argmax().view(1))
-    limit = code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args, half))
+    limit = code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args, quarter))
     args = dataclasses.replace(args, size_limit=limit)
     pairs, tables = student.context_counts.numel(), student.tables
     train_gpt.fit_memories(CPU, args, student)

@@ -1,5 +1,7 @@
 """The whole pipeline as users run it: one process, twice (determinism), and torchrun x2."""
 
+import math
+
 import pytest
 
 import train_gpt
@@ -95,8 +97,9 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
     records = logs["memory_ddp"]
     write = records[train_gpt.stage_record("eam_write")]
     assert write["locations"] == TINY_RUN["EAM_LOCATIONS"] and float(write["used_share"]) > 0.9
-    assert 0 < float(write["memory_nll"]) < 20 and 0 < float(write["unigram_nll"]) < 20
-    assert 0 < float(write["top_tokens_mass"]) <= 1
+    # The context memory is a distribution over the whole vocabulary: on text it did not count,
+    # its loss is below a uniform guess's, and the unigram counts' is above its own.
+    assert 0 < float(write["memory_nll"]) <= float(write["unigram_nll"]) < math.log(1024)
     # The context memory: both ranks' counts, gathered, at least the budget of tokens.
     assert int(write["context_tokens"]) >= int(TINY_RUN["EAM_CONTEXT_TOKENS"])
     assert int(write["context_pairs"]) > 0

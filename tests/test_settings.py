@@ -17,10 +17,14 @@ def test_competition_defaults_and_run_id():
     assert args.run_id == "competition_seed1337"
 
 
-@pytest.mark.parametrize("profile", ["cpu_smoke", "cpu_proxy"])
-def test_cpu_profiles_use_demo_data_and_cap_validation(profile):
+@pytest.mark.parametrize("profile", ["cpu_smoke", "cpu_proxy", "cpu_converged"])
+def test_cpu_profiles_cap_validation_and_only_the_smoke_run_reads_the_demo_data(profile):
+    """The demo corpus is for the set-up run; the benchmarks read the challenge's paths (FineWeb,
+    or web text through DATA_PATH)."""
     args = Hyperparameters.from_env({"PROFILE": profile})
-    assert args.data_path == train_gpt.DEMO_DATA
+    competition = Hyperparameters.from_env({})
+    assert args.data_path == (train_gpt.DEMO_DATA if profile == "cpu_smoke"
+                              else competition.data_path)
     assert args.val_tokens == 65536
     assert args.compile is False
 

@@ -120,11 +120,29 @@ def timed(function, *args) -> float:
     return time.perf_counter() - started
 
 
+def memory_diagnostics(read, memory, keys, tokens) -> dict[str, float]:
+    """On keys and next tokens never written: the memory's own loss (nats per token) beside that
+    of a single location holding all the writes, packed alike (the unigram), and the share of
+    the written mass the packed top tokens keep."""
+    tables = memory.tables()
+    written = memory.counters[: memory.size]
+    single = train_gpt.next_token_tables(tables.addresses[:1], written.sum(0, keepdim=True),
+                                         tables.patterns.size(1))
+    nll = {}
+    for name, read_tables in (("memory", tables), ("unigram", single)):
+        rows = train_gpt.next_token_rows(read_tables, written.size(1))
+        p_mem = train_gpt.read_next_tokens(keys, read_tables, read, rows)[0]
+        nll[name] = -p_mem.gather(1, tokens[:, None]).log().mean().item()
+    kept = written.topk(tables.patterns.size(1), dim=1).values.sum() / written.sum()
+    return dict(memory_nll=nll["memory"], unigram_nll=nll["unigram"],
+                top_tokens_mass=kept.item())
+
+
 def quality(cfg, memory, keys, tokens) -> dict:
-    """train_gpt's diagnostics on held-out keys, and how the locations are used."""
+    """The memory's diagnostics on held-out keys, and how the locations are used."""
     used = memory.counts[: memory.size]
-    diagnostics = train_gpt.memory_diagnostics(train_gpt.memory_read_config(settings(cfg)),
-                                               memory, keys, tokens)
+    diagnostics = memory_diagnostics(train_gpt.memory_read_config(settings(cfg)),
+                                     memory, keys, tokens)
     return dict(diagnostics, locations=memory.size, share_written=(used > 0).float().mean().item(),
                 median_count=used.median().item(), max_count=used.max().item())
 
