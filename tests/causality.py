@@ -45,15 +45,18 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     # The shipped defaults' combination: the memory, its evaluation-time writes and TTT of every
     # parameter (no kNN store).
     "defaults": dict(knn_lambda=0.0, eval_memory_writes=True, **TTT),
-    # The same with the one associative location that the competition and cpu_proxy ship.
-    "defaults_one_location": dict(knn_lambda=0.0, eval_memory_writes=True, eam_locations=1, **TTT),
+    # The same with the long contexts learned while scoring.
+    "defaults_learned": dict(knn_lambda=0.0, eval_memory_writes=True,
+                             eam_learned_lengths="4,6,8", **TTT),
     # Evaluation-time writes into the memory, with the kNN store beside them and without.
     "writes": dict(knn_lambda=0.0, eval_memory_writes=True),
     "writes_knn": dict(knn_lambda=0.5, eval_memory_writes=True),
     # Every option at once, with test-time training of every parameter or of the decoder and
     # the gate.
-    "everything": dict(knn_lambda=0.5, eam_count_prior=0.5, eval_memory_writes=True, **TTT),
-    "everything_decoder_gate": dict(knn_lambda=0.5, eam_count_prior=0.5, eval_memory_writes=True,
+    "everything": dict(knn_lambda=0.5, eval_memory_writes=True, eam_learned_lengths="4,6,8",
+                       **TTT),
+    "everything_decoder_gate": dict(knn_lambda=0.5, eval_memory_writes=True,
+                                    eam_learned_lengths="4,6,8",
                                     **TTT | dict(ttt_params="decoder,gate")),
     "baseline": dict(model="transformer", knn_lambda=0.5),  # MODEL=transformer and its kNN
     "baseline_ttt": dict(model="transformer", knn_lambda=0.5, **TTT),
@@ -67,7 +70,7 @@ def artifact_distributions(settings: dict[str, object], folder: Path) -> Distrib
     if args.model == "transformer":  # the baseline: the student's encoder as the teacher
         student = train_gpt.TransformerLM.from_teacher(student.encoder, args)
         path = folder / "causality.eam"
-        path.write_bytes(train_gpt.build_artifact(student, None, args))
+        path.write_bytes(train_gpt.build_artifact(student, args))
     else:
         path = write_artifact(folder / "causality.eam", args, student)
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import train_gpt
 
@@ -17,9 +16,8 @@ CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
 
 TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads=2,
             num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
-            eam_key_dim=8, eam_locations=64, eam_read_k=4, eam_write_k=4, eval_seq_len=32,
-            eval_stride=8, eval_batch_windows=4, eval_chunk_tokens=16, knn_k=4, compile=False,
-            ttt_steps=0, eval_memory_writes=False)
+            knn_key_dim=8, eval_seq_len=32, eval_stride=8, eval_batch_windows=4,
+            eval_chunk_tokens=16, knn_k=4, compile=False, ttt_steps=0, eval_memory_writes=False)
 # Test-time training and evaluation-time memory writes run only where a test turns them on.
 
 
@@ -27,10 +25,9 @@ TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads
 # and quick on any machine (the pipeline_runs fixture).
 TINY_RUN = {
     "PROFILE": "cpu_smoke", "MAX_WALLCLOCK_SECONDS": "600", "VAL_TOKENS": "3000",
-    "ITERATIONS": "6", "TRAIN_BATCH_TOKENS": "2048", "EAM_ORGANIZE_TOKENS": "4096",
-    "EAM_WRITE_TOKENS": "8192", "EAM_LOCATIONS": "256", "DISTILL_KEY_ITERATIONS": "2",
-    "DISTILL_ITERATIONS": "3", "DISTILL_BATCH_TOKENS": "2048", "EVAL_CHUNK_TOKENS": "512",
-    "TRAIN_LOG_EVERY": "1000", "EAM_CONTEXT_TOKENS": "32768",
+    "ITERATIONS": "6", "TRAIN_BATCH_TOKENS": "2048", "DISTILL_ITERATIONS": "3",
+    "DISTILL_BATCH_TOKENS": "2048", "EVAL_CHUNK_TOKENS": "512", "TRAIN_LOG_EVERY": "1000",
+    "EAM_CONTEXT_TOKENS": "32768", "EAM_LEARNED_LENGTHS": "4,6",
 }
 PIPELINE_RUN_ID = "single"  # the one-process run; its artifact is PIPELINE_RUN_ID.eam
 
@@ -39,31 +36,31 @@ def tiny_args(**overrides) -> train_gpt.Hyperparameters:
     return train_gpt.Hyperparameters(**{**TINY, **overrides})
 
 
-def random_contexts(args: train_gpt.Hyperparameters, tokens: int = 4096
-                    ) -> train_gpt.ContextTables:
-    """A context memory counted from a random stream of a few tokens of the vocabulary (so that
-    contexts repeat), kept whole (minimum count 1)."""
-    length = max(args.eam_context_order - 1, 0)
-    if length == 0:
+def counted_contexts(args: train_gpt.Hyperparameters, stream: torch.Tensor
+                     ) -> train_gpt.ContextTables:
+    """The context memory of `stream` [T] at the shipped lengths of `args`, kept whole."""
+    lengths = train_gpt.shipped_lengths(args)
+    if not lengths:
         return train_gpt.no_contexts()
-    stream = torch.randint(0, min(8, args.vocab_size), (1, tokens + 1))
-    recent = train_gpt.recent_tokens(stream[:, :-1], length)[0]
-    pairs = train_gpt.count_context_pairs(recent, stream[0, 1:], args.vocab_size,
-                                          args.eam_context_min_length)
+    history = max(max(lengths), 1)
+    recent = train_gpt.recent_tokens(stream[None, :-1], history)[0]
+    pairs = train_gpt.count_context_pairs(recent, stream[1:], args.vocab_size, lengths)
     return train_gpt.context_tables(*pairs, args.vocab_size)
 
 
-def tiny_student(seed: int = 0, locations: int = 48, **overrides):
-    """(settings, a MemoryLM, by default of vocabulary 256, with random tables, context memory
-    and weights). An EAM_LOCATIONS override sets how many associative locations it holds."""
+def random_contexts(args: train_gpt.Hyperparameters, tokens: int = 4096
+                    ) -> train_gpt.ContextTables:
+    """A context memory counted from a random stream of a few tokens of the vocabulary (so that
+    contexts repeat)."""
+    return counted_contexts(args, torch.randint(0, min(8, args.vocab_size), (tokens + 1,)))
+
+
+def tiny_student(seed: int = 0, **overrides):
+    """(settings, a MemoryLM, by default of vocabulary 256, with a random context memory and
+    random weights)."""
     torch.manual_seed(seed)
     args = tiny_args(**{"vocab_size": 256, "dec_hidden": 64, **overrides})
-    locations = overrides.get("eam_locations", locations)
-    addresses = F.normalize(torch.randn(locations, args.eam_key_dim), dim=1)
-    # Skewed counts: some locations written only a little.
-    counts = torch.rand(locations, args.vocab_size) ** 8 * torch.logspace(-1, 3, locations)[:, None]
-    tables = train_gpt.next_token_tables(addresses, counts, args.eam_top_tokens)
-    student = train_gpt.MemoryLM(train_gpt.student_config(args), tables, random_contexts(args))
+    student = train_gpt.MemoryLM(train_gpt.student_config(args), random_contexts(args))
     with torch.no_grad():  # zero-initialised projections would hide packing mistakes
         for param in student.parameters():
             param.add_(0.02 * torch.randn_like(param))
@@ -78,8 +75,8 @@ def unit_byte_tables(vocab: int) -> train_gpt.ByteTables:
 
 
 def write_artifact(path: Path, args: train_gpt.Hyperparameters, model) -> Path:
-    """Pack `model` with its own memory tables into the artifact file `path`."""
-    path.write_bytes(train_gpt.build_artifact(model, model.tables, args))
+    """Pack `model` with its own memory into the artifact file `path`."""
+    path.write_bytes(train_gpt.build_artifact(model, args))
     return path
 
 

@@ -10,7 +10,14 @@ import torch
 
 import train_gpt
 from tests.causality import EVAL_PATHS, VOCAB, artifact_distributions, assert_causal
-from tests.helpers import CPU, tiny_args, tiny_student, unit_byte_tables, write_artifact
+from tests.helpers import (
+    CPU,
+    counted_contexts,
+    tiny_args,
+    tiny_student,
+    unit_byte_tables,
+    write_artifact,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -47,11 +54,8 @@ def context_distributions(folder: Path, min_length: int):
     (evaluation-time writes and TTT)."""
     args, student = tiny_student(**EVAL_PATHS["defaults"], eam_context_order=5,
                                  eam_context_min_length=min_length)
-    recent = train_gpt.recent_tokens(TOKENS[None, :-1], 4)[0]
-    contexts = train_gpt.context_tables(
-        *train_gpt.count_context_pairs(recent, TOKENS[1:], VOCAB, min_length), VOCAB)
     path = write_artifact(folder / "contexts.eam", args,
-                          train_gpt.MemoryLM(student.config, student.tables, contexts))
+                          train_gpt.MemoryLM(student.config, counted_contexts(args, TOKENS)))
 
     def distributions(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         _, totals = train_gpt.score_artifact(CPU, args, path, tokens, unit_byte_tables(VOCAB),
@@ -108,7 +112,8 @@ leaky_training = source_leak("new_keys, new_targets = [], []",
 # The context memory counts each chunk's text (its targets included) before scoring it.
 leaky_text_writes = source_leak("new_keys, new_targets = [], []",
                                 "new_keys, new_targets = [], []; "
-                                "writes.add_text(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
+                                "count_scored_text(writes, tokens, int(chunk[0, 1]), "
+                                "int(chunk[-1, 2]))")
 
 
 def leaky_input(scorer):

@@ -39,7 +39,7 @@ def run_eval(tokens: torch.Tensor, **overrides):
     args, student = tiny_student(**overrides)
     student.eval().requires_grad_(False)
     ttt = train_gpt.TestTimeTraining(CPU, args, student) if args.ttt_steps else None
-    writes = train_gpt.MemoryWrites(student) if args.eval_memory_writes else None
+    writes = student if args.eval_memory_writes else None
     totals = train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
                                 unit_byte_tables(256), student.config.key_dim, keep_rows=True,
                                 ttt=ttt, writes=writes)
@@ -92,71 +92,76 @@ def test_memory_writes_learn_repeated_text_once_it_is_scored():
     assert after["model"][first:].mean() < before["model"][first:].mean() - 0.02
 
 
-def test_memory_writes_count_each_target_at_its_nearest_location(monkeypatch):
-    monkeypatch.setattr(train_gpt, "SIMILARITY_ROWS", 5)  # keys meet the addresses in blocks
-    torch.manual_seed(0)
-    args, student = tiny_student(eam_top_tokens=16)
-    writes = train_gpt.MemoryWrites(student)
-    keys = torch.nn.functional.normalize(torch.randn(23, args.eam_key_dim), dim=1)
-    targets = torch.randint(0, args.vocab_size, (23,))
-    writes.add(keys, targets)
-    expected = torch.zeros_like(student.scored_counts)
-    for key, target in zip(keys, targets.tolist(), strict=True):
-        expected[(student.addresses @ key).argmax(), target] += 1
-    assert torch.equal(student.scored_counts, expected) and writes.written == 23
-
-
-@pytest.mark.parametrize("min_length", [1, 2])
-def test_evaluation_counts_every_scored_target_into_the_context_memory_once(min_length):
-    """After a whole evaluation with EVAL_MEMORY_WRITES, the context memory holds its artifact's
-    counts plus exactly those of every scored (context, target) pair, chunk by chunk, of the
-    context lengths it shipped with."""
+@pytest.mark.parametrize("min_length, learned", [(1, ""), (2, "4,6")])
+def test_evaluation_counts_every_scored_target_into_the_memory_once(min_length, learned):
+    """After a whole evaluation with EVAL_MEMORY_WRITES, the memory holds its artifact's counts
+    plus exactly those of every (context, target) pair scored before the last chunk (which
+    nothing reads after), at every length the model reads, learned ones too."""
     args, student = tiny_student(eval_memory_writes=True, eval_chunk_tokens=24,
-                                 eam_context_min_length=min_length)
+                                 eam_context_min_length=min_length, eam_learned_lengths=learned)
     tokens = torch.randint(0, 8, (150,), generator=torch.Generator().manual_seed(3))
     shipped = student.contexts.pairs(args.vocab_size)
     train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), tokens,
-                       unit_byte_tables(256), None, writes=train_gpt.MemoryWrites(student))
-    recent = train_gpt.recent_tokens(tokens[None, :-1], student.config.context_length)[0]
+                       unit_byte_tables(256), writes=student)
+    windows = train_gpt.sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
+    last = windows.split(args.eval_chunk_tokens // args.eval_stride)[-1]
+    counted = int(last[0, 1])  # the targets before the last chunk's
+    recent = train_gpt.recent_tokens(tokens[None, :-1], student.recent_length)[0][:counted]
     expected = train_gpt.merge_pairs(shipped, train_gpt.count_context_pairs(
-        recent, tokens[1:], args.vocab_size, min_length))
-    merged = student.contexts.pairs(args.vocab_size)
-    assert torch.equal(merged[0], expected[0]) and torch.equal(merged[1], expected[1])
-    # A single token's codes are 1..V: none were counted when the shortest kept is two.
-    # Single-token codes (1..V) only where they are kept; the empty context's (0) always.
-    single = (student.context_codes > 0) & (student.context_codes <= args.vocab_size)
-    assert single.any() == (min_length == 1) and (student.context_codes == 0).any()
-    assert torch.equal(student.context_starts,
-                       torch.cumsum(student.context_sizes, 0) - student.context_sizes)
+        recent, tokens[1: counted + 1], args.vocab_size, student.config.context_lengths))
+    runs = student.memory.runs
+    codes, counts = torch.cat([run[0] for run in runs]), torch.cat([run[1] for run in runs])
+    order = codes.argsort()
+    assert torch.equal(codes[order], expected[0]) and torch.equal(counts[order], expected[1])
+    # The shipped tables themselves are left as they were.
+    assert torch.equal(student.contexts.pairs(args.vocab_size)[1], shipped[1])
+
+
+def test_an_evaluation_past_its_time_stops_learning_and_still_scores_every_target_once(capsys):
+    """Projected past MAX_WALLCLOCK_SECONDS, the learners stop after the chunk that told: the
+    next chunk reads what they learned, every later one the same, and every target is scored
+    once."""
+    tokens = torch.randint(0, 8, (200,), generator=torch.Generator().manual_seed(5))
+    settings = dict(knn_lambda=0.5, eval_memory_writes=True, ttt_steps=1, ttt_lr_scale=1.0,
+                    eval_chunk_tokens=32, eam_learned_lengths="4")
+    full, _ = run_eval(tokens, **settings)
+    capsys.readouterr()
+    shed, totals = run_eval(tokens, **settings, max_wallclock_seconds=1e-6)
+    record = train_gpt.parse_log(capsys.readouterr().out)[train_gpt.SHED_RECORD]
+    assert record["after_chunk"] == "1" and int(record["chunks"]) > 3
+    assert all(total.reduced(CPU)[2] == 199 for total in totals.values())
+    second_end = int(train_gpt.sliding_windows(200, 32, 8).split(4)[1][-1, 2])
+    for name in ("model", "knn"):
+        torch.testing.assert_close(shed[name][:second_end], full[name][:second_end], atol=0,
+                                   rtol=0)
+        assert not torch.equal(shed[name][second_end:], full[name][second_end:])
 
 
 def test_memory_writes_need_a_memory():
     with pytest.raises(ValueError, match="EVAL_MEMORY_WRITES=1 writes into the memory: "
                                          "MODEL='transformer' has none"):
         train_gpt.Hyperparameters.from_env({"MODEL": "transformer", "EVAL_MEMORY_WRITES": "1"})
-    args, student = tiny_student()
-    baseline = train_gpt.TransformerLM.from_teacher(student.encoder, args)
-    with pytest.raises(ValueError, match="this artifact's transformer model has none"):
-        train_gpt.MemoryWrites(baseline)  # the baseline's artifact, as EVAL_ONLY finds it
+    # The baseline's artifact, as EVAL_ONLY finds it: its scoring writes nothing.
+    assert not train_gpt.memory_writes_on(tiny_args(eval_memory_writes=True), "transformer")
 
 
 def test_test_time_training_changes_only_what_it_adapts():
-    args, student = tiny_student(eval_chunk_tokens=32, ttt_steps=1, ttt_params="decoder,key_head")
+    args, student = tiny_student(eval_chunk_tokens=32, ttt_steps=1, ttt_params="decoder,gate")
     student.eval().requires_grad_(False)
     before = {name: param.clone() for name, param in student.named_parameters()}
     ttt = train_gpt.TestTimeTraining(CPU, args, student)
     train_gpt.evaluate(CPU, args, train_gpt.student_scorer(student), torch.randint(0, 256, (120,)),
-                       unit_byte_tables(256), None, ttt=ttt)
+                       unit_byte_tables(256), ttt=ttt)
     changed = {name for name, param in student.named_parameters()
                if not torch.equal(param, before[name])}
-    assert changed == {"decoder.fc.weight", "decoder.proj.weight", "key_head.weight"}
+    assert changed == {"decoder.fc.weight", "decoder.proj.weight", "gate.weight", "gate.bias"}
     assert ttt.steps == 2  # chunks of targets end at 56, 88 and 119; the last one teaches nothing
 
 
 def test_ttt_params_must_name_parameters_of_the_model():
     args, student = tiny_student()
     with pytest.raises(ValueError, match=r"TTT_PARAMS='decoder,gpt.blocks': \['gpt.blocks'\] "
-                                         r"names no parameter of the eam model.*'key_head'"):
+                                         r"names no parameter of the eam model.*'gate'"):
         train_gpt.adapted_parameters(student, "decoder,gpt.blocks")
     # Whole name parts: 'encoder.blocks.1' is one block, never also 'encoder.blocks.10'.
     names = train_gpt.adapted_parameters(student, "encoder.blocks.1")
@@ -221,9 +226,10 @@ def artifact_and_settings(tmp_path, demo_data, **overrides):
 
 
 def test_evaluation_takes_the_dimensions_from_the_artifact(tmp_path, demo_data, capsys):
-    path, settings = artifact_and_settings(tmp_path, demo_data, eam_key_dim=12)
-    # The environment's EAM_KEY_DIM and VOCAB_SIZE say other things: the artifact decides.
-    other = dataclasses.replace(settings, eam_key_dim=32, vocab_size=64, artifact_path=str(path))
+    path, settings = artifact_and_settings(tmp_path, demo_data, knn_key_dim=12)
+    # The environment's KNN_KEY_DIM and VOCAB_SIZE say other things: the artifact decides.
+    other = dataclasses.replace(settings, knn_key_dim=32, vocab_size=64, artifact_path=str(path),
+                                knn_lambda=0.5)
     train_gpt.evaluate_artifact(CPU, other, sha256="", teacher=None, shipped=None)
     records = train_gpt.parse_log(capsys.readouterr().out)
     assert float(records[train_gpt.SCORE_RECORD]["val_bpb"]) > 0
@@ -257,6 +263,6 @@ def test_the_references_score_the_shipped_model_before_packing_on_a_copy(tmp_pat
     # int6 rows move the scores, but not far (a broken packing would).
     packed = float(records[train_gpt.MEMORY_RECORD]["val_bpb"])
     assert abs(float(records[train_gpt.PREPACK_RECORD]["val_bpb"]) - packed) < 0.05
-    assert student.scored_counts is None
+    assert student.memory.pairs == student.context_counts.numel()  # counted nothing
     for name, tensor in student.state_dict().items():
         assert torch.equal(tensor, before[name]), name

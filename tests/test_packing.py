@@ -35,10 +35,9 @@ def scores(model, tokens):
         return train_gpt.student_scorer(model.eval())(tokens, mask)[0]
 
 
-# Options that change what is packed: the tokens a location keeps (every memory ships token ids,
-# probabilities, log counts and the gate).
-@pytest.mark.parametrize("options", [{}, dict(eam_count_prior=0.5),
-                                     dict(eam_top_tokens=16)])
+# Options that change what is packed: the memory's lengths (the gate's inputs), no memory.
+@pytest.mark.parametrize("options", [{}, dict(eam_learned_lengths="4,8"),
+                                     dict(eam_context_order=0)])
 def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes_nothing(
         tmp_path, options):
     args, student = tiny_student(**options)
@@ -47,8 +46,8 @@ def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes
     original, got = student.state_dict(), rebuilt.state_dict()
     assert got.keys() == original.keys()
     for name, value in original.items():
-        if name == "next_tokens":
-            assert torch.equal(got[name], value)
+        if name in train_gpt.MEMORY_BUFFERS:  # exactly
+            assert torch.equal(got[name], value), name
             continue
         if value.ndim == 2:  # at worst 6-bit rows: half a step of max|row| / 31, plus fp16
             bound = value.abs().amax(1, keepdim=True) / 62 * 1.01 + 1e-6
@@ -101,51 +100,30 @@ def rewrite_header(raw: bytes, change) -> bytes:
     (lambda h: h["model"].pop("dec_hidden"), r"missing keys \['dec_hidden'\]"),
     (lambda h: h["model"]["encoder"].pop("rope_base"), r"\(encoder\).*missing keys"),
     (lambda h: h["model"].update(mystery=1), r"unknown keys \['mystery'\]"),
-    (lambda h: h["model"]["read"].update(k="4"), r"MemoryReadConfig.k='4' is not of type int"),
-    (lambda h: h["model"]["read"].update(k=4.0), r"MemoryReadConfig.k=4.0 is not of type int"),
-    (lambda h: h["model"].update(dec_sees_encoder=1), "dec_sees_encoder=1 is not of type bool"),
+    (lambda h: h["model"].update(key_dim="4"), r"StudentConfig.key_dim='4' is not of type int"),
+    (lambda h: h["model"].update(key_dim=4.0), r"StudentConfig.key_dim=4.0 is not of type int"),
+    (lambda h: h["model"]["encoder"].update(ln_scale=1), "ln_scale=1 is not of type bool"),
     (lambda h: h["model"].update(dec_hidden=65), "tensors do not match its model config"),
-    (lambda h: h["model"]["read"].pop("alpha"), r"\(read\).*missing keys \['alpha'\]"),
-    (lambda h: h["model"]["read"].update(alpha="0.1"), "MemoryReadConfig.alpha='0.1' is not of"),
-    # The field of the memory's kind, gone since next-token counts became the only one.
-    (lambda h: h["model"]["read"].update(values="next_token"),
-     r"\(read\).*unknown keys \['values'\]"),
-    (lambda h: h["tensors"].pop("next_tokens"), r"the memory's \['next_tokens'\] are missing"),
+    (lambda h: h["model"].update(context_lengths=[0, 2, 3, 4]),
+     "tensors do not match its model config"),  # the gate reads one evidence more
+    (lambda h: h["model"].update(context_lengths=[0, 2.0]),
+     r"context_lengths=\[0, 2.0\] is not of type tuple"),
+    (lambda h: h["tensors"].pop("context_counts"),
+     r"the memory's \['context_counts'\] are missing"),
 ])
 def test_the_header_is_read_back_exactly_or_not_at_all(tmp_path, change, message):
     args, student = tiny_student()
     path = tmp_path / "edited.eam"
-    path.write_bytes(rewrite_header(train_gpt.build_artifact(student, student.tables, args),
-                                    change))
+    path.write_bytes(rewrite_header(train_gpt.build_artifact(student, args), change))
     with pytest.raises(ValueError, match=message) as error:
         train_gpt.load_artifact(path, torch.device("cpu"))
     assert "edited.eam" in str(error.value)
 
 
-def test_the_read_settings_are_read_back_exactly(tmp_path):
-    args, student = tiny_student(eam_read_alpha=0.25, eam_read_k=3)
-    model = round_trip(student, args, tmp_path / "next.eam")
-    assert model.config == student.config
-    assert (model.config.read.alpha, model.config.read.k) == (0.25, 3)
-
-
-def test_packed_next_token_distributions_round_trip_within_quantization_error(tmp_path):
-    """Top-T probabilities go to int8 rows (scale max / 127) and are renormalized on loading:
-    each stays within one step of max q of what was trained, the ids exactly."""
-    args, student = tiny_student(eam_top_tokens=16, locations=64)
-    model = round_trip(student, args, tmp_path / "next.eam")
-    trained, loaded = student.tables, model.tables
-    assert torch.equal(loaded.next_tokens, trained.next_tokens)
-    torch.testing.assert_close(loaded.patterns.sum(1), torch.ones(64))
-    step = trained.patterns.amax(1, keepdim=True) / 127
-    assert ((loaded.patterns - trained.patterns).abs() <= step).all()
-    assert ((loaded.log_counts - trained.log_counts).abs() <= 1e-2).all()  # fp16
-
-
 def test_same_model_gives_byte_identical_artifacts():
     args, student = tiny_student()
-    first = train_gpt.build_artifact(student, student.tables, args)
-    second = train_gpt.build_artifact(student, student.tables, args)
+    first = train_gpt.build_artifact(student, args)
+    second = train_gpt.build_artifact(student, args)
     assert first == second
 
 
@@ -167,7 +145,7 @@ def test_counts_past_uint32_load_back_exactly(tmp_path):
     contexts = student.contexts
     contexts.counts[0] = 2**33 + 5  # a pair counted more than 2^32 times
     path = tmp_path / "big.eam"
-    path.write_bytes(train_gpt.build_artifact(student, student.tables, args, contexts))
+    path.write_bytes(train_gpt.build_artifact(student, args, contexts))
     assert torch.equal(train_gpt.load_artifact(path, CPU.device).contexts.counts, contexts.counts)
 
 
@@ -203,40 +181,15 @@ def test_reported_sizes_are_the_real_file_sizes(tmp_path):
     assert sizes["total_bytes"] == sizes["code_bytes"] + sizes["model_bytes"]
 
 
-def test_fit_drops_least_written_locations_until_under_the_limit():
-    args, student = tiny_student(locations=400)
-    full = train_gpt.build_artifact(student, student.tables, args)
-    limit = len(full) - 3000
-    fitted_args = dataclasses.replace(args, size_limit=limit + 100)
-    artifact, kept, contexts = train_gpt.fit_artifact(student, fitted_args, code_bytes=100)
-    dropped = 400 - kept.addresses.size(0)
-    assert dropped > 0 and 100 + len(artifact) <= fitted_args.size_limit
-    assert torch.equal(contexts.counts, student.context_counts)  # the context memory kept whole
-    _, _, entries, arrays = train_gpt.deserialize(zstandard.ZstdDecompressor().decompress(
-        artifact[train_gpt.ARTIFACT_PREFIX.size:]))
-    kept = arrays["patterns.q"].shape[0]
-    next_tokens = train_gpt.unpack_tensors(entries, arrays)["next_tokens"]
-    assert kept == 400 - dropped and next_tokens.shape == (kept, args.eam_top_tokens)
-    # The most-written locations are the ones kept.
-    threshold = student.log_counts.sort(descending=True).values[kept - 1]
-    assert torch.equal(torch.from_numpy(arrays["log_counts"].astype("float32")),
-                       student.log_counts[student.log_counts >= threshold].half().float())
-    with pytest.raises(ValueError, match="SIZE_LIMIT"):
-        train_gpt.fit_artifact(student, dataclasses.replace(args, size_limit=1000), 100)
-
-
-def test_fit_then_keeps_the_most_counted_context_pairs_and_reads_them_back(tmp_path):
-    """Past one location, packing keeps fewer context pairs, the most counted, landing close
-    under the limit; they load back exactly."""
-    args, student = tiny_student(locations=4)
-    busiest = student.tables.select(student.log_counts.argmax().view(1))
-    half = student.contexts.most_counted(student.context_counts.numel() // 2)
-    limit = 100 + len(train_gpt.build_artifact(student, busiest, args, half))
-    artifact, kept, contexts = train_gpt.fit_artifact(
+def test_fit_keeps_the_most_counted_pairs_close_under_the_limit_and_they_read_back(tmp_path):
+    args, student = tiny_student(eam_context_min_count=1)
+    quarter = student.contexts.most_counted(student.context_counts.numel() // 4)
+    limit = 100 + len(train_gpt.build_artifact(student, args, quarter))
+    artifact, contexts = train_gpt.fit_artifact(
         student, dataclasses.replace(args, size_limit=limit), code_bytes=100)
-    assert kept.addresses.size(0) == 1 and 0 <= limit - 100 - len(artifact) < 0.05 * limit
+    assert 0 <= limit - 100 - len(artifact) < 0.05 * limit
     dropped = student.context_counts.numel() - contexts.counts.numel()
-    assert dropped > 0 and abs(contexts.counts.numel() - half.counts.numel()) < 0.1 * dropped
+    assert dropped > 0 and abs(contexts.counts.numel() - quarter.counts.numel()) < 0.2 * dropped
     # The kept pairs are the most counted: none dropped was counted more often.
     assert contexts.counts.sum() == student.context_counts.sort(descending=True).values[
         : contexts.counts.numel()].sum()
@@ -245,6 +198,11 @@ def test_fit_then_keeps_the_most_counted_context_pairs_and_reads_them_back(tmp_p
     loaded = train_gpt.load_artifact(path, CPU.device)
     for name in train_gpt.CONTEXT_BUFFERS:
         assert torch.equal(getattr(loaded.contexts, name), getattr(contexts, name)), name
+    # What fits keeps everything; what cannot fit even empty is refused, naming the limit.
+    whole, kept = train_gpt.fit_artifact(student, args, code_bytes=100)
+    assert torch.equal(kept.counts, student.context_counts)
+    with pytest.raises(ValueError, match="SIZE_LIMIT"):
+        train_gpt.fit_artifact(student, dataclasses.replace(args, size_limit=1000), 100)
 
 
 @pytest.mark.parametrize("model", ["eam", "transformer"])
@@ -255,7 +213,7 @@ def test_width_bytes_are_what_the_weights_take_packed_before_compression(model):
     for parameter in weighted.parameters():
         torch.nn.init.normal_(parameter)
     # At QUANT_BITS=8 a quantized value is one byte as stored: the width is the raw weights'.
-    _, arrays = train_gpt.pack_tensors(weighted, None, 8)
+    _, arrays = train_gpt.pack_tensors(weighted, 8)
     raw = sum(array.nbytes for name, array in arrays.items()
               if name.split(".")[0] not in train_gpt.MEMORY_BUFFERS)
     assert train_gpt.width_bytes(skeleton, 8) == raw
@@ -274,32 +232,29 @@ def zero_initialised(student):
 def test_untrained_bytes_are_about_what_the_zero_tensors_take_once_trained():
     args, student = tiny_student(dec_hidden=256)
     assert train_gpt.untrained_bytes(student, args.quant_bits) == 0  # nothing is zero
-    trained = train_gpt.build_artifact(student, student.tables, args)
+    trained = train_gpt.build_artifact(student, args)
     estimate = train_gpt.untrained_bytes(zero_initialised(student), args.quant_bits)
-    packed = len(trained) - len(train_gpt.build_artifact(student, student.tables, args))
+    packed = len(trained) - len(train_gpt.build_artifact(student, args))
     # Gaussian-like values at 6 bits carry ~5.4 bits of entropy each: the estimate is a little
     # above what they pack to, never far from it.
     assert 0.75 * estimate < packed <= 1.05 * estimate
 
 
 def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder():
-    args, student = tiny_student(locations=4, dec_hidden=256)
+    args, student = tiny_student(dec_hidden=256)
     zero_initialised(student)
-    code_bytes = (REPO / "train_gpt.py").stat().st_size
     reserve = train_gpt.untrained_bytes(student, args.quant_bits)
     quarter = student.contexts.most_counted(student.context_counts.numel() // 4)
-    busiest = student.tables.select(student.log_counts.argmax().view(1))
-    limit = code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args, quarter))
+    limit = train_gpt.code_size(args) + reserve + len(train_gpt.build_artifact(student, args,
+                                                                                quarter))
     args = dataclasses.replace(args, size_limit=limit)
-    pairs, tables = student.context_counts.numel(), student.tables
+    pairs = student.context_counts.numel()
     train_gpt.fit_memories(CPU, args, student)
     assert 0 < student.context_counts.numel() < pairs
-    assert code_bytes + reserve + len(train_gpt.build_artifact(student, busiest, args)) <= limit
-    # Only the pairs are cut: distillation keeps every associative location.
-    assert torch.equal(student.addresses, tables.addresses)
-    # What it kept is what packing keeps of it: no pair to drop while the decoder is zero (a
-    # location or more may go into the room left).
-    _, _, contexts = train_gpt.fit_artifact(student, args, code_bytes + reserve)
+    assert train_gpt.code_size(args) + reserve + len(train_gpt.build_artifact(student, args)) \
+        <= limit
+    # What it kept is what packing keeps of it: no pair to drop while the decoder is zero.
+    _, contexts = train_gpt.fit_artifact(student, args, train_gpt.code_size(args) + reserve)
     assert torch.equal(contexts.counts, student.context_counts)
 
 
@@ -316,7 +271,7 @@ def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder()
 ])
 def test_corrupted_artifacts_are_rejected_naming_the_file(tmp_path, corrupt, message):
     args, student = tiny_student()
-    raw = train_gpt.build_artifact(student, student.tables, args)
+    raw = train_gpt.build_artifact(student, args)
     path = tmp_path / "broken.eam"
     path.write_bytes(corrupt(raw))
     with pytest.raises(ValueError, match=message) as error:
@@ -335,7 +290,7 @@ def test_the_baseline_round_trips_as_a_transformer_and_says_so(tmp_path):
             param.add_(0.02 * torch.randn_like(param))
     baseline = train_gpt.TransformerLM.from_teacher(teacher, args)
     path = tmp_path / "baseline.eam"
-    path.write_bytes(train_gpt.build_artifact(baseline, None, args))
+    path.write_bytes(train_gpt.build_artifact(baseline, args))
     rebuilt = train_gpt.load_artifact(path, torch.device("cpu"))
     assert isinstance(rebuilt, train_gpt.TransformerLM) and rebuilt.config == baseline.config
     tokens = torch.randint(0, 256, (2, 32))
@@ -357,7 +312,7 @@ def test_a_baseline_over_the_limit_packs_at_the_most_bits_that_fit():
             param.copy_(torch.randn_like(param))
     baseline = train_gpt.TransformerLM.from_teacher(teacher, args)
     lowest = train_gpt.LOWEST_QUANT_BITS
-    sizes = {bits: len(train_gpt.build_artifact(baseline, None,
+    sizes = {bits: len(train_gpt.build_artifact(baseline,
                                                 dataclasses.replace(args, quant_bits=bits)))
              for bits in range(lowest, args.quant_bits + 1)}
     assert all(sizes[bits - 1] < sizes[bits] for bits in range(lowest + 1, args.quant_bits + 1))
@@ -372,7 +327,7 @@ def test_a_baseline_over_the_limit_packs_at_the_most_bits_that_fit():
 
 def test_an_artifact_of_unknown_kind_is_refused_naming_the_file(tmp_path):
     args, student = tiny_student()
-    entries, arrays = train_gpt.pack_tensors(student, student.tables, args.quant_bits)
+    entries, arrays = train_gpt.pack_tensors(student, args.quant_bits)
     payload = train_gpt.serialize(entries, arrays, "lstm", dataclasses.asdict(student.config))
     blob = zstandard.ZstdCompressor().compress(payload)
     path = tmp_path / "odd.eam"

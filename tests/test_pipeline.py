@@ -90,13 +90,11 @@ def test_the_baseline_ships_the_same_teacher_and_is_scored_the_same_way(pipeline
 
 
 def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
-    """k-means addresses fill the memory, every rank ends with the identical memory and student
-    (fitted to a binding size limit before distillation), and the artifact ships the gate and
-    the token ids."""
+    """Every rank ends with the identical memory and student (fitted to a binding size limit
+    before distillation), and the artifact ships the gate and the memory."""
     workdir, logs = pipeline_runs
     records = logs["memory_ddp"]
     write = records[train_gpt.stage_record("eam_write")]
-    assert write["locations"] == TINY_RUN["EAM_LOCATIONS"] and float(write["used_share"]) > 0.9
     # The context memory is a distribution over the whole vocabulary: on text it did not count,
     # its loss is below a uniform guess's, and the unigram counts' is above its own.
     assert 0 < float(write["memory_nll"]) <= float(write["unigram_nll"]) < math.log(1024)
@@ -110,7 +108,7 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
         assert 0 < float(records[line]["val_bpb"]) < 20
     _, entries, arrays = train_gpt.read_artifact(workdir / "memory_ddp.eam")
     tensors = train_gpt.unpack_tensors(entries, arrays)
-    assert tensors["next_tokens"].shape[1] == 16 and "gate.weight" in tensors
+    assert "gate.weight" in tensors
     pairs = int(records[train_gpt.FIT_RECORD]["context_pairs"])
     assert tensors["context_next_tokens"].numel() == pairs
     # The fit before distillation cut the memories, leaving room for the untrained decoder;
@@ -118,6 +116,6 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
     fits = [train_gpt.parse_log(line)[train_gpt.FIT_RECORD] for line in text.splitlines()
             if line.startswith(train_gpt.FIT_RECORD)]
     assert [fit["at"] for fit in fits] == ["distill", "pack"]
-    assert int(fits[0]["dropped_locations"]) > 0 and int(fits[0]["reserve_bytes"]) > 0
+    assert int(fits[0]["dropped_context_pairs"]) > 0 and int(fits[0]["reserve_bytes"]) > 0
     artifact = records[train_gpt.ARTIFACT_RECORD]
     assert int(artifact["total_bytes"]) <= int(artifact["limit"])

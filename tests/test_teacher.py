@@ -1,6 +1,8 @@
 import math
 import time
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,7 +73,7 @@ def test_parameter_groups_follow_what_a_parameter_is():
     modules = torch.nn.ModuleDict(dict(rows=torch.nn.Embedding(8, 4), mix=torch.nn.Linear(4, 4)))
     assert train_gpt.parameter_groups(modules) == {
         "table": ["rows.weight"], "matrix": ["mix.weight"], "vector": ["mix.bias"]}
-    assert "key_head.weight" in groups["matrix"] and "decoder.fc.weight" in groups["matrix"]
+    assert "decoder.fc.weight" in groups["matrix"]
     # The gate's weights are vectors (Adam, fp16 when packed), beside the attention's gains.
     assert {"gate.weight", "gate.bias"} <= set(groups["vector"])
     assert all(name.endswith("qk_gain") or name.startswith("gate.") for name in groups["vector"])
@@ -80,22 +82,6 @@ def test_parameter_groups_follow_what_a_parameter_is():
     in_muon = {id(p) for group in optimizers["muon"].param_groups for p in group["params"]}
     assert not in_adam & in_muon
     assert in_adam | in_muon == {id(p) for p in student.parameters()}
-
-
-def test_each_distillation_phase_uses_every_parameter_it_trains():
-    """What lets DDP run without find_unused_parameters: the key phase freezes the decoder side
-    (decoder and gate) and uses all the rest; the LM phase uses everything."""
-    _, student = tiny_student()
-    idx = torch.randint(0, 256, (2, 16))
-    read_side = {id(p) for m in (student.decoder, student.gate)
-                 for p in m.parameters()}
-    for keys_only in (True, False):
-        student.zero_grad(set_to_none=True)
-        queries, scores, logits = student(idx, keys_only=keys_only)
-        (queries.sum() + (0 if scores is None else scores.sum() + logits.sum())).backward()
-        used = {id(p) for p in student.parameters() if p.grad is not None}
-        expected = {id(p) for p in student.parameters()}
-        assert used == (expected - read_side if keys_only else expected)
 
 
 def test_teacher_loss_falls_on_demo_data(demo_data):
@@ -117,75 +103,38 @@ def test_teacher_loss_falls_on_demo_data(demo_data):
 
 
 class RandomTokens:
-    """A loader of uniformly random tokens, in DistributedTokenLoader's shapes."""
+    """A loader of uniformly random tokens, in DistributedTokenLoader's shapes, whose every batch
+    is said to start at stream index 0 (first_target_index) of a corpus of corpus_tokens."""
 
-    def __init__(self, vocab_size: int):
+    def __init__(self, vocab_size: int, corpus_tokens: int = 10**6):
         self.vocab_size = vocab_size
         self.first_target_index = 0
+        self.stream = types.SimpleNamespace(taken=0, corpus_tokens=corpus_tokens,
+                                            tail=np.zeros(0, dtype=np.int64))
+        self.last_read = None
 
     def next_batch(self, rank_tokens: int, seq_len: int):
         tokens = torch.randint(0, self.vocab_size, (rank_tokens + 1,))
+        self.last_read = (self.stream.tail, tokens.numpy(), self.stream.taken)
+        self.stream.taken += tokens.numel()
+        self.stream.tail = tokens.numpy()[-train_gpt.STREAM_TAIL_TOKENS:]
         return tokens[:-1].view(-1, seq_len), tokens[1:].view(-1, seq_len)
 
 
-def teacher_and_memory(args):
-    """A random teacher and a next-token memory placed on random keys and written from them."""
+def teacher_and_contexts(args, counted=(0, 0)):
+    """A random teacher, a context memory of random text and the text it counted."""
     torch.manual_seed(0)
-    teacher = train_gpt.GPT(gpt_config(args))
-    memory = train_gpt.ElasticMemory(train_gpt.memory_write_config(args), args.vocab_size,
-                                     CPU.device)
-    keys = torch.nn.functional.normalize(torch.randn(256, args.eam_key_dim), dim=1)
-    memory.place(keys)
-    memory.accumulate(keys, torch.randint(0, args.vocab_size, (256,)))
-    return teacher, (memory, random_contexts(args), train_gpt.CountedText(0, 0, 1))
+    return (train_gpt.GPT(gpt_config(args)),
+            (random_contexts(args), train_gpt.CountedText(*counted, 10**6)))
 
 
-def test_key_distance_is_one_minus_the_mean_cosine():
-    torch.manual_seed(0)
-    queries, keys = (torch.nn.functional.normalize(torch.randn(9, 8), dim=1) for _ in range(2))
-    cosine = torch.nn.functional.cosine_similarity(queries, keys, dim=1).mean()
-    assert train_gpt.key_distance(queries, keys).item() == pytest.approx(1 - cosine.item())
-    assert train_gpt.key_distance(keys, keys).item() == pytest.approx(0, abs=1e-6)
-    assert train_gpt.key_distance(-keys, keys).item() == pytest.approx(2)
-
-
-@pytest.mark.parametrize("enc_layers", [1, 2])
-def test_an_encoder_with_all_the_teachers_layers_starts_with_its_keys(enc_layers):
-    """Why the CPU profiles give the key phase no share: an encoder initialised from every
-    teacher layer queries exactly the teacher's keys, so the key loss starts at its minimum;
-    with fewer layers it starts above it, and the phase has something to learn."""
-    args = tiny_args(num_layers=2, enc_layers=enc_layers, xsa_layers=2)
-    teacher, memories = teacher_and_memory(args)
-    with torch.no_grad():  # a fresh block adds nothing (zero-initialised projections)
-        for parameter in teacher.parameters():
-            parameter.add_(0.1 * torch.randn_like(parameter))
-    student = train_gpt.init_student(args, teacher, memories[0].tables(), memories[1])
-    x = torch.randint(0, args.vocab_size, (2, 16))
-    projection = train_gpt.key_projection(args.model_dim, args.eam_key_dim, args.seed)
-    keys, _ = train_gpt.teacher_keys_values(teacher, x, projection, CPU)
-    with torch.no_grad():
-        distance = train_gpt.key_distance(student(x, keys_only=True)[0], keys).item()
-    if enc_layers == args.num_layers:
-        assert distance == pytest.approx(0, abs=1e-5)
-    else:
-        assert distance > 1e-3
-
-
-def test_the_key_weight_holds_the_key_head_near_the_teachers_keys(capsys):
-    """The encoder starts as the teacher's copy (key drift ~0); end-to-end steps move the key
-    head away, less so with DISTILL_KEY_WEIGHT (the drift that stage:distill logs)."""
-    drift = {}
-    for weight in (0.0, 10.0):
-        args = tiny_args(distill_key_frac=0.0, distill_iterations=12,
-                         distill_key_weight=weight, train_seq_len=32, distill_batch_tokens=512,
-                         grad_accum_world=1, max_wallclock_seconds=1e5, train_log_every=1000)
-        teacher, memories = teacher_and_memory(args)
-        train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
-                          run_started=time.perf_counter())
-        line = capsys.readouterr().out.splitlines()[-1]
-        drift[weight] = float(train_gpt.parse_log(line)[train_gpt.stage_record("distill")][
-            "key_drift"])
-    assert 0 <= drift[10.0] < 0.5 * drift[0.0], drift
+def test_the_distillation_step_uses_every_parameter_it_trains():
+    """What lets DDP run without find_unused_parameters."""
+    _, student = tiny_student()
+    student.zero_grad(set_to_none=True)
+    scores, model_log_probs = student(torch.randint(0, 256, (2, 16)))
+    (scores.sum() + model_log_probs.sum()).backward()
+    assert all(p.grad is not None for p in student.parameters())
 
 
 @pytest.mark.parametrize("counted, share", [((0, 4096), 1.0), ((10**5, 10**5 + 4096), 0.0)])
@@ -193,10 +142,9 @@ def test_distillation_leaves_out_what_it_reads_of_the_counted_text(capsys, count
     """left_out_share: the share of the targets read that the context memory counted. The loader
     reads stream indices [0, 512) each step: inside the counted text all of them, beyond it
     none."""
-    args = tiny_args(distill_key_frac=0.0, distill_iterations=2, train_seq_len=32,
-                     distill_batch_tokens=512, grad_accum_world=1, max_wallclock_seconds=1e5)
-    teacher, (memory, contexts, _) = teacher_and_memory(args)
-    memories = (memory, contexts, train_gpt.CountedText(*counted, 10**6))
+    args = tiny_args(distill_iterations=2, train_seq_len=32, distill_batch_tokens=512,
+                     grad_accum_world=1, max_wallclock_seconds=1e5)
+    teacher, memories = teacher_and_contexts(args, counted)
     train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
                       run_started=time.perf_counter())
     line = capsys.readouterr().out.splitlines()[-1]
@@ -204,31 +152,57 @@ def test_distillation_leaves_out_what_it_reads_of_the_counted_text(capsys, count
     assert float(record["left_out_share"]) == share
 
 
-def test_the_short_key_phase_runs_eager_and_the_end_to_end_phase_compiled(monkeypatch):
-    """On one H100 the key phase's compiled graph took its whole share of time to build (README,
-    "Measured on one H100"), so distill asks for compilation only in the long phase."""
-    args = tiny_args()
-    teacher, memories = teacher_and_memory(args)
-    phases = []
+def test_distillation_reads_a_memory_that_counted_the_text_before_each_batch_and_not_its_own(
+        monkeypatch):
+    """The evaluation's memory holds the scored text; distillation's holds the shipped counts
+    and the text it trained on before the batch it reads (not the batch itself), counted at
+    every length, learned ones too, and starts afresh before its history would pass
+    DISTILL_HISTORY_TOKENS (here three batches)."""
+    args = tiny_args(distill_iterations=6, train_seq_len=32, distill_batch_tokens=256,
+                     grad_accum_world=1, max_wallclock_seconds=1e5, eam_context_order=3,
+                     eam_learned_lengths="4,6", distill_history_tokens=3 * 257)
+    teacher, memories = teacher_and_contexts(args)
+    loader = RandomTokens(args.vocab_size)
+    batches, held = [], []
+    real = train_gpt.MemoryLM.head
 
-    def record(runtime, args, model, phase, loader):
-        phases.append((phase.name, phase.compiled))
-        return dict(steps=0, loss=0.0, time_s=0.0, tokens=0, step_ms=0.0)
+    def head(model, features, recent, leave_out=None):
+        batches.append(loader.last_read)
+        runs = model.memory.runs
+        codes, counts = torch.cat([run[0] for run in runs]), torch.cat([run[1] for run in runs])
+        held.append((codes.sort().values, counts[codes.argsort()]))
+        return real(model, features, recent, leave_out)
 
-    monkeypatch.setattr(train_gpt, "run_training", record)
-    train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
-                      run_started=time.perf_counter())
-    assert phases == [(train_gpt.KEY_PHASE, False), (train_gpt.LM_PHASE, True)]
+    monkeypatch.setattr(train_gpt.MemoryLM, "head", head)
+    student = train_gpt.distill(CPU, args, teacher, memories, loader, time.perf_counter())
+    lengths = student.config.context_lengths
+    assert lengths == (0, 2, 4, 6) and len(batches) == 6
+    shipped = memories[0].pairs(args.vocab_size)
+    for step, first in enumerate([0, 0, 0, 0, 3, 3]):  # afresh before the fourth batch's count
+        parts = [shipped]
+        if step > first:
+            tail = batches[first][0][-6:]
+            text = np.concatenate([np.full(6 - tail.size, -1), tail,
+                                   *(batches[k][1] for k in range(first, step))])
+            text = torch.from_numpy(text.astype(np.int64))
+            recent = train_gpt.recent_tokens(text[None, :-1], 6)[0, 5:]
+            parts.append(train_gpt.count_context_pairs(recent, text[6:], args.vocab_size,
+                                                       lengths))
+        expected = train_gpt.merge_pairs(*parts)
+        assert torch.equal(held[step][0], expected[0]) and torch.equal(held[step][1],
+                                                                         expected[1]), step
+    # What distillation counted is not part of the model it returns.
+    assert student.memory.pairs == memories[0].counts.numel()
 
 
 @pytest.mark.parametrize("fit_s, stop_after", [(1.0, 950.0), (100.0, 800.0)])
 def test_distillation_leaves_packing_twice_the_time_the_fit_took(monkeypatch, fit_s,
                                                                   stop_after):
-    """The end-to-end phase ends at the stages' share of the budget less the reserve (950 s of
-    1,000), or earlier where packing's fit, which repeats the one before distillation, would
-    not fit in the reserve: 1,000 s less twice the fit's seconds."""
+    """Distillation ends at the stages' share of the budget less the reserve (950 s of 1,000), or
+    earlier where packing's fit, which repeats the one before distillation, would not fit in the
+    reserve: 1,000 s less twice the fit's seconds."""
     args = tiny_args(max_wallclock_seconds=1000.0, train_reserve_frac=0.05)
-    teacher, memories = teacher_and_memory(args)
+    teacher, memories = teacher_and_contexts(args)
     stops = {}
 
     def record(runtime, args, model, phase, loader):
@@ -239,4 +213,4 @@ def test_distillation_leaves_packing_twice_the_time_the_fit_took(monkeypatch, fi
     monkeypatch.setattr(train_gpt, "run_training", record)
     started = time.perf_counter()
     train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size), started)
-    assert stops[train_gpt.LM_PHASE] - started == pytest.approx(stop_after)
+    assert stops[train_gpt.DISTILL_PHASE] - started == pytest.approx(stop_after)

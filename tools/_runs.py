@@ -37,8 +37,7 @@ FIT_RECORD, STEP_RECORDS = train_gpt.FIT_RECORD, train_gpt.STEP_RECORDS
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = train_gpt.TRAIN_TIME_RECORD, train_gpt.EVAL_TIME_RECORD
 # Settings that set the budget: an ablation variant changing them is not a like-for-like run.
 BUDGET_SETTINGS = ("MAX_WALLCLOCK_SECONDS", "TRAIN_RESERVE_FRAC", "TEACHER_TIME_FRAC",
-                   "EAM_TIME_FRAC", "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS",
-                   "DISTILL_KEY_ITERATIONS", "VAL_TOKENS")
+                   "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS", "VAL_TOKENS")
 
 
 @dataclass

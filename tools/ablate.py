@@ -84,7 +84,6 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
                      else int(_runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes"))),
         stage_time_ms=_runs.stage_times_ms(records),
         ttt_time_ms=_runs.number(records, train_gpt.TTT_RECORD, "ttt_time_ms"),
-        key_drift=_runs.number(records, train_gpt.stage_record("distill"), "key_drift"),
         changed_settings=_runs.changed_settings(records),
         profile=records.get(_runs.HEADER_RECORD, {}).get("profile"))
 

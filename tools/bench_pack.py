@@ -6,9 +6,8 @@ competition's 16 MB and level 22 that is the step to time on the host before a s
 (docs/measurements.md, "Packing time"), and no CPU profile packs anything that large. This
 counts the context memory from the training shards as the write stage does (count_contexts:
 EAM_CONTEXT_TOKENS tokens, pairs seen EAM_CONTEXT_MIN_COUNT times), builds the profile's student
-around it with random weights (trained ones pack about alike) and EAM_LOCATIONS random
-locations, fits it as packing does (the code's real bytes) and times the fit and one packing of
-what it kept.
+around it with random weights (trained ones pack about alike), fits it as packing does (the
+code's bytes as the size rule counts them) and times the fit and one packing of what it kept.
 
 Settings come from the environment, as for train_gpt.py (PROFILE, DATA_PATH, SIZE_LIMIT, ...),
 and LOCAL_WORLD_SIZE as torchrun sets it: every rank fits at once before distillation, each
@@ -25,10 +24,8 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import train_gpt
 
@@ -37,15 +34,9 @@ CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
 
 def random_student(args: train_gpt.Hyperparameters,
                    contexts: train_gpt.ContextTables) -> train_gpt.MemoryLM:
-    """The profile's student with random weights and EAM_LOCATIONS random locations whose write
-    counts are skewed (some written little), as the write stage's are."""
+    """The profile's student with random weights."""
     generator = torch.Generator().manual_seed(args.seed)
-    addresses = F.normalize(torch.randn(args.eam_locations, args.eam_key_dim,
-                                        generator=generator), dim=1)
-    counts = (torch.rand(args.eam_locations, args.vocab_size, generator=generator) ** 8
-              * torch.logspace(-1, 3, args.eam_locations)[:, None])
-    tables = train_gpt.next_token_tables(addresses, counts, args.eam_top_tokens)
-    student = train_gpt.MemoryLM(train_gpt.student_config(args), tables, contexts)
+    student = train_gpt.MemoryLM(train_gpt.student_config(args), contexts)
     with torch.no_grad():
         for parameter in student.parameters():
             parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
@@ -59,16 +50,15 @@ def run(args: train_gpt.Hyperparameters) -> dict:
     contexts, counted = train_gpt.count_contexts(CPU, args, loader)
     count_s = time.perf_counter() - started
     student = random_student(args, contexts)
-    code_bytes = Path(train_gpt.__file__).stat().st_size
+    code_bytes = train_gpt.code_size(args)
     started = time.perf_counter()
-    artifact, kept, fitted = train_gpt.fit_artifact(student, args, code_bytes)
+    artifact, fitted = train_gpt.fit_artifact(student, args, code_bytes)
     fit_s = time.perf_counter() - started
     started = time.perf_counter()
-    train_gpt.build_artifact(student, kept, args, fitted)
+    train_gpt.build_artifact(student, args, fitted)
     pack_s = time.perf_counter() - started
     return dict(profile=args.profile, data_path=args.data_path, tokens_counted=counted.tokens,
                 pairs_counted=contexts.counts.numel(), pairs_kept=fitted.counts.numel(),
-                locations=args.eam_locations, locations_kept=kept.addresses.size(0),
                 code_bytes=code_bytes, artifact_bytes=len(artifact), limit=args.size_limit,
                 zstd_level=args.zstd_level, threads=train_gpt.compression_threads(),
                 count_s=count_s, fit_s=fit_s, pack_s=pack_s)
@@ -80,8 +70,7 @@ def markdown(result: dict) -> str:
         f"profile {r['profile']} ({r['data_path']}): {r['tokens_counted']:,} tokens counted, "
         f"{r['pairs_counted']:,} context pairs in {r['count_s']:.1f} s",
         f"fit to {r['limit']:,} bytes (code {r['code_bytes']:,}): kept {r['pairs_kept']:,} "
-        f"pairs and {r['locations_kept']:,} of {r['locations']:,} locations, artifact "
-        f"{r['artifact_bytes']:,} bytes",
+        f"pairs, artifact {r['artifact_bytes']:,} bytes",
         f"time at zstd level {r['zstd_level']} on {r['threads']} threads: the fit "
         f"{r['fit_s']:.1f} s, one packing of what it kept {r['pack_s']:.1f} s"])
 

@@ -35,11 +35,9 @@ PLOTS = {
 }
 # The final point of each phase's curve is on its stage line: (record, steps key, loss key).
 FINAL_POINTS = {train_gpt.TEACHER_PHASE: (train_gpt.stage_record("teacher"), "steps", "train_loss"),
-                **{phase: (train_gpt.stage_record("distill"), f"{phase}_steps", f"{phase}_loss")
-                   for phase in (train_gpt.KEY_PHASE, train_gpt.LM_PHASE)}}
+                train_gpt.DISTILL_PHASE: (train_gpt.stage_record("distill"), "steps", "loss")}
 PHASE_TITLES = {train_gpt.TEACHER_PHASE: "teacher (cross-entropy)",
-                train_gpt.KEY_PHASE: "distillation: keys (cosine loss)",
-                train_gpt.LM_PHASE: "distillation: end to end (CE + KL)"}
+                train_gpt.DISTILL_PHASE: "distillation (CE + KL)"}
 
 
 def pyplot() -> ModuleType:
