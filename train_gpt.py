@@ -561,6 +561,9 @@ TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a
 # model-alone line is what quantization and dropped locations cost).
 PREPACK_RECORD = "prepack_reference_exact"
 HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
+# The data scored and trained on: val_tokens val_split_tokens val_sha256 (the scored tokens), and
+# for a training run train_shards train_tokens train_fingerprint (data_fingerprint).
+DATA_RECORD = "data"
 ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
 # read), quant_bits (a matrix value's), path sha256 (the file the evaluation checks it scores)
 COMPONENT_RECORD = "artifact_component"  # one per packed group: name raw_bytes zstd_bytes
@@ -881,9 +884,13 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
                              f"{manifest} names {named}: the shards were made with another "
                              "tokenizer")
     artifact = Path(args.artifact_path)
+    split = sum(shard_token_count(path) for path in shard_paths(args.data_path, "val"))
+    scored = hashlib.sha256(tokens.numpy().astype("<u2").tobytes()).hexdigest()[:16]
+    data = f"{DATA_RECORD} val_tokens:{tokens.numel()} val_split_tokens:{split} val_sha256:{scored}"
     if args.eval_only:
         if not artifact.is_file():
             raise FileNotFoundError(f"ARTIFACT_PATH={args.artifact_path!r}: no such file")
+        runtime.log(data)
         return
     if artifact.exists():
         raise FileExistsError(f"ARTIFACT_PATH={args.artifact_path!r} exists (an earlier run's "
@@ -897,9 +904,10 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
                     f"DATA_PATH={args.data_path!r} validation split")
     build_byte_tables(args.tokenizer_path, args.vocab_size, "VOCAB_SIZE")
     train = shard_paths(args.data_path, "train")
-    for path in train:
-        shard_token_count(path)
+    train_tokens = sum(shard_token_count(path) for path in train)
     read_shard(train[0], args.vocab_size)
+    runtime.log(f"{data} train_shards:{len(train)} train_tokens:{train_tokens} "
+                f"train_fingerprint:{data_fingerprint(train)}")
     for name in ("TRAIN_BATCH_TOKENS", "DISTILL_BATCH_TOKENS"):
         rank_batch_tokens(getattr(args, name.lower()), args.train_seq_len, runtime.world_size,
                           args.grad_accum_world, name)
