@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import glob
 import hashlib
+import importlib
 import itertools
 import json
 import math
@@ -377,6 +378,7 @@ class Runtime:
     local_rank: int
     device: torch.device
     log_path: Path | None
+    attention: str = "sdpa"  # choose_attention's choice
 
     @property
     def distributed(self) -> bool:
@@ -395,12 +397,29 @@ class Runtime:
                 handle.write(message + "\n")
 
 
-def cpu_share() -> int:
-    """This process's share of the CPUs it may use, with the other ranks on its host (torchrun's
-    LOCAL_WORLD_SIZE): the threads of its CPU math and of its compression."""
+def usable_cpus() -> int:
+    """The CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2's
+    cpu.max, or v1's CFS quota and period), which the affinity does not show."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    quota = None
+    try:
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        quota = None if limit == "max" else int(limit) / int(period)
+    except (OSError, ValueError):
+        try:
+            limit = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = limit / period if limit > 0 else None
+        except (OSError, ValueError):
+            pass
+    return max(1, min(cpus or 1, math.ceil(quota) if quota else cpus or 1))
+
+
+def cpu_share() -> int:
+    """This process's share of the CPUs, with the other ranks on its host (torchrun's
+    LOCAL_WORLD_SIZE): the threads of its CPU math."""
     ranks = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
-    return max(1, (cpus or 1) // int(ranks))
+    return max(1, usable_cpus() // int(ranks))
 
 
 def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
@@ -428,7 +447,9 @@ def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
         names = [args.run_id, args.artifact_path]
         dist.broadcast_object_list(names, 0)
         args = dataclasses.replace(args, run_id=names[0], artifact_path=names[1])
-    return Runtime(rank, world_size, local_rank, device, log_path), args
+    runtime = Runtime(rank, world_size, local_rank, device, log_path)
+    runtime.attention = choose_attention(runtime)
+    return runtime, args
 
 
 LOG_DIR = Path("logs")
@@ -472,6 +493,17 @@ def failures_logged(runtime: Runtime):
         raise
 
 
+def process_age_s() -> float:
+    """Seconds since this process started (Linux; 0 elsewhere): the imports and the launcher's
+    set-up before main() count against the training budget too."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def stage_end(started: float, args: Hyperparameters, share: float) -> float:
     """The one training deadline: the perf_counter time by which the stages that read training
     data must have used `share` (cumulative) of MAX_WALLCLOCK_SECONDS after `started`, less the
@@ -512,7 +544,7 @@ def log_header(runtime: Runtime, args: Hyperparameters) -> None:
     runtime.log(f"python:{platform.python_version()} torch:{torch.__version__} "
                 f"device:{runtime.device.type} device_name:{device_name.replace(' ', '_')} "
                 f"world_size:{runtime.world_size} threads:{torch.get_num_threads()} "
-                f"attention:{attention_backend(runtime.device)} "
+                f"attention:{runtime.attention} "
                 f"cuda:{torch.version.cuda or 'none'} flash_attn:{flash_attn_version()}")
     for field in dataclasses.fields(args):
         runtime.log(f"setting {field.name.upper()}={getattr(args, field.name)}")
@@ -575,6 +607,7 @@ FIT_RECORD = "artifact_fit"
 # likewise eval_time (log_time_limit writes them; tools fall back to the stage lines in older
 # logs, which lack them).
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
+COMPILE_RECORD = "compile"  # each compiled phase: phase mode:compiled|eager [reason]
 TTT_RECORD = "ttt"  # test-time training's cost: ttt_time_ms (inside eval_time) steps params ...
 SHED_RECORD = "eval_shed"  # the learners stopped: after_chunk chunks projected_ms limit_ms
 # The training loops (Phase.name), each logging 'NAME step:N loss:X ...' every TRAIN_LOG_EVERY.
@@ -677,13 +710,14 @@ def shard_token_count(path: Path) -> int:
 
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str,
-                    owner: str = "VOCAB_SIZE") -> None:
+                    owner: str = "VOCAB_SIZE", offset: int = 0) -> None:
     """Every id must index the vocabulary (else an embedding fails deep inside a stage); owner
-    names where the vocabulary comes from (the setting, or an artifact)."""
+    names where the vocabulary comes from (the setting, or an artifact); offset is the
+    position of tokens[0] in `where`."""
     if tokens.size and int(tokens.max()) >= vocab_size:
         position = int(np.argmax(tokens >= vocab_size))
-        raise ValueError(f"{where}: token id {int(tokens[position])} at position {position} "
-                         f"is >= {owner}={vocab_size}")
+        raise ValueError(f"{where}: token id {int(tokens[position])} at position "
+                         f"{offset + position} is >= {owner}={vocab_size}")
 
 
 def read_shard(path: Path, vocab_size: int = 0) -> np.ndarray:
@@ -693,6 +727,14 @@ def read_shard(path: Path, vocab_size: int = 0) -> np.ndarray:
     if vocab_size:
         check_token_ids(tokens, vocab_size, str(path))
     return tokens
+
+
+def map_shard(path: Path) -> np.ndarray:
+    """A shard's tokens, its header checked, mapped from the file rather than read: opening the
+    next shard costs no read of its 200 MB on a training step's path; batches read what they
+    take."""
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4,
+                     shape=(shard_token_count(path),))
 
 
 def write_shard(path: Path, tokens: np.ndarray) -> None:
@@ -728,7 +770,7 @@ class TokenStream:
         self.paths, self.vocab_size = paths, vocab_size
         self.corpus_tokens = sum(shard_token_count(path) for path in paths)
         self.shard_index = 0
-        self.tokens = read_shard(paths[0], vocab_size)
+        self.tokens = map_shard(paths[0])
         self.position = 0
         self.taken = 0
         self.tail = np.zeros(0, dtype=np.int64)  # the last STREAM_TAIL_TOKENS taken
@@ -738,9 +780,12 @@ class TokenStream:
         while count > 0:
             if self.position >= len(self.tokens):
                 self.shard_index = (self.shard_index + 1) % len(self.paths)
-                self.tokens = read_shard(self.paths[self.shard_index], self.vocab_size)
+                self.tokens = map_shard(self.paths[self.shard_index])
                 self.position = 0
-            part = self.tokens[self.position: self.position + count]
+            part = np.array(self.tokens[self.position: self.position + count])
+            if self.vocab_size:
+                check_token_ids(part, self.vocab_size, str(self.paths[self.shard_index]),
+                                offset=self.position)
             parts.append(part)
             self.position += len(part)
             count -= len(part)
@@ -941,36 +986,64 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
 # challenge's (openai/parameter-golf, records/track_10min_16mb; README, "Teacher", has the gains).
 # -------------------------------------------------------------------------------------------------
 
-ATTENTION_BACKENDS: dict[str, str] = {}
-
-
-def attention_backend(device: torch.device) -> str:
-    """flash-attn 3, else flash-attn 2, else PyTorch SDPA; decided once per device type."""
-    if device.type not in ATTENTION_BACKENDS:
-        backend = "sdpa"
-        if device.type == "cuda":
-            for module, name in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
-                try:
-                    __import__(module)
-                    backend = name
-                    break
-                except ImportError:
-                    continue
-        ATTENTION_BACKENDS[device.type] = backend
-    return ATTENTION_BACKENDS[device.type]
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q: [B, T, H, Dh], k/v: [B, T, Hkv, Dh] -> [B, T, H, Dh], causal, grouped-query."""
-    backend = attention_backend(q.device)
-    if backend in ("fa3", "fa2"):
-        module = __import__("flash_attn_interface" if backend == "fa3" else "flash_attn")
-        q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-        out = module.flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return out.transpose(1, 2)
+
+
+def flash_attention(function: Callable) -> Callable:
+    """flash-attn's flash_attn_func (3 or 2) in sdpa_attention's shapes, in bf16."""
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = function(*(t.to(torch.bfloat16) for t in (q, k, v)), causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return attend
+
+
+# The attention every layer calls, bound once before anything is compiled (choose_attention).
+ATTENTION: dict[str, Callable] = {"sdpa": sdpa_attention}
+ATTENTION_MODULES = {"fa3": "flash_attn_interface", "fa2": "flash_attn"}  # in preference order
+
+
+def attention_works(attend: Callable, device: torch.device) -> bool:
+    """A tiny causal forward and backward in bf16 runs, and agrees with SDPA's."""
+    try:
+        generator = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 64, 2, 64, device=device, generator=generator,
+                               dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+        out = attend(q, k, v)
+        out.float().sum().backward()
+        return bool(torch.allclose(out.float(), sdpa_attention(q, k, v).float(), atol=2e-2))
+    except Exception:  # noqa: BLE001 - whatever fails, SDPA remains
+        return False
+
+
+def choose_attention(runtime: Runtime) -> str:
+    """flash-attn 3, else flash-attn 2, else PyTorch SDPA: the first that imports and passes
+    attention_works on every rank. Bound as ATTENTION['chosen'] for causal_attention."""
+    found = []
+    if runtime.device.type == "cuda":
+        for name, module in ATTENTION_MODULES.items():
+            try:
+                attend = flash_attention(importlib.import_module(module).flash_attn_func)
+            except Exception:  # noqa: BLE001 - missing, or built for another CUDA or GPU
+                continue
+            if attention_works(attend, runtime.device):
+                ATTENTION[name] = attend
+                found.append(name)
+    working = torch.tensor([float(name in found) for name in ATTENTION_MODULES],
+                           device=runtime.device)
+    everywhere = all_reduce_(working) == runtime.world_size
+    name = next((name for name, ok in zip(ATTENTION_MODULES, everywhere.tolist(), strict=True)
+                 if ok), "sdpa")
+    ATTENTION["chosen"] = ATTENTION[name]
+    return name
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q: [B, T, H, Dh], k/v: [B, T, Hkv, Dh] -> [B, T, H, Dh] with the chosen attention."""
+    return ATTENTION.get("chosen", sdpa_attention)(q, k, v)
 
 
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -1248,8 +1321,8 @@ class EMA:
 
 @dataclass(frozen=True)
 class Phase:
-    """One run of the training loop: its loss, batch, deadline, learning-rate scale, what it keeps
-    frozen (so that DDP never has to search for unused parameters), and an optional EMA."""
+    """One run of the training loop: its loss, batch, deadline, learning-rate scale and an
+    optional EMA."""
 
     name: str
     loss_fn: Callable  # (ddp_model, x [B, T], y [B, T]) -> scalar loss
@@ -1258,36 +1331,67 @@ class Phase:
     stop_at: float  # a time.perf_counter() deadline (see stage_end)
     max_steps: int  # 0: the deadline alone decides
     lr_scale: float = 1.0
-    frozen: tuple[nn.Module, ...] = ()
     ema_decay: float = 0.0
-    # torch.compile pays only in a phase long enough to repay its build: on one H100 the
-    # teacher's graph took ~48 s to build and then ran 2.8x faster than eager, the distillation's
-    # ~24 s for 1.45x, but the short key phase spent all its time building (one step, against
-    # 23 eager steps of 0.57 s in the same share of time).
-    compiled: bool = True
+
+
+def compiled_or_eager(runtime: Runtime, phase: Phase, compiled: nn.Module, eager: nn.Module,
+                      micro_step: Callable) -> nn.Module:
+    """A compiled graph must not lose the run: one micro-step (its gradients then dropped) runs
+    compiled, without gradient sync, so no collective is left waiting should it fail, and if its
+    graph fails to build or run on any rank, every rank trains this phase eager. The log says
+    which, and why."""
+    if compiled is eager:
+        return eager
+    failure = ""
+    try:
+        with eager.no_sync() if runtime.distributed else contextlib.nullcontext():
+            micro_step(compiled)
+    except Exception as error:  # any backend's failure: the eager model needs none of it
+        failure = type(error).__name__
+        print(f"rank {runtime.rank}: {phase.name} compiled step failed:\n"
+              f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+    failed = int(all_reduce_(torch.tensor(float(bool(failure)), device=runtime.device),
+                             "max").item())
+    eager.zero_grad(set_to_none=True)
+    runtime.log(f"{COMPILE_RECORD} phase:{phase.name} mode:{'eager' if failed else 'compiled'}"
+                + (f" reason:{failure or 'another_rank'}" if failed else ""))
+    return eager if failed else compiled
+
+
+def mean_loss(runtime: Runtime, total: torch.Tensor) -> float:
+    """A step's loss, the mean over ranks (total itself left as it is)."""
+    return all_reduce_(total.clone()).item() / runtime.world_size
 
 
 def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phase: Phase,
                  loader: DistributedTokenLoader,
                  optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict[str, float]:
-    """The shared training loop: DDP, gradient accumulation, wall-clock stop, schedules.
+    """The shared training loop: DDP, gradient accumulation, wall-clock stop, schedules; the
+    optimizers continue where given (tools.pretrain_teacher resumes them), else start fresh.
 
     No step starts that would end after phase.stop_at (a step is taken to last as long as the
     previous one). The stop decision is all-reduced so every rank takes the same number of steps.
     """
     accum, rank_tokens = rank_batch_tokens(phase.batch_tokens, phase.seq_len, runtime.world_size,
                                            args.grad_accum_world, f"{phase.name} batch tokens")
-    for module in phase.frozen:
-        module.requires_grad_(False)
     wrapped = model
     if runtime.distributed:
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[runtime.local_rank] if runtime.device.type == "cuda" else None,
             broadcast_buffers=False)
-    compiled = maybe_compile(wrapped, args, runtime) if phase.compiled else wrapped
     optimizers = optimizers or build_optimizers(model, args, phase.lr_scale)
     ema = EMA(model, phase.ema_decay) if phase.ema_decay > 0 else None
     start, next_end = time.perf_counter(), step_clock()
+
+    def micro_step(module: nn.Module) -> torch.Tensor:
+        x, y = loader.next_batch(rank_tokens, phase.seq_len)
+        with autocast(runtime):
+            loss = phase.loss_fn(module, x, y) / accum
+        loss.backward()
+        return loss.detach()
+
+    compiled = compiled_or_eager(runtime, phase, maybe_compile(wrapped, args, runtime), wrapped,
+                                 micro_step)
     budget_s = max(phase.stop_at - start, 1e-9)
     step, loss_value = 0, float("nan")
     while True:
@@ -1309,27 +1413,22 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
                 + momentum_ramp * (args.muon_momentum - args.muon_momentum_warmup_start))
         total = torch.zeros((), device=runtime.device)
         for micro in range(accum):
-            x, y = loader.next_batch(rank_tokens, phase.seq_len)
-            sync = (contextlib.nullcontext() if micro == accum - 1 or not runtime.distributed
-                    else wrapped.no_sync())
-            with sync, autocast(runtime):
-                loss = phase.loss_fn(compiled, x, y) / accum
-            loss.backward()
-            total += loss.detach()
+            last = micro == accum - 1 or not runtime.distributed
+            with contextlib.nullcontext() if last else wrapped.no_sync():
+                total += micro_step(compiled)
         for optimizer in optimizers.values():
             optimizer.step()
         model.zero_grad(set_to_none=True)
         if ema is not None:
             ema.update(model)
         step += 1
-        loss_value = all_reduce_(total).item() / runtime.world_size
-        if step == 1 or step % args.train_log_every == 0:
-            runtime.log(f"{phase.name} step:{step} loss:{loss_value:.4f} "
+        if step == 1 or step % args.train_log_every == 0:  # the loss read (a sync) only here
+            runtime.log(f"{phase.name} step:{step} loss:{mean_loss(runtime, total):.4f} "
                         f"lr_mult:{multiplier:.3f} elapsed_ms:{elapsed_ms(start):.0f}")
+    if step:
+        loss_value = mean_loss(runtime, total)
     if ema is not None:
         ema.copy_to(model)
-    for module in phase.frozen:
-        module.requires_grad_(True)
     elapsed = time.perf_counter() - start
     return dict(steps=step, loss=loss_value, time_s=elapsed,
                 tokens=step * phase.batch_tokens, step_ms=1000 * elapsed / max(step, 1))
@@ -1963,15 +2062,22 @@ def init_student(args: Hyperparameters, teacher: GPT, contexts: ContextTables) -
 
 def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> float:
     """Distil with the context pairs that ship: fit them to the size limit now, as packing
-    will (fit_artifact, on every rank alike), reserving the bytes the zero-initialised tensors
-    will take once trained (untrained_bytes). Packing fits once more, to the trained weights'
-    bytes. Returns the seconds this fit took: about what packing's will take."""
+    will, reserving the bytes the zero-initialised tensors will take once trained
+    (untrained_bytes). Rank 0 fits (every rank holds the same memory and weights) and every rank
+    keeps the pairs it kept. Returns the seconds one packing took, shared too, which sizes
+    packing's reserve."""
     started = time.perf_counter()
     reserve = untrained_bytes(student, args.quant_bits)
-    _, contexts = fit_artifact(student, args, code_size(args) + reserve)
+    fitted: list = [0, 0.0]  # pairs kept, seconds of a packing
+    if runtime.master:
+        _, contexts, build_s = fit_artifact(student, args, code_size(args) + reserve)
+        fitted = [contexts.counts.numel(), build_s]
+    if runtime.distributed:
+        dist.broadcast_object_list(fitted, 0)
+    contexts = student.contexts.most_counted(fitted[0])
     log_fit(runtime, "distill", student, contexts, started, reserve)
     student.load_contexts(contexts)
-    return time.perf_counter() - started
+    return fitted[1]
 
 
 class ReadText:
@@ -2007,7 +2113,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     started = time.perf_counter()
     contexts, counted = memories
     student = init_student(args, teacher, contexts)
-    fit_s = fit_memories(runtime, args, student)
+    build_s = fit_memories(runtime, args, student)
     read_text = ReadText(student, loader, args.distill_history_tokens)
     left_out = torch.zeros(2, dtype=torch.long, device=runtime.device)  # targets: left out, all
 
@@ -2027,10 +2133,10 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         return distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
                                  args.distill_temperature, model_log_probs)
 
-    # Packing repeats the fit on the trained weights: distillation leaves it at least twice the
-    # time the fit took, where TRAIN_RESERVE_FRAC's share would be short (a budget of seconds).
+    # Packing fits again to the trained weights, in at most two packings (PACK_MARGIN), each
+    # allowed twice the time of the fit's: TRAIN_RESERVE_FRAC's share, or that if it is more.
     stop_at = min(stage_end(run_started, args, args.teacher_time_frac + args.distill_time_frac),
-                  run_started + args.max_wallclock_seconds - 2 * fit_s)
+                  run_started + args.max_wallclock_seconds - 4 * build_s)
     phase = Phase(DISTILL_PHASE, lm_loss, args.distill_batch_tokens, args.train_seq_len, stop_at,
                   args.distill_iterations, args.distill_lr_scale)
     stats = run_training(runtime, args, student, phase, loader)
@@ -2255,9 +2361,9 @@ def compress(payload: bytes, level: int) -> bytes:
 
 
 def compression_threads() -> int:
-    """This rank's share of its host's CPUs (every rank packs in the fit before distillation),
-    at most 8 (each thread holds ~130 MB of match tables at level 22)."""
-    return min(8, cpu_share())
+    """The host's usable CPUs, at most 8 (each thread holds ~130 MB of match tables at level
+    22): rank 0 alone packs, the other ranks wait for it."""
+    return min(8, usable_cpus())
 
 
 def build_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters,
@@ -2368,15 +2474,19 @@ def fit_baseline(model: TransformerLM, args: Hyperparameters, code_bytes: int
                      "MLP_MULT) or raise SIZE_LIMIT")
 
 
-def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int
-                 ) -> tuple[bytes, ContextTables]:
+def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int, margin: float = 1.02
+                 ) -> tuple[bytes, ContextTables, float]:
     """Pack; while code + artifact > SIZE_LIMIT, keep fewer of the memory's pairs, the most
-    counted, and pack again. Each step estimates a pair's bytes from the packings before, so a
-    few packings land close under the limit. Returns (artifact bytes, the memory it holds)."""
+    counted, and pack again. Each step estimates a pair's bytes from the packings before and
+    cuts `margin` times the excess, so a few packings land close under the limit (a larger
+    margin lands further under, in fewer packings). Returns (artifact bytes, the memory it
+    holds, the seconds its last packing took)."""
     # Pairs that could not fit even at 1.5 bytes each (they pack to 1.6-1.9 on web text) go
     # before any packing.
     contexts = model.contexts.most_counted(max(args.size_limit - code_bytes, 0) * 2 // 3)
+    started = time.perf_counter()
     artifact = build_artifact(model, args, contexts)
+    build_s = time.perf_counter() - started
     pairs, before, empty = contexts.counts.numel(), None, 0
     while code_bytes + len(artifact) > args.size_limit:
         if before is None:
@@ -2394,10 +2504,12 @@ def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int
         per_pair = max(0.5, min(marginal, 2 * average) if marginal > 0 else average)
         excess = code_bytes + len(artifact) - args.size_limit
         before = (pairs, len(artifact))
-        pairs = max(0, pairs - math.ceil(1.02 * excess / per_pair) - 1)
+        pairs = max(0, pairs - math.ceil(margin * excess / per_pair) - 1)
         contexts = model.contexts.most_counted(pairs)
+        started = time.perf_counter()
         artifact = build_artifact(model, args, contexts)
-    return artifact, contexts
+        build_s = time.perf_counter() - started
+    return artifact, contexts, build_s
 
 
 # The least share of their width_bytes trained weights can be expected to pack to, so that the
@@ -2430,6 +2542,11 @@ def untrained_bytes(model: MemoryLM, quant_bits: int) -> int:
     return width_bytes(model, quant_bits, zero)
 
 
+# Packing cuts pairs by twice its excess where a pair's bytes are misjudged, so that the pairs
+# the fit before distillation kept, one packing, or a second with fewer, fit.
+PACK_MARGIN = 2.0
+
+
 def log_fit(runtime: Runtime, at: str, model: MemoryLM, contexts: ContextTables,
             started: float, reserve: int = 0) -> None:
     """The FIT_RECORD line of a fit begun at `started`, at:distill (before distillation,
@@ -2449,7 +2566,7 @@ def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerL
     digest = [""]
     if runtime.master:
         if isinstance(model, MemoryLM):
-            artifact, contexts = fit_artifact(model, args, code_bytes)
+            artifact, contexts, _ = fit_artifact(model, args, code_bytes, PACK_MARGIN)
             log_fit(runtime, "pack", model, contexts, started)
             quant_bits = args.quant_bits
         else:
@@ -2524,16 +2641,17 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
     """[W, 3] rows (start, score_from, score_to) over target indices 0..num_tokens-2.
 
     Target j is token j + 1 predicted from tokens <= j. Window w feeds tokens
-    [start, start + seq_len) and scores targets [score_from, score_to).
+    [start, start + seq_len) and scores targets [score_from, score_to): the first window its
+    first seq_len targets, each later one the stride after. A target's window depends on its
+    index alone, never on the split's length: the last window may reach past the split (those
+    positions are never scored), so a prefix of the split is scored exactly as the split's
+    first targets are.
     """
     targets = num_tokens - 1
-    first_end = min(seq_len, targets)
-    ends = torch.cat([torch.tensor([first_end]),
-                      torch.arange(first_end + stride, targets + stride, stride).clamp(
-                          max=targets)]).unique_consecutive()
-    starts = (ends - seq_len).clamp(min=0)
+    ends = torch.arange(seq_len, max(targets, seq_len) + stride, stride)
+    ends = ends[: int((ends < targets).sum()) + 1]  # up to the first that reaches the last
     score_from = torch.cat([torch.tensor([0]), ends[:-1]])
-    return torch.stack([starts, score_from, ends], dim=1)
+    return torch.stack([ends - seq_len, score_from, ends.clamp(max=targets)], dim=1)
 
 
 def knn_mix(model_log_probs: torch.Tensor, neighbour_sims: torch.Tensor,
@@ -2557,24 +2675,32 @@ def knn_lambda(neighbour_sims: torch.Tensor, base_lambda: float) -> torch.Tensor
 
 
 class KnnStore:
-    """Exact nearest neighbours among (key, target) entries of already scored tokens."""
+    """Exact nearest neighbours among (key, target) entries of already scored tokens: a ring
+    buffer of KNN_CAPACITY entries, allocated as it fills (its size never depends on how long
+    the split is), whose oldest entries are overwritten once it is full."""
 
     def __init__(self, capacity: int, dim: int, device: torch.device):
-        self.keys = torch.zeros(capacity, dim, device=device, dtype=torch.float16
+        self.capacity = capacity
+        self.keys = torch.zeros(0, dim, device=device, dtype=torch.float16
                                 if device.type == "cuda" else torch.float32)
-        self.targets = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.targets = torch.zeros(0, dtype=torch.long, device=device)
         self.size = 0
         self.next_slot = 0
 
     def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
-        """Append in order; when full, the oldest entries are overwritten (a ring buffer)."""
-        capacity = self.keys.size(0)
-        keys, targets = keys[-capacity:], targets[-capacity:]
-        slots = (self.next_slot + torch.arange(keys.size(0), device=keys.device)) % capacity
+        """Append in order; when full, the oldest entries are overwritten."""
+        if self.size + keys.size(0) > self.keys.size(0) < self.capacity:
+            grown = min(self.capacity, max(2 * self.keys.size(0), self.size + keys.size(0)))
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(grown - self.keys.size(0),
+                                                                  self.keys.size(1))])
+            self.targets = torch.cat([self.targets,
+                                      self.targets.new_zeros(grown - self.targets.size(0))])
+        keys, targets = keys[-self.capacity:], targets[-self.capacity:]
+        slots = (self.next_slot + torch.arange(keys.size(0), device=keys.device)) % self.capacity
         self.keys[slots] = keys.to(self.keys.dtype)
         self.targets[slots] = targets
-        self.next_slot = int((self.next_slot + keys.size(0)) % capacity)
-        self.size = min(capacity, self.size + keys.size(0))
+        self.next_slot = int((self.next_slot + keys.size(0)) % self.capacity)
+        self.size = min(self.capacity, self.size + keys.size(0))
 
     def search(self, queries: torch.Tensor, k: int, chunk: int = 262144):
         """Top-k (sims [N, k], targets [N, k]) over the store; -inf sims where there are none."""
@@ -2590,6 +2716,8 @@ class KnnStore:
             merged_index = torch.cat([best_index, top_index + begin], dim=1)
             best_sims, order = merged_sims.topk(k, dim=1)
             best_index = merged_index.gather(1, order)
+        if self.size == 0:  # nothing stored yet: no neighbour (-inf), whatever its target
+            return best_sims, best_index
         return best_sims, self.targets[best_index]
 
 
@@ -2609,31 +2737,36 @@ def count_scored_text(model: MemoryLM, tokens: torch.Tensor, score_from: int,
 
 @dataclass
 class ScoreTotals:
-    nll: float = 0.0
-    bytes: float = 0.0
-    count: int = 0
-    rows: list[torch.Tensor] | None = None  # this rank's scored distributions [N, V], if kept
+    """This rank's scored targets: their loss, bytes and count summed on the device (read once,
+    when reduced), and where asked, every scored distribution [N, V] with its target's index
+    [N], in the order scored."""
 
-    def add(self, log_probs: torch.Tensor, targets: torch.Tensor,
-            target_bytes: torch.Tensor) -> None:
-        self.nll -= log_probs.gather(1, targets[:, None]).double().sum().item()
-        self.bytes += target_bytes.double().sum().item()
-        self.count += targets.numel()
+    sums: torch.Tensor | None = None  # float64 [nll, bytes, count]
+    rows: list[torch.Tensor] | None = None
+    indices: list[torch.Tensor] | None = None
+
+    def add(self, log_probs: torch.Tensor, targets: torch.Tensor, target_bytes: torch.Tensor,
+            indices: torch.Tensor) -> None:
+        nll = -log_probs.gather(1, targets[:, None]).double().sum()
+        part = torch.stack([nll, target_bytes.to(nll.device).double().sum(),
+                            nll.new_tensor(targets.numel())])
+        self.sums = part if self.sums is None else self.sums + part
         if self.rows is not None:
             self.rows.append(log_probs.cpu())
+            self.indices.append(indices.cpu())
 
     def reduced(self, runtime: Runtime) -> tuple[float, float, int]:
         """(val_loss in nats per token, val_bpb, tokens) summed over ranks."""
-        totals = torch.tensor([self.nll, self.bytes, float(self.count)], dtype=torch.float64,
-                              device=runtime.device)
-        nll, byte_count, count = all_reduce_(totals).tolist()
+        sums = (torch.zeros(3, dtype=torch.float64) if self.sums is None else self.sums.clone())
+        nll, byte_count, count = all_reduce_(sums.to(runtime.device)).tolist()
         return nll / count, nll / math.log(2) / byte_count, int(count)
 
 
 def window_batch(tokens: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
-                 last_position: int) -> tuple[torch.Tensor, ...]:
+                 last_position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows (start, score_from, score_to) [B, 3] -> (inputs [B, L], mask of the targets to
-    score [B, L], those targets [N], the tokens before them [N]).
+    score [B, L], those targets' indices [N]: target j is token j + 1, read after tokens
+    0..j).
 
     Positions past last_position repeat it (the padded tail of a split shorter than a window,
     or of a chunk's first training row): the mask, taken before that clamp, scores none of
@@ -2641,8 +2774,7 @@ def window_batch(tokens: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor
     """
     unclamped = rows[:, :1] + offsets  # [B, L]
     mask = (unclamped >= rows[:, 1:2]) & (unclamped < rows[:, 2:3])
-    positions = unclamped.clamp(max=last_position)
-    return tokens[positions], mask, tokens[positions + 1][mask], tokens[positions][mask]
+    return tokens[unclamped.clamp(max=last_position)], mask, unclamped[mask]
 
 
 def model_scores(model: MemoryLM | TransformerLM, inputs: torch.Tensor, mask: torch.Tensor
@@ -2726,8 +2858,9 @@ class TestTimeTraining:
         for _ in range(self.args.ttt_steps):
             table = torch.zeros(len(micro_batches), sum(sizes), device=device)
             for index in range(self.runtime.rank, len(micro_batches), self.runtime.world_size):
-                inputs, mask, targets, _ = window_batch(tokens, micro_batches[index], offsets,
-                                                        score_to - 1)
+                inputs, mask, indices = window_batch(tokens, micro_batches[index], offsets,
+                                                     score_to - 1)
+                targets = tokens[indices + 1]
                 with autocast(self.runtime):
                     scores, _ = model_scores(self.model, inputs.to(device), mask.to(device))
                 loss = F.cross_entropy(scores.float(), targets.to(device), reduction="sum")
@@ -2765,10 +2898,10 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
     chunk_windows = max(1, args.eval_chunk_tokens // args.eval_stride)
     chunks = windows.split(chunk_windows)
-    # Never more slots than there are targets to store.
-    store = (KnnStore(min(args.knn_capacity, tokens.numel()), knn_key_dim, runtime.device)
+    store = (KnnStore(args.knn_capacity, knn_key_dim, runtime.device)
              if knn_key_dim is not None else None)
-    totals = {name: ScoreTotals(rows=[] if keep_rows else None)
+    totals = {name: ScoreTotals(rows=[] if keep_rows else None,
+                                indices=[] if keep_rows else None)
               for name in (("model", "knn") if store is not None else ("model",))}
     offsets = torch.arange(args.eval_seq_len)
     learning = store is not None or ttt is not None or writes is not None
@@ -2778,19 +2911,19 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
         mine = chunk[shares[runtime.rank]]
         new_keys, new_targets = [], []
         for begin in range(0, mine.size(0), args.eval_batch_windows):
-            inputs, mask, targets, previous = window_batch(
+            inputs, mask, indices = window_batch(
                 tokens, mine[begin: begin + args.eval_batch_windows], offsets, tokens.numel() - 2)
-            targets = targets.to(runtime.device)
+            targets, previous = tokens[indices + 1].to(runtime.device), tokens[indices]
             with torch.no_grad(), autocast(runtime):
                 log_probs, keys = score_batch(inputs.to(runtime.device), mask.to(runtime.device))
             log_probs = log_probs.float()
             target_bytes = tables.target_bytes(previous, targets.cpu())
-            totals["model"].add(log_probs, targets, target_bytes)
+            totals["model"].add(log_probs, targets, target_bytes, indices)
             if store is not None:
                 sims, neighbour_targets = store.search(keys, args.knn_k)
                 mixed = knn_mix(log_probs, sims, neighbour_targets, args.knn_beta,
                                 knn_lambda(sims, args.knn_lambda))
-                totals["knn"].add(mixed, targets, target_bytes)
+                totals["knn"].add(mixed, targets, target_bytes, indices)
                 new_keys.append(keys.float())
                 new_targets.append(targets)
         if not learning or index == len(chunks) - 1:
@@ -2820,7 +2953,7 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
                         f"projected_ms:{1000 * projected:.0f} "
                         f"limit_ms:{1000 * args.max_wallclock_seconds:.0f}")
     if store is not None:
-        runtime.log(f"knn_store entries:{store.size} capacity:{store.keys.size(0)} "
+        runtime.log(f"knn_store entries:{store.size} capacity:{store.capacity} "
                     f"bytes:{store.keys.nbytes + store.targets.nbytes}")
     return totals
 
@@ -2925,7 +3058,7 @@ def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
 
 
 def main() -> None:
-    started = time.perf_counter()  # the training deadline runs from here (setup included)
+    started = time.perf_counter() - process_age_s()  # the deadlines count the whole process
     args = Hyperparameters.from_env()                                  # 1. settings
     runtime, args = init_runtime(args)                                 # 2. runtime
     with failures_logged(runtime):

@@ -1,5 +1,6 @@
 """Legality of every evaluation path (tests/causality.py), and proof the harness catches leaks."""
 
+import contextlib
 import datetime
 import inspect
 import textwrap
@@ -9,15 +10,18 @@ import pytest
 import torch
 
 import train_gpt
-from tests.causality import EVAL_PATHS, VOCAB, artifact_distributions, assert_causal
-from tests.helpers import (
-    CPU,
-    counted_contexts,
-    tiny_args,
-    tiny_student,
-    unit_byte_tables,
-    write_artifact,
+from tests.causality import (
+    EVAL_PATHS,
+    VOCAB,
+    artifact_distributions,
+    assert_causal,
+    assert_prefix_consistent,
+    harness_tokens,
+    path_artifact,
+    path_cuts,
+    scored_rows,
 )
+from tests.helpers import counted_contexts, tiny_student, write_artifact
 
 
 @pytest.fixture(autouse=True)
@@ -30,15 +34,41 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-# 160 tokens: 17 windows; cuts inside the first window, on a kNN chunk's edge, in later windows
-# and at the last target.
-TOKENS = torch.randint(0, VOCAB, (160,), generator=torch.Generator().manual_seed(1))
-CUTS = [3, 40, 71, 112, 158]
+TOKENS = harness_tokens()  # 160 tokens: 17 windows, five chunks of the 32-token paths
 
 
 @pytest.mark.parametrize("path", sorted(EVAL_PATHS))
 def test_no_evaluation_path_lets_later_tokens_move_earlier_scores(path, tmp_path):
-    assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS, CUTS)
+    assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS,
+                  path_cuts(EVAL_PATHS[path], TOKENS.numel()))
+
+
+@pytest.mark.parametrize("path", sorted(EVAL_PATHS))
+def test_a_prefix_of_the_split_is_scored_as_the_splits_first_targets(path, tmp_path):
+    # Lengths ending at a chunk's edge, inside a chunk, inside the first window.
+    assert_prefix_consistent(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS,
+                             [20, 57, 100, 121])
+
+
+def cuda_dtypes(monkeypatch):
+    """The CUDA path's dtypes on the CPU: bf16 autocast, and a kNN store of fp16 keys."""
+    monkeypatch.setattr(train_gpt, "autocast",
+                        lambda runtime: torch.autocast("cpu", dtype=torch.bfloat16))
+    real_init = train_gpt.KnnStore.__init__
+
+    def half_keys(store, capacity, dim, device):
+        real_init(store, capacity, dim, device)
+        store.keys = store.keys.half()
+
+    monkeypatch.setattr(train_gpt.KnnStore, "__init__", half_keys)
+
+
+@pytest.mark.parametrize("path", ["defaults_learned", "everything", "baseline_ttt"])
+def test_the_cuda_paths_dtypes_leak_nothing_either(path, tmp_path, monkeypatch):
+    cuda_dtypes(monkeypatch)
+    distributions = artifact_distributions(EVAL_PATHS[path], tmp_path)
+    assert_causal(distributions, TOKENS, path_cuts(EVAL_PATHS[path], TOKENS.numel()))
+    assert_prefix_consistent(distributions, TOKENS, [57, 121])
 
 
 @pytest.mark.parametrize("path", ["knn", "everything"])
@@ -48,26 +78,23 @@ def test_a_split_shorter_than_one_window_scores_each_target_once(path, tmp_path)
 
 
 def context_distributions(folder: Path, min_length: int):
-    """The tiny students' random context memories rarely hold the harness's longer contexts;
-    this one is counted from the scored tokens themselves (a fixed artifact, as any), so every
-    position finds contexts of every length kept (min_length..4); the shipped defaults beside it
-    (evaluation-time writes and TTT)."""
-    args, student = tiny_student(**EVAL_PATHS["defaults"], eam_context_order=5,
-                                 eam_context_min_length=min_length)
-    path = write_artifact(folder / "contexts.eam", args,
-                          train_gpt.MemoryLM(student.config, counted_contexts(args, TOKENS)))
-
-    def distributions(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
-        _, totals = train_gpt.score_artifact(CPU, args, path, tokens, unit_byte_tables(VOCAB),
-                                             keep_rows=True)
-        return {name: torch.cat(total.rows) for name, total in totals.items()}
-    return distributions
+    """A memory counted from the scored tokens themselves (a fixed artifact, as any), so every
+    position finds contexts of every length shipped (min_length..4); the student keeps its
+    (non-zero) gate and decoder, so every read feeds the distribution; the shipped defaults
+    beside it (evaluation-time writes of learned lengths too, and TTT)."""
+    args, student = tiny_student(**EVAL_PATHS["defaults_learned"] | dict(
+        eam_context_order=5, eam_learned_lengths="6,8", eam_context_min_length=min_length))
+    model = train_gpt.MemoryLM(student.config, counted_contexts(args, TOKENS))
+    model.load_state_dict(student.state_dict() | {name: getattr(model, name)
+                                                  for name in train_gpt.MEMORY_BUFFERS})
+    path = write_artifact(folder / "contexts.eam", args, model)
+    return lambda tokens: scored_rows(args, path, tokens)
 
 
 @pytest.mark.parametrize("min_length", [1, 2])
-def test_the_context_memory_reads_only_the_prefix_when_every_context_is_found(min_length,
-                                                                              tmp_path):
-    assert_causal(context_distributions(tmp_path, min_length), TOKENS, CUTS)
+def test_the_memory_reads_only_the_prefix_when_every_context_is_found(min_length, tmp_path):
+    assert_causal(context_distributions(tmp_path, min_length), TOKENS,
+                  path_cuts(EVAL_PATHS["defaults_learned"], TOKENS.numel()))
 
 
 def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
@@ -80,7 +107,7 @@ def test_the_score_does_not_depend_on_how_windows_are_batched(tmp_path):
             torch.testing.assert_close(other[name], scores[0][name], atol=1e-5, rtol=0)
 
 
-# ---- the harness catches leaks: six deliberate ones, each must fail it -----------------------
+# ---- the harness catches leaks: each deliberate one must fail it -----------------------------
 
 
 def mutated(function, old: str, new: str):
@@ -95,25 +122,6 @@ def mutated(function, old: str, new: str):
 def source_leak(old: str, new: str):
     """A leak made by replacing a piece of a function's source (see mutated)."""
     return lambda function: mutated(function, old, new)
-
-
-# The kNN store learns each batch (its targets included) before scoring it.
-leaky_store = source_leak("sims, neighbour_targets = store.search(keys, args.knn_k)",
-                          "store.add(keys.float(), targets); "
-                          "sims, neighbour_targets = store.search(keys, args.knn_k)")
-# The mixture weight looks at the model's probability of the target.
-leaky_gate = source_leak("knn_lambda(sims, args.knn_lambda)",
-                         "knn_lambda(sims, args.knn_lambda) "
-                         "* log_probs.exp().gather(1, targets[:, None]).squeeze(1)")
-# Test-time training learns each chunk (its targets included) before scoring it.
-leaky_training = source_leak("new_keys, new_targets = [], []",
-                             "new_keys, new_targets = [], []; "
-                             "ttt.learn(tokens, int(chunk[0, 1]), int(chunk[-1, 2]))")
-# The context memory counts each chunk's text (its targets included) before scoring it.
-leaky_text_writes = source_leak("new_keys, new_targets = [], []",
-                                "new_keys, new_targets = [], []; "
-                                "count_scored_text(writes, tokens, int(chunk[0, 1]), "
-                                "int(chunk[-1, 2]))")
 
 
 def leaky_input(scorer):
@@ -136,22 +144,97 @@ def leaky_query(scorer):
     return score
 
 
-def test_the_harness_catches_a_context_memory_that_reads_the_target(tmp_path, monkeypatch):
+def altered_loss(totals):
+    """ScoreTotals whose summed loss is a thousandth of a nat a token off its rows'."""
+    class Altered(totals):
+        def add(self, log_probs, targets, target_bytes, indices):
+            super().add(log_probs, targets, target_bytes, indices)
+            self.sums = self.sums + self.sums.new_tensor([1e-3 * targets.numel(), 0, 0])
+    return Altered
+
+
+# Each: (what it breaks, the function changed, the change, the path that must catch it).
+LEAKS = {
+    "store_learns_before_scoring": ("evaluate", source_leak(
+        "sims, neighbour_targets = store.search(keys, args.knn_k)",
+        "store.add(keys.float(), targets); "
+        "sims, neighbour_targets = store.search(keys, args.knn_k)"), "knn"),
+    "mixture_weight_reads_the_target": ("evaluate", source_leak(
+        "knn_lambda(sims, args.knn_lambda)",
+        "knn_lambda(sims, args.knn_lambda) "
+        "* log_probs.exp().gather(1, targets[:, None]).squeeze(1)"), "knn"),
+    "model_reads_the_target": ("student_scorer", leaky_input, "knn"),
+    "query_reads_the_target": ("student_scorer", leaky_query, "knn"),
+    "training_learns_a_chunk_before_scoring_it": ("evaluate", source_leak(
+        "new_keys, new_targets = [], []",
+        "new_keys, new_targets = [], []; ttt and ttt.learn(tokens, int(chunk[0, 1]), "
+        "int(chunk[-1, 2]))"), "ttt"),
+    "memory_counts_a_chunk_before_scoring_it": ("evaluate", source_leak(
+        "new_keys, new_targets = [], []",
+        "new_keys, new_targets = [], []; writes and count_scored_text(writes, tokens, "
+        "int(chunk[0, 1]), int(chunk[-1, 2]))"), "writes"),
+    # One token past the chunk: the next chunk's first target.
+    "training_learns_one_token_past_its_chunk": ("evaluate", source_leak(
+        "ttt.learn(tokens, score_from, score_to)", "ttt.learn(tokens, score_from, score_to + 1)"),
+        "ttt"),
+    "memory_counts_one_token_past_its_chunk": ("evaluate", source_leak(
+        "count_scored_text(writes, tokens, score_from, score_to)",
+        "count_scored_text(writes, tokens, score_from, score_to + 1)"), "writes_learned"),
+    # Only once the kNN store is full does it take in a batch before scoring it.
+    "a_full_store_learns_before_scoring": ("evaluate", source_leak(
+        "sims, neighbour_targets = store.search(keys, args.knn_k)",
+        "store.size == store.capacity and store.add(keys.float(), targets); "
+        "sims, neighbour_targets = store.search(keys, args.knn_k)"), "knn_wraps"),
+    # A long context's code read from the next position's recent tokens (the target among them).
+    "long_contexts_read_the_target": ("read_contexts", source_leak(
+        "codes = context_codes(recent, vocab)[:, longer]",
+        "codes = context_codes(torch.roll(recent, -1, 0), vocab)[:, longer]"), "writes_learned"),
+    # The reported score is not the rows': a per-token loss altered as it is summed.
+    "reported_loss_is_not_the_rows": ("ScoreTotals", lambda cls: altered_loss(cls), "memory"),
+    # Window bookkeeping: later windows score one target back (scored twice), the last target
+    # never, the count kept.
+    "a_target_scored_twice_and_one_never": ("window_batch", source_leak(
+        "mask = (unclamped >= rows[:, 1:2]) & (unclamped < rows[:, 2:3])",
+        "back = (rows[:, 1:2] > 0).long(); "
+        "mask = (unclamped >= rows[:, 1:2] - back) & (unclamped < rows[:, 2:3] - back)"),
+        "memory"),
+    # A capacity that follows the split's length: the store wraps at half of it.
+    "capacity_follows_the_splits_length": ("evaluate", source_leak(
+        "KnnStore(args.knn_capacity,", "KnnStore(min(args.knn_capacity, tokens.numel() // 2),"),
+        "knn"),
+}
+
+
+def leak_catches(target: str, leak, path: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
+    distributions = artifact_distributions(EVAL_PATHS[path], tmp_path)
+    with pytest.raises(AssertionError, match="leak|scored exactly once|reported loss|moved rows"):
+        assert_causal(distributions, TOKENS, path_cuts(EVAL_PATHS[path], TOKENS.numel()))
+        assert_prefix_consistent(distributions, TOKENS, [20, 57, 100, 121])
+
+
+@pytest.mark.parametrize("name", sorted(LEAKS))
+def test_the_harness_catches_each_deliberate_leak(name, tmp_path, monkeypatch):
+    leak_catches(*LEAKS[name], tmp_path, monkeypatch)
+
+
+def test_the_harness_catches_a_memory_that_reads_the_target_where_every_context_is_found(
+        tmp_path, monkeypatch):
     leak = source_leak("recent_tokens(inputs, model.recent_length)",
                        "recent_tokens(torch.roll(inputs, -1, dims=1), model.recent_length)")
     monkeypatch.setattr(train_gpt, "model_scores", leak(train_gpt.model_scores))
     with pytest.raises(AssertionError, match="leak"):
-        assert_causal(context_distributions(tmp_path, 2), TOKENS, CUTS)
+        assert_causal(context_distributions(tmp_path, 2), TOKENS, [3, 40, 71])
 
 
-@pytest.mark.parametrize("target, leak, path", [
-    ("evaluate", leaky_store, "knn"), ("evaluate", leaky_gate, "knn"),
-    ("student_scorer", leaky_input, "knn"), ("student_scorer", leaky_query, "knn"),
-    ("evaluate", leaky_training, "ttt"), ("evaluate", leaky_text_writes, "writes")])
-def test_the_harness_catches_each_deliberate_leak(target, leak, path, tmp_path, monkeypatch):
+def test_each_leak_is_invisible_to_the_paths_that_do_not_use_what_it_breaks(tmp_path,
+                                                                           monkeypatch):
+    """The harness is no alarm that rings for anything: a leak in the kNN store passes a path
+    without one, so each catch above is the leak's own."""
+    target, leak, _ = LEAKS["store_learns_before_scoring"]
     monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
-    with pytest.raises(AssertionError, match="leak"):
-        assert_causal(artifact_distributions(EVAL_PATHS[path], tmp_path), TOKENS, CUTS)
+    assert_causal(artifact_distributions(EVAL_PATHS["defaults"], tmp_path), TOKENS,
+                  path_cuts(EVAL_PATHS["defaults"], TOKENS.numel()))
 
 
 # ---- the same score at every world size ------------------------------------------------------
@@ -169,11 +252,16 @@ def score_on_ranks(rank: int, world: int, folder: str, path: str) -> None:
             "gloo", init_method=f"file://{folder}/rendezvous{world}", rank=rank,
             world_size=world, timeout=datetime.timedelta(seconds=120))
     runtime = train_gpt.Runtime(rank, world, 0, torch.device("cpu"), None)
-    args = tiny_args(vocab_size=VOCAB, dec_hidden=64, **EVAL_PATHS[path])
+    args, _ = tiny_student(**EVAL_PATHS[path])  # the settings; the test wrote the artifact
+    artifact = Path(folder) / "causality.eam"
     results = []
     for tokens in (TOKENS, TOKENS[:20]):
-        _, totals = train_gpt.score_artifact(runtime, args, Path(folder) / "causality.eam", tokens,
-                                             unit_byte_tables(VOCAB))
+        with contextlib.redirect_stdout(None):
+            _, totals = train_gpt.score_artifact(runtime, args, artifact, tokens,
+                                                 train_gpt.ByteTables(
+                                                     torch.ones(VOCAB, dtype=torch.int32),
+                                                     torch.zeros(VOCAB, dtype=torch.bool),
+                                                     torch.zeros(VOCAB, dtype=torch.bool)))
         results.append({name: total.reduced(runtime) for name, total in totals.items()})
     if rank == 0:
         torch.save(results, f"{folder}/world{world}.pt")
@@ -181,11 +269,14 @@ def score_on_ranks(rank: int, world: int, folder: str, path: str) -> None:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("path", ["everything", "everything_decoder_gate"])
-def test_world_sizes_one_two_and_eight_give_the_identical_score(path, tmp_path):
-    artifact_distributions(EVAL_PATHS[path], tmp_path)  # writes the artifact
+@pytest.mark.parametrize("path, worlds", [
+    ("defaults", (1, 2)), ("defaults_learned", (1, 2, 8)), ("ttt", (1, 2)),
+    ("writes_learned", (1, 2)), ("knn_wraps", (1, 2)), ("shed", (1, 2)),
+    ("everything", (1, 2, 8)), ("everything_decoder_gate", (1, 2)), ("baseline_ttt", (1, 2))])
+def test_every_world_size_gives_the_identical_score(path, worlds, tmp_path):
+    path_artifact(EVAL_PATHS[path], tmp_path)  # written once, before any rank reads it
     scores = {}
-    for world in (1, 2, 8):
+    for world in worlds:
         if world == 1:
             score_on_ranks(0, 1, str(tmp_path), path)
         else:
@@ -194,7 +285,7 @@ def test_world_sizes_one_two_and_eight_give_the_identical_score(path, tmp_path):
                                                   nprocs=world, start_method="fork")
         scores[world] = torch.load(tmp_path / f"world{world}.pt")
     assert scores[1][1]["model"][2] == 19  # the short split: 19 targets, each scored once
-    for world in (2, 8):
+    for world in worlds[1:]:
         for split, expected in zip(scores[world], scores[1], strict=True):
             for name, (loss, bpb, count) in split.items():
                 assert count == expected[name][2]

@@ -27,8 +27,9 @@ def test_chunk_rows_train_on_each_scored_target_once_reading_nothing_later(score
     trained = torch.cat([torch.arange(f, t) for _, f, t in rows.tolist()])
     assert torch.equal(trained, torch.arange(score_from, score_to))
     tokens = torch.arange(1000)  # each token is its own position
-    inputs, mask, targets, previous = train_gpt.window_batch(tokens, rows, torch.arange(seq_len),
-                                                             score_to - 1)
+    inputs, mask, indices = train_gpt.window_batch(tokens, rows, torch.arange(seq_len),
+                                                   score_to - 1)
+    targets, previous = tokens[indices + 1], tokens[indices]
     # No input or target past token score_to (the target of score_to - 1, the last scored).
     assert inputs.max() < score_to and targets.max() == score_to
     assert torch.equal(targets, trained + 1) and torch.equal(previous, trained)

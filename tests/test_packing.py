@@ -161,15 +161,30 @@ def test_the_compressed_bytes_do_not_depend_on_the_threads(monkeypatch):
     assert zstandard.ZstdDecompressor().decompress(packed.pop()) == payload
 
 
-def test_ranks_on_one_host_share_its_cpus_for_compression(monkeypatch):
+@pytest.mark.parametrize("quota, expected", [(None, 16), ("max 100000", 16),
+                                             ("250000 100000", 3), ("50000 100000", 1)])
+def test_threads_follow_the_cpus_a_container_may_use(monkeypatch, tmp_path, quota, expected):
+    """The affinity shows every CPU of the host; a container's quota (cgroup v2 cpu.max) can
+    allow fewer. Ranks on one host share them for their math; rank 0 alone packs, on up to 8."""
     monkeypatch.setattr(train_gpt.os, "sched_getaffinity", lambda pid: set(range(16)),
                         raising=False)
+    real_path = train_gpt.Path
+
+    def path(name, *rest):
+        if str(name) == "/sys/fs/cgroup/cpu.max":
+            if quota is None:
+                return real_path(tmp_path / "absent")
+            (tmp_path / "cpu.max").write_text(quota)
+            return real_path(tmp_path / "cpu.max")
+        if str(name).startswith("/sys/fs/cgroup/"):
+            return real_path(tmp_path / "absent")
+        return real_path(name, *rest)
+
+    monkeypatch.setattr(train_gpt, "Path", path)
+    assert train_gpt.usable_cpus() == expected
+    assert train_gpt.compression_threads() == min(8, expected)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert train_gpt.compression_threads() == 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
-    assert train_gpt.compression_threads() == 1
-    monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    assert train_gpt.compression_threads() == 8  # at most 8: each holds its own match tables
+    assert train_gpt.cpu_share() == max(1, expected // 4)
 
 
 def test_reported_sizes_are_the_real_file_sizes(tmp_path):
@@ -185,8 +200,9 @@ def test_fit_keeps_the_most_counted_pairs_close_under_the_limit_and_they_read_ba
     args, student = tiny_student(eam_context_min_count=1)
     quarter = student.contexts.most_counted(student.context_counts.numel() // 4)
     limit = 100 + len(train_gpt.build_artifact(student, args, quarter))
-    artifact, contexts = train_gpt.fit_artifact(
+    artifact, contexts, build_s = train_gpt.fit_artifact(
         student, dataclasses.replace(args, size_limit=limit), code_bytes=100)
+    assert build_s > 0
     assert 0 <= limit - 100 - len(artifact) < 0.05 * limit
     dropped = student.context_counts.numel() - contexts.counts.numel()
     assert dropped > 0 and abs(contexts.counts.numel() - quarter.counts.numel()) < 0.2 * dropped
@@ -199,7 +215,7 @@ def test_fit_keeps_the_most_counted_pairs_close_under_the_limit_and_they_read_ba
     for name in train_gpt.CONTEXT_BUFFERS:
         assert torch.equal(getattr(loaded.contexts, name), getattr(contexts, name)), name
     # What fits keeps everything; what cannot fit even empty is refused, naming the limit.
-    whole, kept = train_gpt.fit_artifact(student, args, code_bytes=100)
+    _, kept, _ = train_gpt.fit_artifact(student, args, code_bytes=100)
     assert torch.equal(kept.counts, student.context_counts)
     with pytest.raises(ValueError, match="SIZE_LIMIT"):
         train_gpt.fit_artifact(student, dataclasses.replace(args, size_limit=1000), 100)
@@ -254,7 +270,7 @@ def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder()
     assert train_gpt.code_size(args) + reserve + len(train_gpt.build_artifact(student, args)) \
         <= limit
     # What it kept is what packing keeps of it: no pair to drop while the decoder is zero.
-    _, contexts = train_gpt.fit_artifact(student, args, train_gpt.code_size(args) + reserve)
+    _, contexts, _ = train_gpt.fit_artifact(student, args, train_gpt.code_size(args) + reserve)
     assert torch.equal(contexts.counts, student.context_counts)
 
 

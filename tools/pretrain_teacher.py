@@ -77,8 +77,7 @@ def pretrain(args: train_gpt.Hyperparameters, tokens_per_parameter: float, save_
                                       args.muon_momentum_warmup_steps)
         steps = min(save_every, total_steps - step)
         phase = train_gpt.Phase(train_gpt.TEACHER_PHASE, lambda m, x, y: m(x, y),
-                                args.train_batch_tokens, args.train_seq_len, math.inf, steps,
-                                compiled=False)
+                                args.train_batch_tokens, args.train_seq_len, math.inf, steps)
         stats = train_gpt.run_training(runtime, segment, model, phase, loader, optimizers)
         step += stats["steps"]
         train_gpt.write_atomically(partial, _serialized(dict(
