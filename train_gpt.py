@@ -382,7 +382,8 @@ class Runtime:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """Several ranks, or one launched by torchrun (DDP and NCCL in a world of one)."""
+        return self.world_size > 1 or (dist.is_available() and dist.is_initialized())
 
     @property
     def master(self) -> bool:
@@ -435,7 +436,7 @@ def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(cpu_share())  # two ranks on two cores: not a thread per core each
-    if world_size > 1:
+    if world_size > 1 or "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun, even of one rank
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=
                                 device if device.type == "cuda" else None)
     torch.manual_seed(args.seed)
@@ -443,7 +444,7 @@ def init_runtime(args: Hyperparameters) -> tuple[Runtime, Hyperparameters]:
     log_path = None
     if rank == 0:
         args, log_path = claim_run(args)
-    if world_size > 1:
+    if dist.is_initialized():
         names = [args.run_id, args.artifact_path]
         dist.broadcast_object_list(names, 0)
         args = dataclasses.replace(args, run_id=names[0], artifact_path=names[1])
