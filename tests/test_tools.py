@@ -765,7 +765,7 @@ def test_record_folder_in_the_challenges_conventions(good_record: dict,
 
 
 def test_a_record_track_folder_from_three_honest_runs_passes(
-        record_track: dict, capsys: pytest.CaptureFixture) -> None:
+        record_track: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     folder = record_track["folder"]
     assert record_track["status"] == 0 and folder.parent.name == "track_10min_16mb"
     doc = json.loads((folder / "submission.json").read_text())
@@ -778,6 +778,14 @@ def test_a_record_track_folder_from_three_honest_runs_passes(
         readme)
     status, out = check(folder, record_track["run_dir"], capsys, "--reference-bpb", "1.2")
     assert status == 0 and notes(out) == [], out
+    # A folder that calls itself a demonstration is no entry for the record track.
+    copied = copy_of(record_track, tmp_path)
+    path = copied / "submission.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "demonstration": "A demo."}))
+    status, out = check(copied, record_track["run_dir"], capsys, "--reference-bpb", "1.2")
+    assert status == 1 and failures(out) == [
+        "1. track 10min_16mb takes entries, but submission.json says: A demo.",
+        "2. README.md does not say what submission.json's `demonstration` says"]
 
 
 def test_check_fails_one_byte_over(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -899,7 +907,7 @@ def test_check_fails_on_place_and_track(good_record: dict, tmp_path: Path,
     moved.parent.mkdir()
     shutil.move(folder, moved)
     doc = json.loads((moved / "submission.json").read_text())
-    doc["track"] = "10min_16mb"
+    doc["track"], doc["demonstration"] = "10min_16mb", None  # no longer calling itself one
     (moved / "submission.json").write_text(json.dumps(doc))
     status, out = check(moved, good_record["run_dir"], capsys, "--reference-bpb", "1.2")
     assert status == 1
@@ -949,10 +957,19 @@ def test_check_validation_split_scored_whole(good_record: dict, record_track: di
         f"{i}. train_seed{seed}.log: track 10min_16mb scores the whole validation split: "
         f"VAL_TOKENS=4096; 4,096 of the validation split's {VAL_SPLIT:,} tokens scored"
         for i, seed in enumerate((42, 1337, 2024), 1)]
-    folder = copy_of(good_record, tmp_path / "other")
+    sweep = fake_sweep(tmp_path / "other", **part)
+    status, folder = assemble(tmp_path / "other", sweep)
+    assert status == 0 and folder is not None
+    status, out = check(folder, sweep["run_dir"], capsys)
+    assert status == 0 and "4,096 of the validation split's" in notes(out)[0]
+    # A folder whose logs were swapped for such runs, its statement left as it was, fails.
+    folder = copy_of(good_record, tmp_path / "stale")
     rewrite(good_record, folder, **part)
     status, out = check(folder, good_record["run_dir"], capsys)
-    assert status == 0 and "tokens scored" in notes(out)[0]
+    assert status == 1 and failures(out) == [
+        "1. submission.json's `demonstration` does not say what makes the runs a "
+        f"demonstration: VAL_TOKENS=4096; 4,096 of the validation split's {VAL_SPLIT:,} tokens "
+        "scored"]
     folder = copy_of(good_record, tmp_path / "no_data")
     edit(folder, 42, without(train_gpt.DATA_RECORD))
     status, out = check(folder, good_record["run_dir"], capsys)
@@ -995,7 +1012,7 @@ def test_check_refuses_one_run_filed_as_two_seeds(good_record: dict, tmp_path: P
     status, out = check(folder, good_record["run_dir"], capsys)
     problems = "\n".join(failures(out))
     assert status == 1
-    assert ("train_seed42.log and train_seed1337.log log the same run_id cpu_smoke_seed13: "
+    assert ("train_seed42.log and train_seed1337.log log the same run_id cpu_smoke_seed1337: "
             "one run filed twice") in problems
     assert "log the same artifact sha256" in problems
     assert ("train_seed42.log: run_id cpu_smoke_seed1337 names seed 1337, but its SEED "

@@ -224,8 +224,9 @@ def check_distinct_runs(results: Sequence[SeedResult], report: Report,
         for result in results:
             value = result.run.records.get(record, {}).get(key)
             if value and value in seen:
-                fail(f"{seen[value]} and {result.name} log the same {what} {value[:16]}: one "
-                     "run filed twice")
+                shown = value[:16] + "..." if key == "sha256" else value
+                fail(f"{seen[value]} and {result.name} log the same {what} {shown}: one run "
+                     "filed twice")
             elif value:
                 seen[value] = result.name
     for i, result in enumerate(results):
@@ -364,13 +365,17 @@ def check_track_rules(results: Sequence[SeedResult], document: dict, report: Rep
     if document.get("track") != _submission.RECORD_TRACK:
         if reasons:
             report.notes.append("a demonstration, not a leaderboard entry: " + "; ".join(reasons))
-            if not document.get("demonstration"):
-                report.failures.append("submission.json does not say the runs are a "
-                                       "demonstration (its `demonstration` field is empty): "
-                                       + "; ".join(reasons))
+            unsaid = [reason for reason in reasons
+                      if reason not in (document.get("demonstration") or "")]
+            if unsaid:
+                report.failures.append("submission.json's `demonstration` does not say what "
+                                       "makes the runs a demonstration: " + "; ".join(unsaid))
         if reference_bpb is not None:
             check_significance(valid, document, reference_bpb, report, record_track=False)
         return
+    if document.get("demonstration"):
+        report.failures.append("track 10min_16mb takes entries, but submission.json says: "
+                               f"{document['demonstration']}")
     profiles = {r.header("profile") for r in valid}
     if profiles != {_submission.COMPETITION_PROFILE} or not all(r.on_8xh100 for r in valid):
         report.failures.append(f"track 10min_16mb needs the competition profile on 8xH100; the "
