@@ -1,14 +1,16 @@
-"""Shared helpers for tools/seed_sweep.py and tools/ablate.py: launch a training run, read its log.
+"""What tools/seed_sweep.py and tools/ablate.py share: launching runs and reading their logs.
 
-Both tools do the same two things around `train_gpt.py`: start it with some environment variables
-(one process or torchrun) while keeping its output, and read its log back through
-`train_gpt.parse_log` (the one log parser). Keeping that here means the two tools cannot drift
-apart in how a run is started, where its log is looked for, or when a run counts as finished.
-Nothing runs at import.
+Both tools start `train_gpt.py` with some environment variables (one process or torchrun), keep
+its output, and read its log back through `train_gpt.parse_log` (the one log parser); the record
+tools (_submission, check_record, make_record, plots) read logs through here too. Keeping it in
+one place means no two tools differ in how a run is started or checked before it starts, where
+its log is looked for, when a run counts as finished, or how a time is read from a log. Nothing
+runs at import.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import itertools
 import os
@@ -17,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,8 @@ HEADER_RECORD, SETTINGS_RECORD = train_gpt.HEADER_RECORD, train_gpt.SETTINGS_REC
 ARTIFACT_RECORD, COMPONENT_RECORD = train_gpt.ARTIFACT_RECORD, train_gpt.COMPONENT_RECORD
 FIT_RECORD, STEP_RECORDS = train_gpt.FIT_RECORD, train_gpt.STEP_RECORDS
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = train_gpt.TRAIN_TIME_RECORD, train_gpt.EVAL_TIME_RECORD
+DATA_RECORD, TTT_RECORD = train_gpt.DATA_RECORD, train_gpt.TTT_RECORD
+SHED_RECORD = train_gpt.SHED_RECORD
 # Settings that set the budget: an ablation variant changing them is not a like-for-like run.
 BUDGET_SETTINGS = ("MAX_WALLCLOCK_SECONDS", "TRAIN_RESERVE_FRAC", "TEACHER_TIME_FRAC",
                    "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS", "VAL_TOKENS")
@@ -222,6 +226,63 @@ def read_run(label: str, log_path: Path | None, required: Sequence[str] = (SCORE
     return run
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every tool that launches runs: extra environment, processes per run, where
+    logs go, a replacement command and quiet output."""
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for every run (repeatable)")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="processes per run: 1 -> python train_gpt.py, N > 1 -> torchrun "
+                             "--standalone --nproc_per_node=N train_gpt.py")
+    parser.add_argument("--logs-dir", type=Path, default=TRAIN_LOG_DIR,
+                        help="where run logs and captured output are kept and read back "
+                             "(default: %(default)s)")
+    parser.add_argument("--command", default=None,
+                        help="replace the training command (a shell-quoted string; for tests "
+                             "and wrappers)")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output")
+
+
+def score_lines(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The line a run with this environment must end with to count as complete: its model's
+    model-alone score line (the memory model's unless MODEL says otherwise); none for an
+    EVAL_ONLY run, whose kind only its artifact knows."""
+    if scores_only(dict(env)):
+        return ()
+    return (train_gpt.SCORE_RECORDS[env.get("MODEL", train_gpt.SHIPPED_MODELS[0])][0],)
+
+
+def start_runs(planned: Mapping[str, Mapping[str, str]], args: argparse.Namespace,
+               required: Callable[[Mapping[str, str]], Sequence[str]] = lambda env: (
+                   SCORE_RECORD,)) -> dict[str, Run] | None:
+    """Run each planned {label: environment} in turn (RUN_ID from the environment), with the
+    flags of add_run_arguments (`args.env` is added under each run's own variables).
+
+    Every run's settings are built as the run itself will build them before the first one
+    starts, so a bad value costs nothing; returns None after printing the error. Variables that
+    are not train_gpt settings are passed through, with a note. `required`: the lines a run's
+    log must hold to count as complete, given its environment.
+    """
+    try:
+        common = parse_env_pairs(args.env)
+        command = training_command(args.nproc, args.command)
+        for env in planned.values():
+            check_settings({**common, **env})
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return None
+    unknown = unknown_settings({k: v for env in planned.values() for k, v in
+                                {**common, **env}.items()})
+    if unknown:
+        print(f"note: not train_gpt settings, passed as plain environment: {unknown}")
+    runs = {}
+    for label, env in planned.items():
+        full_env = {**common, **env}
+        runs[label] = run_training(label, command, full_env, args.logs_dir,
+                                   required=required(full_env), echo=not args.quiet)
+    return runs
+
+
 # ------------------------------------------------------------------------------------------------
 # Reading records
 # ------------------------------------------------------------------------------------------------
@@ -241,31 +302,27 @@ def line_records(text: str, kind: str) -> list[dict[str, str]]:
             if line.split()[:1] == [kind]]
 
 
+def line_count(text: str, kind: str) -> int:
+    """How many lines of one kind the log holds (parse_log keeps only the last)."""
+    return sum(line.split()[:1] == [kind] for line in text.splitlines())
+
+
 def stage_times_ms(records: Mapping[str, Mapping[str, str]]) -> dict[str, float | None]:
     return {stage: number(records, train_gpt.stage_record(stage), "time_ms") for stage in STAGES}
 
 
 def train_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
-    """Everything that read training data, in seconds: the `train_time` line where the log has
-    one, else the sum of the training stages' time_ms (teacher, eam_write, distill)."""
+    """Everything that read training data, in seconds: the `train_time` line's train_time_ms
+    (None without one: a sum of stage times leaves out setup and packing, so it is no
+    stand-in)."""
     ms = number(records, TRAIN_TIME_RECORD, "train_time_ms")
-    if ms is None:
-        times = [number(records, train_gpt.stage_record(stage), "time_ms")
-                 for stage in TRAIN_STAGES]
-        ms = None if any(t is None for t in times) else sum(times)  # type: ignore[arg-type]
     return None if ms is None else ms / 1000
 
 
 def eval_time_s(records: Mapping[str, Mapping[str, str]]) -> float | None:
-    """The evaluation's time in seconds: the `eval_time` line, else stage:eval, else the score
-    line's eval_time_ms."""
-    for record, key in ((EVAL_TIME_RECORD, "eval_time_ms"),
-                        (train_gpt.stage_record("eval"), "time_ms"),
-                        (SCORE_RECORD, "eval_time_ms")):
-        ms = number(records, record, key)
-        if ms is not None:
-            return ms / 1000
-    return None
+    """The evaluation's time in seconds: the `eval_time` line's eval_time_ms (None without one)."""
+    ms = number(records, EVAL_TIME_RECORD, "eval_time_ms")
+    return None if ms is None else ms / 1000
 
 
 def artifact_path(records: Mapping[str, Mapping[str, str]], run_dir: Path) -> Path | None:

@@ -5,7 +5,8 @@ budget and data), one setting changed at a time, and every number that matters s
 the teacher's bpb, the model alone, the score (with the kNN store when it is on), the artifact
 size and where the time went. This tool runs the variants one after another (RUN_ID=ablate_NAME,
 each with its own artifact), reads their logs with train_gpt.parse_log, and prints a markdown
-table sorted by the score; `--collect-only` rebuilds the table from existing logs.
+table sorted by the score; `--collect-only` rebuilds the table from existing logs. Runs are
+launched and read back by tools/_runs.py, as tools.seed_sweep's are.
 
     python -m tools.ablate --profile cpu_proxy --variant base --variant xsa0:XSA_LAYERS=0 \\
         --variant "wide:MODEL_DIM=256,NUM_HEADS=8"
@@ -79,7 +80,9 @@ def collect(name: str, env: dict[str, str], run: _runs.Run) -> dict:
         teacher_bpb=_runs.number(records, _runs.TEACHER_RECORD, "val_bpb"),
         prepack_bpb=_runs.number(records, _runs.PREPACK_RECORD, "val_bpb"),
         memory_bpb=_runs.number(records, model_record, "val_bpb"),
-        knn_bpb=_runs.number(records, score_record, "val_bpb"),
+        # The score line is the model alone when no kNN store ran: its column stays empty.
+        knn_bpb=(_runs.number(records, score_record, "val_bpb")
+                 if _runs.number(records, train_gpt.stage_record("eval"), "knn") == 1 else None),
         total_bytes=(None if _runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes") is None
                      else int(_runs.number(records, _runs.ARTIFACT_RECORD, "total_bytes"))),
         stage_time_ms=_runs.stage_times_ms(records),
@@ -155,19 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(repeatable; 'base' with no settings is the reference)")
     parser.add_argument("--variants-json", type=Path, default=None,
                         help="a JSON file {name: {KEY: VALUE}} of variants")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment variable applied to all variants (repeatable)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes per run (1: python, >1: torchrun)")
-    parser.add_argument("--logs-dir", type=Path, default=_runs.TRAIN_LOG_DIR,
-                        help="where the logs are kept and read back (default: logs)")
+    _runs.add_run_arguments(parser)
     parser.add_argument("--collect-only", action="store_true",
                         help="do not run: rebuild the table from existing logs "
                              "(LOGS_DIR/ablate_NAME.txt; every such log if no variant is given)")
-    parser.add_argument("--command", default=None,
-                        help="replace the training command (a shell-quoted string; for tests "
-                             "and wrappers)")
-    parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output")
     parser.add_argument("--out", type=Path, default=Path("ablation.json"),
                         help="JSON results file (default: %(default)s)")
     parser.add_argument("--plot", type=Path, default=None,
@@ -180,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     profile = args.profile or os.environ.get("PROFILE", "cpu_proxy")
     try:
         variants = load_variants(args.variant, args.variants_json)
-        common = _runs.parse_env_pairs(args.env)
+        common = _runs.parse_env_pairs(args.env)  # start_runs adds them to every variant
     except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -201,33 +195,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not variants:
             print("error: give at least one --variant or --variants-json", file=sys.stderr)
             return 2
-        try:
-            command = _runs.training_command(args.nproc, args.command)
-            for env in variants.values():
-                _runs.check_settings({**common, **env, "PROFILE": profile})
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
         for name, env in variants.items():
             budget = sorted(set(env) & set(_runs.BUDGET_SETTINGS))
             if budget:
                 print(f"warning: variant {name} changes the budget ({', '.join(budget)}): "
                       "not a like-for-like comparison", file=sys.stderr)
-        unknown = _runs.unknown_settings({k: v for e in [common, *variants.values()]
-                                          for k, v in e.items()})
-        if unknown:
-            print(f"note: not train_gpt settings, passed as plain environment: {unknown}")
-        runs = {}
+        planned = {}
         for name, env in variants.items():
             run_id = f"{RUN_PREFIX}{name}"
-            full_env = {**common, **env, "PROFILE": profile, "RUN_ID": run_id}
-            if not _runs.scores_only(full_env):  # each training run packs its own artifact
-                full_env["ARTIFACT_PATH"] = f"{run_id}.eam"
-            # What an EVAL_ONLY run scores is known from its log only (collect checks it).
-            required = () if _runs.scores_only(full_env) else (
-                train_gpt.SCORE_RECORDS[shipped_model(full_env)][0],)
-            runs[name] = _runs.run_training(name, command, full_env, args.logs_dir,
-                                            required=required, echo=not args.quiet)
+            planned[name] = {**env, "PROFILE": profile, "RUN_ID": run_id}
+            # Each training run packs its own artifact; an EVAL_ONLY run scores the one given.
+            if not _runs.scores_only({**common, **planned[name]}):
+                planned[name]["ARTIFACT_PATH"] = f"{run_id}.eam"
+        runs = _runs.start_runs(planned, args, required=_runs.score_lines)
+        if runs is None:
+            return 2
 
     rows = sorted((collect(name, variants[name], run) for name, run in runs.items()),
                   key=sort_key)

@@ -4,16 +4,22 @@ A record is a folder records/track_<track>/YYYY-MM-DD_Description/ holding READM
 submission.json, train_gpt.py, the training logs and requirements.txt. This writes all of it
 from the logs alone: the exact train_gpt.py that ran (its sha256 must equal the one every log
 recorded, or nothing is written), one `train_seed<SEED>.log` per seed, submission.json in the
-merged records' fields (tools/_submission.py), the plots (tools/plots.py) and a README with the
-results table, the method, the legality argument, the reproduction command and the size
-breakdown. Then it runs tools.check_record on the folder and exits with its verdict.
+merged records' fields (tools/_submission.py), the plots (tools/plots.py) and a README rendered
+from the template tools/record_readme.md: results, the method and the legality argument as the
+logs say the runs went (nothing about a part that did not run), rule compliance, reproduction,
+size, time, and credits. Then it runs tools.check_record on the folder and exits with its
+verdict.
 
-    python -m tools.make_record --logs logs/competition_seed1337.txt \\
-        logs/competition_seed42.txt logs/competition_seed2024.txt \\
-        --name "EAM + context memory" --blurb "..." --out ../parameter-golf/records
+    python -m tools.make_record --logs logs/competition_seed1337.txt \
+        logs/competition_seed42.txt logs/competition_seed2024.txt \
+        --author "Your Name" --github-id you --reference-bpb <the current record's val_bpb> \
+        --out ../parameter-golf/records
 
-The folder is new each time (an existing one is never overwritten). Do not commit it here: its
-copy of train_gpt.py belongs to the runs, not to this repository's history.
+Runs on the demo corpus (tools.make_demo_data) are refused unless --demonstration is given, and
+then the folder says plainly that it is a demonstration (as it does for any other profile than
+the competition's, another machine than 8xH100, or a part of the validation split). The folder
+is new each time (an existing one is never overwritten). Do not commit it here: its copy of
+train_gpt.py belongs to the runs, not to this repository's history.
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import train_gpt
 from tools import _runs, _submission, check_record, plots
 from tools._submission import SeedResult
 
-PROJECT_README = _runs.REPO_ROOT / "README.md"
 PROJECT_REQUIREMENTS = _runs.REPO_ROOT / "requirements.txt"
 TOOLS_ONLY_MARK = "tools/ only"  # requirements.txt lines train_gpt.py itself does not need
 # The folder sits at records/track_<track>/<name>/ of a parameter-golf checkout, whose data
@@ -38,6 +43,7 @@ TOOLS_ONLY_MARK = "tools/ only"  # requirements.txt lines train_gpt.py itself do
 CHECKOUT_ROOT_FROM_FOLDER = "../../.."
 # Settings a reproduction sets itself (per seed, or pointing at the checkout's data).
 PER_RUN_SETTINGS = ("SEED", "RUN_ID", "ARTIFACT_PATH", "DATA_PATH", "TOKENIZER_PATH")
+DEFAULT_DESCRIPTION = "context_memory"  # the folder's name after the date
 
 
 class RecordError(ValueError):
@@ -73,6 +79,23 @@ def validate_runs(results: Sequence[SeedResult], code_path: Path) -> str:
     return actual
 
 
+def demonstration_of(results: Sequence[SeedResult], args: argparse.Namespace) -> str | None:
+    """What the folder says when it is a demonstration (None for an entry). Runs on the demo
+    corpus are refused unless --demonstration says the folder is one."""
+    roots = (_runs.REPO_ROOT, args.run_dir)
+    fingerprints = _submission.demo_corpus_fingerprints(roots)
+    demo = sorted({reason for reason in (_submission.demo_corpus(r, fingerprints)
+                                         for r in results) if reason})
+    if demo and not args.demonstration:
+        raise RecordError("the runs trained on the demo corpus (tools.make_demo_data: Python "
+                          f"docstrings, not FineWeb): {'; '.join(demo)}. Pass --demonstration "
+                          "to make a folder that says it is a demonstration")
+    reasons = _submission.demonstration_reasons(results, roots)
+    if args.demonstration and not reasons:
+        reasons = ["so declared by its author (--demonstration)"]
+    return _submission.demonstration_text(reasons)
+
+
 def description_of(text: str) -> str:
     description = re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_.+-")
     if not description:
@@ -81,17 +104,39 @@ def description_of(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------
-# README.md
+# README.md, from the template
 # ------------------------------------------------------------------------------------------------
 
+TEMPLATE = Path(__file__).with_name("record_readme.md")
+PLACEHOLDER = re.compile(r"{{(\w+)}}")
+# A section {{#flag}}...{{/flag}} (kept when the flag holds) or {{^flag}}...{{/flag}} (kept when
+# it does not), innermost first; a tag alone on its line takes the line with it.
+SECTION = re.compile(r"{{([#^])(\w+)}}((?:(?!{{[#^]).)*?){{/\2}}", re.S)
+STANDALONE_TAG = re.compile(r"^[ \t]*({{[#^/]\w+}})[ \t]*\n", re.M)
 
-def project_section(heading: str) -> str:
-    """A '## heading...' section of this project's README (written once, there)."""
-    text = PROJECT_README.read_text(encoding="utf-8")
-    match = re.search(rf"^## {re.escape(heading)}.*?$(.*?)(?=^## |\Z)", text, re.M | re.S)
-    if match is None:
-        raise RecordError(f"{PROJECT_README}: no '## {heading}' section")
-    return match.group(1).strip()
+
+def render_template(template: str, values: dict[str, object]) -> str:
+    """Fill `template`'s sections and {{placeholders}} from `values`; a name the values lack is
+    an error (so a template edit cannot leave a hole in a README)."""
+    def value(name: str) -> object:
+        if name not in values:
+            raise RecordError(f"{TEMPLATE.name}: no value for {{{{{name}}}}}")
+        return values[name]
+
+    def section(match: re.Match) -> str:
+        kind, name, body = match.groups()
+        return body if bool(value(name)) == (kind == "#") else ""
+
+    text = STANDALONE_TAG.sub(r"\1", template)
+    while True:
+        text, count = SECTION.subn(section, text)
+        if not count:
+            break
+    text = PLACEHOLDER.sub(lambda match: str(value(match.group(1))), text)
+    if "{{" in text:
+        raise RecordError(f"{TEMPLATE.name}: an unmatched section tag near "
+                          f"{text[text.index('{{'):][:40]!r}")
+    return text
 
 
 def challenge_data_path(logged: str) -> str | None:
@@ -149,201 +194,236 @@ def number(value: object, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
-def results_section(document: dict, results: Sequence[SeedResult], stats: dict) -> list[str]:
-    rows = ["| seed | val_bpb | val_loss | memory path bpb | teacher bpb | artifact bytes | "
-            "teacher steps | step ms | train s | eval s |", "|" + "---:|" * 10]
-    for r in results:
-        s = document["seed_results"][str(r.seed)]
-        rows.append(f"| {r.seed} | **{number(s['val_bpb'], 8)}** | {number(s['val_loss'], 8)} | "
-                    f"{number(s['memory_val_bpb'], 4)} | {number(s['teacher_val_bpb'], 4)} | "
-                    f"{number(s['artifact_bytes'], 0)} | {number(s['steps'], 0)} | "
-                    f"{number(s['step_avg_ms'], 1)} | {number(s['train_time_s'], 1)} | "
-                    f"{number(s['eval_time_s'], 1)} |")
-    rows.append(f"| **mean** | **{number(document['val_bpb'], 8)}** | "
-                f"{number(document['val_loss'], 8)} | | | | | | | |")
-    lines = ["## Results", "", *rows, ""]
-    if stats["val_bpb_std"] is not None:
-        low, high = stats["val_bpb_ci95"]
-        lines.append(f"Sample std {stats['val_bpb_std']:.8f} bpb ({stats['val_loss_std']:.8f} "
-                     f"nats); 95% t-interval of the mean [{low:.5f}, {high:.5f}].")
-    test = stats.get("test")
-    if test and test.get("p_value") is not None:
-        verdict = "significant" if test["significant"] else "not significant"
-        lines.append(f"Against the record's {test['reference_bpb']} bpb: mean improvement "
-                     f"{test['mean_improvement_nats']:.5f} nats, one-sided t-test of an "
-                     f"improvement above {test['margin_nats']} nats: t = {test['t']:.3f}, "
-                     f"p = {test['p_value']:.3g} ({verdict} at {test['alpha']}).")
-    lines += [
-        "",
-        f"Each seed's score is its `{_runs.SCORE_RECORD} val_loss:X val_bpb:Y` line (computed "
-        "from the artifact after a round trip through its bytes), its size the "
-        f"`{_runs.ARTIFACT_RECORD} code_bytes:N model_bytes:N total_bytes:N limit:"
-        f"{_submission.SIZE_LIMIT}` line, in `{_submission.seed_log_name('<SEED>')}`. The memory "
-        f"path (`{_runs.MEMORY_RECORD}`) and the teacher (`{_runs.TEACHER_RECORD}`, a "
-        "diagnostic on the same windows, when logged) are shown for comparison; only the "
-        "memory model is shipped and scored.", ""]
-    if document.get("note"):
-        lines += [f"**Note:** {document['note']}.", ""]
-    return lines
-
-
-def span(values: Sequence[float | None]) -> str | None:
-    """'556' or '556-598' over the seeds (None when no log has it)."""
+def span(values: Sequence[float | None]) -> str:
+    """'556' or '556-598' over the seeds ('-' when no log has it)."""
     present = sorted({int(v) for v in values if v is not None})
     if not present:
-        return None
+        return "-"
     return f"{present[0]:,}" + (f"-{present[-1]:,}" if len(present) > 1 else "")
 
 
-def memory_paragraphs(first: SeedResult, writes: str | None, kept: str | None,
-                      sees: str) -> list[str]:
-    """The Memory and Distillation paragraphs."""
-
-    def s(name: str) -> str:
-        return first.setting(name) or "?"
-
-    return [
-        "**Memory.** An Elastic Associative Memory counts what the teacher's contexts "
-        f"lead to: a key is a fixed random projection ({s('EAM_KEY_DIM')} dims) of the "
-        "teacher's state, normalized; addresses are placed by a few passes of spherical "
-        "k-means on a sample of keys every rank shares; each written token adds a softmax "
-        f"over its top {s('EAM_WRITE_K')} locations' similarities to its next token's "
-        "count there, and the counts of all ranks are summed, so every rank ends with the "
-        f"same memory. A location ships its top {s('EAM_TOP_TOKENS')} tokens and its "
-        f"write count ({writes or '?'} writes, {kept or '?'} locations kept in the artifact).",
-        "",
-        *context_paragraph(first),
-        f"**Distillation.** A causal {s('ENC_LAYERS')}-layer encoder, initialised from the "
-        "teacher's lowest blocks, maps tokens to memory keys; the read, a softmax over the "
-        f"top {s('EAM_READ_K')} locations differentiable in the query, gives a next-token "
-        f"distribution smoothed toward uniform (alpha {s('EAM_READ_ALPHA')}); a decoder "
-        f"maps the encoder's features {sees}to logits through the tied embedding, and a "
-        "learned gate that reads only the prefix (the features, the read's similarities, "
-        "its entropy and peak) mixes the two distributions. Keys are trained first (cosine "
-        "to the teacher's key), then the whole student end to end on the mixture's "
-        "cross-entropy + KL to the teacher on the decoder's part (temperature "
-        f"{s('DISTILL_TEMPERATURE')}).", ""]
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str = "---:") -> str:
+    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "|".join(
+        [align] * len(headers)) + "|", *("| " + " | ".join(map(str, row)) + " |"
+                                         for row in rows)])
 
 
-def context_paragraph(first: SeedResult) -> list[str]:
-    """The context memory's paragraph, if the run had one (EAM_CONTEXT_ORDER > 0)."""
-    lengths = first.context_lengths()
-    if lengths is None:
-        return []
-    counted = first.value(train_gpt.stage_record("eam_write"), "context_tokens")
-    shipped = first.value(_runs.FIT_RECORD, "context_pairs")
-    return [
-        "**Context memory.** Beside it, the counts of the tokens that followed each exact "
-        f"context of {lengths} tokens in {number(counted, 0)} training tokens "
-        f"(pairs seen at least {first.setting('EAM_CONTEXT_MIN_COUNT') or '?'} times; "
-        f"{number(shipped, 0)} shipped, the most counted, fitted to the size limit before "
-        "distillation so that the student learns with them), read by Witten-Bell interpolation "
-        "over the associative read; after each chunk is scored it also counts that chunk's "
-        "pairs, if `EVAL_MEMORY_WRITES` is on.", ""]
+def results_table(document: dict, results: Sequence[SeedResult]) -> str:
+    rows = []
+    for r in results:
+        s = document["seed_results"][str(r.seed)]
+        rows.append([r.seed, f"**{number(s['val_bpb'], 8)}**", number(s["val_loss"], 8),
+                     number(s["memory_val_bpb"], 4), number(s["teacher_val_bpb"], 4),
+                     number(s["artifact_bytes"], 0), number(s["steps"], 0),
+                     number(s["step_avg_ms"], 1), number(s["train_time_s"], 1),
+                     number(s["eval_time_s"], 1)])
+    rows.append(["**mean**", f"**{number(document['val_bpb'], 8)}**",
+                 number(document["val_loss"], 8), *[""] * 7])
+    return table(["seed", "val_bpb", "val_loss", "model alone bpb", "teacher bpb",
+                  "artifact bytes", "teacher steps", "step ms", "train s", "eval s"], rows)
 
 
-def method_section(results: Sequence[SeedResult]) -> list[str]:
-    first = results[0]
-
-    def s(name: str) -> str:
-        return first.setting(name) or "?"
-
-    kept = span([r.value(_runs.FIT_RECORD, "kept_locations") for r in results])
-    writes = span([r.value(train_gpt.stage_record("eam_write"), "writes") for r in results])
-    sees_encoder = first.value(train_gpt.stage_record("distill"), "dec_sees_encoder")
-    sees = "and the read's expected token embedding " if sees_encoder == 1 else ""
-    knn = first.value(_submission.EVAL_STAGE, "knn") == 1
-    ttt = (first.value(_submission.EVAL_STAGE, "ttt_steps") or 0) > 0
-    return [
-        "## Method", "",
-        f"**Teacher.** A {s('NUM_LAYERS')}-layer, {s('MODEL_DIM')}-wide GPT ({s('NUM_HEADS')} "
-        f"query / {s('NUM_KV_HEADS')} key-value heads, {s('MLP_MULT')}x MLP, exclusive "
-        f"self-attention in the last {s('XSA_LAYERS')} layers, EMA {s('EMA_DECAY')}) is trained "
-        "with Muon for matrices and Adam for the rest inside its share of the time budget "
-        f"(`TEACHER_TIME_FRAC={s('TEACHER_TIME_FRAC')}`). It is never shipped.", "",
-        *memory_paragraphs(first, writes, kept, sees),
-        f"**Artifact and score.** Encoder, memory and decoder are quantized per row "
-        f"(int{s('QUANT_BITS')}), compressed with zstd level {s('ZSTD_LEVEL')} and written "
-        "with a checksum; when code + artifact would exceed 16,000,000 bytes the least-written "
-        "locations are dropped, never the count. Evaluation rebuilds the model from the "
-        f"artifact bytes alone and scores sliding windows of {s('EVAL_SEQ_LEN')} tokens at "
-        f"stride {s('EVAL_STRIDE')}"
-        + (f", mixing in a kNN store of already-scored tokens ({s('KNN_K')} neighbours, weight "
-           f"{s('KNN_LAMBDA')} x the best neighbour's similarity, filled chunk by chunk of "
-           f"{s('EVAL_CHUNK_TOKENS')} tokens after each chunk is scored)." if knn else ".")
-        + (f" After each chunk is scored, the model takes {s('TTT_STEPS')} optimizer step(s) "
-           f"on that chunk's tokens (test-time training of `{s('TTT_PARAMS')}`, Muon and Adam "
-           f"at {s('TTT_LR_SCALE')} x the training rates), so only tokens already scored teach "
-           "it." if ttt else ""),
-        ""]
-
-
-def size_section(results: Sequence[SeedResult]) -> list[str]:
-    lines = ["## Size", "", "| seed | train_gpt.py bytes | artifact bytes | total | margin to "
-             f"{_submission.SIZE_LIMIT:,} |", "|---:|---:|---:|---:|---:|"]
+def size_tables(results: Sequence[SeedResult]) -> tuple[str, str, object]:
+    """(the per-seed size table, the largest artifact's components table or '', its seed)."""
+    rows = []
     for r in results:
         code, model, total = (r.bytes(k) for k in ("code_bytes", "model_bytes", "total_bytes"))
         margin = None if total is None else _submission.SIZE_LIMIT - total
-        lines.append(f"| {r.seed} | {number(code, 0)} | {number(model, 0)} | "
-                     f"{number(total, 0)} | {number(margin, 0)} |")
+        rows.append([r.seed, number(code, 0), number(model, 0), number(total, 0),
+                     number(margin, 0)])
+    sizes = table(["seed", "train_gpt.py bytes", "artifact bytes", "total",
+                   f"margin to {_submission.SIZE_LIMIT:,}"], rows)
     largest = max(results, key=lambda r: r.bytes("total_bytes") or 0)
     components = _runs.line_records(largest.run.text, _runs.COMPONENT_RECORD)
-    if components:
-        lines += ["", f"Components of seed {largest.seed}'s artifact (each compressed alone, "
-                  "so they need not add up to the artifact):", "",
-                  "| component | raw bytes | zstd bytes |", "|---|---:|---:|"]
-        lines += [f"| {c.get('name')} | {int(c.get('raw_bytes', 0)):,} | "
-                  f"{int(c.get('zstd_bytes', 0)):,} |" for c in components]
-    return [*lines, ""]
+    parts = "" if not components else table(
+        ["component", "raw bytes", "zstd bytes"],
+        [[c.get("name"), f"{int(c.get('raw_bytes', 0)):,}", f"{int(c.get('zstd_bytes', 0)):,}"]
+         for c in components], "---")
+    return sizes, parts, largest.seed
+
+
+def learner_names(used: dict[str, bool]) -> list[str]:
+    return [name for key, name in (("writes", "the memory's writes"),
+                                   ("ttt", "test-time training"), ("knn", "the kNN store"))
+            if used[key]]
+
+
+def compliance_table(document: dict, results: Sequence[SeedResult]) -> str:
+    """The challenge's rules against what the logs say, one row each."""
+    facts = document["compliance"]
+    first = results[0]
+
+    def holds(value: bool) -> str:
+        return "yes" if value else "**no**"
+
+    scored = {(r.data("val_tokens"), r.data("val_split_tokens")) for r in results}
+    learners = learner_names(first.learners())
+    rows = [
+        ["training within 600 s (everything that read training data)",
+         f"at most {number(facts['train_time_max_s'], 1)} s (`{_runs.TRAIN_TIME_RECORD}`)",
+         holds(facts["train_under_600s"])],
+        ["evaluation within 600 s", f"at most {number(facts['eval_time_max_s'], 1)} s "
+         f"(`{_runs.EVAL_TIME_RECORD}`)", holds(facts["eval_under_600s"])],
+        [f"code + artifact within {_submission.SIZE_LIMIT:,} bytes",
+         f"at most {number(facts['artifact_bytes_max'], 0)} bytes (`{_runs.ARTIFACT_RECORD}`)",
+         holds(facts["artifact_under_16mb"])],
+        ["trained from scratch", "`INIT_CHECKPOINT` empty", holds(facts["trained_from_scratch"])],
+        ["the real code's bytes counted", "`SIZE_CODE_BYTES=0`", holds(facts["real_code_bytes"])],
+        ["evaluation-time learning is score-first",
+         (", ".join(learners) + ", each after the chunk is scored") if learners else
+         "no learner ran", "yes"],
+        ["the whole validation split scored", "; ".join(
+            f"{number(int(a), 0) if a else '?'} of {number(int(b), 0) if b else '?'} tokens"
+            for a, b in sorted(scored, key=str)), holds(facts["full_validation_split"])],
+        [f"{_submission.MIN_SEEDS} seeds of one configuration",
+         f"seeds {', '.join(str(r.seed) for r in results)}; settings, code, data and hardware "
+         "the same", holds(facts["three_seeds"] and facts["one_configuration"])],
+    ]
+    return table(["rule", "these runs (from the logs)", "holds"], rows, "---")
+
+
+# Credits: (the technique, whether these runs used it (settings, learners that ran), where it
+# comes from).
+LINEAGE = (
+    ("the GPT layout, Muon for matrices, the data shards, tokenizer and bits-per-byte "
+     "evaluation", lambda a, used: True, "the challenge's baseline `train_gpt.py` "
+     "(openai/parameter-golf); Muon: Jordan et al. 2024 (modded-nanogpt)"),
+    ("LeakyReLU(0.5)^2 MLP", lambda a, used: a.mlp_leaky_slope > 0, "the challenge's records"),
+    ("partial RoPE", lambda a, used: 0 < a.rope_dims < a.model_dim // a.num_heads,
+     "the challenge's records"),
+    ("layer-norm scale 1/sqrt(layer)", lambda a, used: a.ln_scale, "the challenge's records"),
+    ("exclusive self-attention (XSA)", lambda a, used: a.xsa_layers > 0,
+     "Zhai 2026 (arXiv:2603.09078), in the challenge's records from PR #287 on"),
+    ("QK-norm with a learned gain started above the baseline's 1.5",
+     lambda a, used: a.qk_gain_init > 1.5, "the challenge's records"),
+    ("EMA of weights", lambda a, used: a.ema_decay > 0,
+     "the challenge's records from PR #287 on"),
+    ("MuonEq-R (row-equalized Muon updates)", lambda a, used: a.muon_row_norm,
+     "Chang et al. 2026 (arXiv:2603.28254), in the challenge's records"),
+    ("Muon weight decay", lambda a, used: a.muon_weight_decay > 0, "the challenge's records"),
+    ("per-row integer quantization with zstd, sliding-window evaluation", lambda a, used: True,
+     "the challenge's records"),
+    ("distillation from a teacher (KL to its distribution)", lambda a, used: a.model == "eam",
+     "Hinton et al. 2015"),
+    ("Witten-Bell interpolation of context counts",
+     lambda a, used: a.model == "eam" and bool(train_gpt.shipped_lengths(a)),
+     "Witten and Bell 1991; Chen and Goodman 1998"),
+    ("mixing the memory's distribution in with a weight from the prefix alone",
+     lambda a, used: a.model == "eam", "as kNN-LM mixes its neighbours, Khandelwal et al. 2020"),
+    ("a kNN store of scored tokens", lambda a, used: used["knn"],
+     "kNN-LM, Khandelwal et al. 2020"),
+    ("score-first test-time training", lambda a, used: used["ttt"],
+     "the challenge's records; the conditions of openai/parameter-golf issue 1017"),
+)
+
+
+def lineage(first: SeedResult) -> str:
+    args, used = first.args, first.learners()
+    return "\n".join(f"- {technique}: {source}" for technique, applies, source in LINEAGE
+                     if args is not None and applies(args, used))
+
+
+def readme_values(document: dict, results: Sequence[SeedResult], stats: dict,
+                  plot_files: dict[str, Path], code_sha: str) -> dict[str, object]:
+    """Every value tools/record_readme.md names, from the logs (and submission.json, itself
+    computed from them)."""
+    first, args = results[0], results[0].args
+    if args is None:
+        raise RecordError(f"{first.name}: its settings are not this train_gpt.py's")
+    captions = {key: caption for key, (_, caption) in plots.PLOTS.items()}
+    images = {f"{key}_image": f"![{captions[key]}]({path.name})"
+              for key, path in plot_files.items()}
+    command, notes = reproduction(results)
+    sizes, components, components_seed = size_tables(results)
+    used = first.learners()
+    ttt_taken = [int(r.first_line(_runs.TTT_RECORD).get("steps", 0)) for r in results]
+    shed = [r.seed for r in results if _runs.SHED_RECORD in r.run.records]
+    shipped = train_gpt.shipped_lengths(args)
+    counted = first.value(_submission.WRITE_STAGE, "context_tokens") or 0
+    fit = first.run.records.get(_runs.FIT_RECORD, {})  # the last fit: the one packed
+    test = stats.get("test") or {}
+    spread = stats["val_bpb_std"] is not None
+    scored = first.data("val_tokens")
+    learned = train_gpt.learned_lengths(args)
+    s = first.setting
+    return dict(
+        images, name=document["name"], demonstration=document.get("demonstration") or "",
+        val_bpb=f"{document['val_bpb']:.5f}", seed_count=len(results),
+        std_text="" if not spread else f", std {document['val_bpb_std']:.5f}",
+        bytes_total=f"{document['bytes_total']:,}", size_limit=f"{_submission.SIZE_LIMIT:,}",
+        size_limit_raw=_submission.SIZE_LIMIT, hardware=document["hardware"],
+        track=document["track"], blurb=document["blurb"] or "",
+        results_table=results_table(document, results), spread=spread,
+        bpb_std=f"{stats['val_bpb_std']:.8f}" if spread else "",
+        loss_std=f"{stats['val_loss_std']:.8f}" if spread else "",
+        ci_low=f"{stats['val_bpb_ci95'][0]:.5f}" if spread else "",
+        ci_high=f"{stats['val_bpb_ci95'][1]:.5f}" if spread else "",
+        test=test.get("p_value") is not None, reference_bpb=test.get("reference_bpb"),
+        improvement=f"{test.get('mean_improvement_nats') or 0:.5f}",
+        margin=test.get("margin_nats"), t=f"{test.get('t') or 0:.3f}",
+        p=f"{test.get('p_value') or 0:.3g}", alpha=test.get("alpha"),
+        verdict="significant" if test.get("significant") else "not significant",
+        score_record=_runs.SCORE_RECORD, artifact_record=_runs.ARTIFACT_RECORD,
+        memory_record=_runs.MEMORY_RECORD, teacher_record=_runs.TEACHER_RECORD,
+        seed_log=_submission.seed_log_name("<SEED>"), note=document.get("note") or "",
+        num_layers=args.num_layers, model_dim=args.model_dim, num_heads=args.num_heads,
+        num_kv_heads=args.num_kv_heads, mlp_mult=args.mlp_mult, xsa_layers=args.xsa_layers,
+        ema_decay=args.ema_decay, teacher_time_frac=args.teacher_time_frac,
+        teacher_steps=span([r.value(_submission.TEACHER_STAGE, "steps") for r in results]),
+        memory=bool(shipped) and counted > 0,
+        no_memory="EAM_CONTEXT_ORDER=0" if not shipped else "EAM_CONTEXT_TOKENS=0",
+        shipped_lengths=_submission.lengths_text(shipped) or "",
+        context_tokens=span([r.value(_submission.WRITE_STAGE, "context_tokens")
+                             for r in results]),
+        min_count=args.eam_context_min_count,
+        shipped_pairs=span([r.value(_runs.FIT_RECORD, "context_pairs") for r in results]),
+        dropped=(_runs.number(first.run.records, _runs.FIT_RECORD, "dropped_context_pairs")
+                 or 0) > 0 and bool(fit),
+        dropped_pairs=span([r.value(_runs.FIT_RECORD, "dropped_context_pairs")
+                            for r in results]),
+        learned=bool(learned), learned_lengths=", ".join(map(str, learned)),
+        enc_layers=args.enc_layers, dec_hidden=args.dec_hidden,
+        distill_steps=span([r.value(_submission.DISTILL_STAGE, "steps") for r in results]),
+        kl_weight=args.distill_kl_weight, temperature=args.distill_temperature,
+        quant_bits=span([r.value(_runs.ARTIFACT_RECORD, "quant_bits") for r in results]),
+        zstd_level=args.zstd_level, eval_seq_len=args.eval_seq_len,
+        eval_stride=args.eval_stride, eval_chunk_tokens=f"{args.eval_chunk_tokens:,}",
+        learners=any(used.values()), writes=used["writes"], ttt=used["ttt"],
+        learners_on=", ".join(name for name, on in (
+            ("the memory's writes", args.eval_memory_writes), ("test-time training",
+                                                               args.ttt_steps > 0),
+            ("the kNN store", args.knn_lambda > 0)) if on),
+        ttt_taken=" / ".join(f"{steps:,}" for steps in ttt_taken), ttt_steps=args.ttt_steps,
+        ttt_params=args.ttt_params, ttt_lr_scale=args.ttt_lr_scale, knn=used["knn"],
+        knn_k=args.knn_k, knn_lambda=args.knn_lambda,
+        shed=bool(shed), shed_seeds=", ".join(f"seed {seed}" for seed in shed),
+        shed_record=_runs.SHED_RECORD, technique_summary=document["technique_summary"],
+        learner_list=" and ".join(learner_names(used)),
+        tokens_scored=number(int(scored) - 1, 0) if scored else "?",
+        val_tokens=number(int(scored), 0) if scored else "?",
+        compliance_table=compliance_table(document, results),
+        data_step=challenge_data_path(s("DATA_PATH") or "") is not None,
+        vocab_size=args.vocab_size, code_sha=code_sha, command=command,
+        reproduction_notes="\n".join(f"- {note}" for note in notes),
+        size_table=sizes, components=components, components_seed=components_seed,
+        time_table=table(["seed", "training s (everything that read training data)",
+                          "evaluation s"],
+                         [[r.seed, number(r.train_time_s, 1), number(r.eval_time_s, 1)]
+                          for r in results]),
+        time_limit=f"{_submission.TIME_LIMIT_S:.0f}", lineage=lineage(first),
+        files="\n".join([
+            "- `train_gpt.py`: the whole pipeline, exactly the file the logs ran (sha256 above)",
+            *[f"- `{_submission.seed_log_name(r.seed)}`: the log of seed {r.seed}"
+              for r in results],
+            "- `submission.json`: the fields above, computed from the logs",
+            "- `requirements.txt`: what train_gpt.py needs",
+            *[f"- `{path.name}`: {captions[key]}" for key, path in plot_files.items()]]))
 
 
 def render_readme(document: dict, results: Sequence[SeedResult], stats: dict,
                   plot_files: dict[str, Path], code_sha: str) -> str:
-    first = results[0]
-    command, notes = reproduction(results)
-    captions = {key: caption for key, (_, caption) in plots.PLOTS.items()}
-    image = {key: f"![{captions[key]}]({path.name})" for key, path in plot_files.items()}
-    std = ("" if document["val_bpb_std"] is None else f", std {document['val_bpb_std']:.5f}")
-    vocab = first.setting("VOCAB_SIZE") or "1024"
-    data_step = []
-    if challenge_data_path(first.setting("DATA_PATH") or "") is not None:
-        data_step = ["From the root of an openai/parameter-golf checkout, fetch the data "
-                     "(it lands in `data/datasets/` and `data/tokenizers/`):", "", "```bash",
-                     f"python3 data/cached_challenge_fineweb.py --variant sp{vocab}", "```", ""]
-    lines = [
-        f"# {document['name']}", "",
-        f"**val_bpb {document['val_bpb']:.5f}** ({len(results)}-seed mean{std}) | "
-        f"**{document['bytes_total']:,} bytes** of {_submission.SIZE_LIMIT:,} | "
-        f"{document['hardware']} | track `{document['track']}`", "",
-        document["blurb"] or "", "",
-        *results_section(document, results, stats),
-        image["scores"], "", image["curves"], "",
-        *method_section(results),
-        f"Techniques: {document['technique_summary']}.", "",
-        "## Legality", "",
-        "The challenge's four conditions (openai/parameter-golf issue 1017) and how this code "
-        "meets each; the tests are in the eam-golf repository's `tests/`.", "",
-        project_section("Legality"), "",
-        "## Reproduction", "",
-        *data_step,
-        f"{'Then, in' if data_step else 'In'} this folder (`pip install -r requirements.txt`; "
-        "train_gpt.py sha256 "
-        f"`{code_sha}`):", "", "```bash", command, "```", "",
-        *[f"- {note}" for note in notes], *([""] if notes else []),
-        *size_section(results), image["size"], "",
-        "## Time", "",
-        "| seed | training s (everything that read training data) | evaluation s |",
-        "|---:|---:|---:|",
-        *[f"| {r.seed} | {number(r.train_time_s, 1)} | {number(r.eval_time_s, 1)} |"
-          for r in results],
-        "", f"Each against the {_submission.TIME_LIMIT_S:.0f} s limit.", "", image["time"], "",
-        "## Files", "",
-        "- `train_gpt.py`: the whole pipeline, exactly the file the logs ran (sha256 above)",
-        *[f"- `{_submission.seed_log_name(r.seed)}`: the log of seed {r.seed}" for r in results],
-        "- `submission.json`: the fields above, computed from the logs",
-        "- `requirements.txt`: what train_gpt.py needs",
-        *[f"- `{path.name}`: {captions[key]}" for key, path in plot_files.items()], ""]
-    return "\n".join(lines)
+    values = readme_values(document, results, stats, plot_files, code_sha)
+    return render_template(TEMPLATE.read_text(encoding="utf-8"), values)
 
 
 def render_requirements(document: dict) -> str:
@@ -367,11 +447,12 @@ def assemble(args: argparse.Namespace) -> Path:
     sources = _submission.read_results(args.logs)
     code_sha = validate_runs(sources, args.code)
     plots.pyplot()  # fail now, not after the folder is half written
+    demonstration = demonstration_of(sources, args)
     profile = sources[0].header("profile") or "competition"
     description = description_of(args.description or (
-        "EAM_context" if profile == "competition" else f"EAM_context_{profile}"))
+        DEFAULT_DESCRIPTION if profile == "competition" else f"{DEFAULT_DESCRIPTION}_{profile}"))
     stats = _submission.statistics(sources, args.reference_bpb, args.margin_nats, args.alpha)
-    meta = _submission.metadata(args, sources, stats)
+    meta = _submission.metadata(args, sources, stats, demonstration)
     folder = (args.out / _submission.track_folder(meta["track"])
               / _submission.record_folder_name(meta["date"], description))
     if folder.exists():
@@ -383,7 +464,7 @@ def assemble(args: argparse.Namespace) -> Path:
     # From here on everything is read back from the folder, exactly as the check reads it.
     results = _submission.read_results(_submission.folder_logs(folder))
     stats = _submission.statistics(results, args.reference_bpb, args.margin_nats, args.alpha)
-    meta = _submission.metadata(args, results, stats)
+    meta = _submission.metadata(args, results, stats, demonstration)
     document = _submission.build_submission(results, stats, meta)
     _submission.write_json(document, folder / "submission.json")
     plot_files = plots.write_plots(results, stats, folder)
@@ -403,15 +484,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the records/ folder to add to (default: %(default)s; point it at "
                              "a parameter-golf checkout's records/)")
     parser.add_argument("--description", default=None,
-                        help="the folder's name after the date (default: EAM_context[_profile])")
+                        help="the folder's name after the date (default: "
+                             f"{DEFAULT_DESCRIPTION}[_profile])")
     parser.add_argument("--code", type=Path, default=_runs.TRAIN_SCRIPT,
                         help="the train_gpt.py to ship; its sha256 must be the logged one "
                              "(default: this repository's)")
     parser.add_argument("--run-dir", type=Path, default=Path("."),
                         help="the folder the runs started in, to find their artifacts for the "
                              "check (default: the current folder)")
+    parser.add_argument("--demonstration", action="store_true",
+                        help="the folder is a demonstration, not an entry, and says so (needed "
+                             "for runs on the demo corpus)")
     _submission.add_test_arguments(parser)
-    _submission.add_metadata_arguments(parser)
+    _submission.add_metadata_arguments(parser, required=True)
     return parser
 
 
@@ -423,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"wrote {folder}")
-    report = check_record.check_folder(folder, args.run_dir)
+    report = check_record.check_folder(folder, args.run_dir, args.reference_bpb)
     print(report.text(str(folder)))
     return 0 if report.ok else 1
 

@@ -7,7 +7,8 @@ logs that train_gpt.py writes, read with train_gpt.parse_log, so the numbers in 
 exactly the numbers in the logs. A run that failed or never reached its final score line is shown
 as such and left out of the statistics, never silently dropped. `submission.json` has the
 challenge's fields (tools/_submission.py); `python -m tools.make_record` turns the same logs into
-the folder of a pull request.
+the folder of a pull request. Runs are launched and read back by tools/_runs.py, as tools.ablate's
+are; author and title fields left out here stay empty (make_record asks for them).
 
     python -m tools.seed_sweep --nproc 8                         # seeds 1337 42 2024, competition
     python -m tools.seed_sweep --profile cpu_smoke --seeds 1 2 3
@@ -74,22 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seeds to run (default: %(default)s)")
     parser.add_argument("--profile", default=None,
                         help="PROFILE for the runs (default: $PROFILE or competition)")
-    parser.add_argument("--nproc", type=int, default=1,
-                        help="processes per run: 1 -> python train_gpt.py, N > 1 -> torchrun "
-                             "--standalone --nproc_per_node=N train_gpt.py")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra environment variable for every run (repeatable)")
     parser.add_argument("--prefix", default=None,
                         help="RUN_ID / artifact prefix: RUN_ID={prefix}_seed{seed}, "
                              "ARTIFACT_PATH={prefix}_seed{seed}.eam (default: the profile)")
-    parser.add_argument("--logs-dir", type=Path, default=_runs.TRAIN_LOG_DIR,
-                        help="where run logs and captured stdout are kept (default: logs)")
-    parser.add_argument("--command", default=None,
-                        help="replace the training command (a shell-quoted string; for tests "
-                             "and wrappers)")
-    parser.add_argument("--quiet", action="store_true", help="do not echo the runs' output")
+    _runs.add_run_arguments(parser)
     _submission.add_test_arguments(parser)
-    _submission.add_metadata_arguments(parser)
+    _submission.add_metadata_arguments(parser, required=False)
     parser.add_argument("--out-json", type=Path, default=Path("submission.json"),
                         help="submission file to write (default: %(default)s)")
     parser.add_argument("--out-log", type=Path, default=Path("train_log.txt"),
@@ -98,25 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_seeds(args: argparse.Namespace) -> list[SeedResult] | None:
-    try:
-        extra = _runs.parse_env_pairs(args.env)
-        command = _runs.training_command(args.nproc, args.command)
-        for seed in args.seeds:
-            _runs.check_settings({**extra, "PROFILE": args.profile, "SEED": str(seed)})
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return None
-    unknown = _runs.unknown_settings(extra)
-    if unknown:
-        print(f"note: not train_gpt settings, passed as plain environment: {unknown}")
+    """One run per seed through _runs.start_runs (None when a setting is refused first)."""
     prefix = args.prefix or args.profile
+    planned = {seed: {"PROFILE": args.profile, "SEED": str(seed),
+                      "RUN_ID": f"{prefix}_seed{seed}", "ARTIFACT_PATH": f"{prefix}_seed{seed}.eam"}
+               for seed in args.seeds}
+    runs = _runs.start_runs({f"seed {seed}": env for seed, env in planned.items()}, args)
+    if runs is None:
+        return None
     results = []
-    for seed in args.seeds:
-        run_id = f"{prefix}_seed{seed}"
-        env = {**extra, "PROFILE": args.profile, "SEED": str(seed), "RUN_ID": run_id,
-               "ARTIFACT_PATH": f"{run_id}.eam"}
-        run = _runs.run_training(f"seed {seed}", command, env, args.logs_dir,
-                                 echo=not args.quiet)
+    for seed, run in zip(planned, runs.values(), strict=True):
         result = SeedResult(run, _submission.seed_of(run, seed))
         _submission.mark_unreadable(result)
         results.append(result)
@@ -132,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     valid = [r for r in results if r.run.ok]
     stats = _submission.statistics(valid, args.reference_bpb, args.margin_nats, args.alpha)
     try:
-        meta = _submission.metadata(args, valid, stats)
+        reasons = _submission.demonstration_reasons(valid, (_runs.REPO_ROOT, Path.cwd()))
+        meta = _submission.metadata(args, valid, stats, _submission.demonstration_text(reasons))
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -149,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwrote {args.out_json} and {args.out_log}")
     if valid:
         print("a pull request's folder from these logs: python -m tools.make_record --logs "
-              + " ".join(str(r.run.log_path) for r in valid) + " --name ... --blurb ...")
+              + " ".join(str(r.run.log_path) for r in valid)
+              + " --author ... --github-id ... --reference-bpb <the current record's val_bpb>")
     return 1 if failed else 0
 
 
