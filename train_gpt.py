@@ -611,6 +611,8 @@ TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
 COMPILE_RECORD = "compile"  # each compiled phase: phase mode:compiled|eager [reason]
 TTT_RECORD = "ttt"  # test-time training's cost: ttt_time_ms (inside eval_time) steps params ...
 SHED_RECORD = "eval_shed"  # the learners stopped: after_chunk chunks projected_ms limit_ms
+MEMORY_WRITES_RECORD = "memory_writes"  # the memory after the evaluation's writes: pairs runs
+KNN_STORE_RECORD = "knn_store"  # the kNN store after the evaluation: entries capacity bytes
 # The training loops (Phase.name), each logging 'NAME step:N loss:X ...' every TRAIN_LOG_EVERY.
 TEACHER_PHASE, DISTILL_PHASE = STEP_RECORDS = ("teacher", "distill")
 
@@ -2954,7 +2956,7 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
                         f"projected_ms:{1000 * projected:.0f} "
                         f"limit_ms:{1000 * args.max_wallclock_seconds:.0f}")
     if store is not None:
-        runtime.log(f"knn_store entries:{store.size} capacity:{store.capacity} "
+        runtime.log(f"{KNN_STORE_RECORD} entries:{store.size} capacity:{store.capacity} "
                     f"bytes:{store.keys.nbytes + store.targets.nbytes}")
     return totals
 
@@ -3005,7 +3007,8 @@ def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | Trans
                       model.config.key_dim if args.knn_lambda > 0 else None, keep_rows, ttt,
                       writes)
     if writes is not None:
-        runtime.log(f"memory_writes pairs:{model.memory.pairs} runs:{len(model.memory.runs)}")
+        runtime.log(f"{MEMORY_WRITES_RECORD} pairs:{model.memory.pairs} "
+                    f"runs:{len(model.memory.runs)}")
     if ttt is not None:
         runtime.log(f"{TTT_RECORD} ttt_time_ms:{ttt.time_ms:.0f} steps:{ttt.steps} "
                     f"params:{sum(p.numel() for p in ttt.params)} adapts:{args.ttt_params} "

@@ -165,7 +165,7 @@ def fit(args: train_gpt.Hyperparameters) -> dict:
     student = random_student(args, contexts)
     code_bytes = train_gpt.code_size(args)
     started = time.perf_counter()
-    artifact, fitted = train_gpt.fit_artifact(student, args, code_bytes)
+    artifact, fitted, _ = train_gpt.fit_artifact(student, args, code_bytes)
     fit_s = time.perf_counter() - started
     started = time.perf_counter()
     train_gpt.build_artifact(student, args, fitted)
