@@ -609,6 +609,8 @@ FIT_RECORD = "artifact_fit"
 # logs, which lack them).
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
 COMPILE_RECORD = "compile"  # each compiled phase: phase mode:compiled|eager [reason]
+# A compiled phase's graphs (more than after its first step: it recompiled) and graph breaks.
+COMPILE_GRAPHS_RECORD = "compile_graphs"
 TTT_RECORD = "ttt"  # test-time training's cost: ttt_time_ms (inside eval_time) steps params ...
 SHED_RECORD = "eval_shed"  # the learners stopped: after_chunk chunks projected_ms limit_ms
 MEMORY_WRITES_RECORD = "memory_writes"  # the memory after the evaluation's writes: pairs runs
@@ -633,10 +635,15 @@ def elapsed_ms(started: float) -> float:
 
 
 def log_time_limit(runtime: Runtime, record: str, started: float, limit_s: float) -> None:
-    """A TRAIN_TIME_RECORD or EVAL_TIME_RECORD line: the time since `started` against a limit."""
+    """A TRAIN_TIME_RECORD or EVAL_TIME_RECORD line: the time since `started` against a limit,
+    and on CUDA the most memory allocated since the last such line."""
     time_ms = elapsed_ms(started)
+    peak = ""
+    if runtime.device.type == "cuda":
+        peak = f" peak_memory_bytes:{torch.cuda.max_memory_allocated(runtime.device)}"
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     runtime.log(f"{record} {record}_ms:{time_ms:.0f} limit_ms:{1000 * limit_s:.0f} "
-                f"within_limit:{int(time_ms <= 1000 * limit_s)}")
+                f"within_limit:{int(time_ms <= 1000 * limit_s)}{peak}")
 
 
 def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
@@ -1361,6 +1368,17 @@ def compiled_or_eager(runtime: Runtime, phase: Phase, compiled: nn.Module, eager
     return eager if failed else compiled
 
 
+def compile_counts() -> tuple[int, int]:
+    """(graphs compiled, graph breaks) in this process so far (torch's dynamo counters; -1 where
+    this torch keeps none): a phase that compiles anew after its first step recompiles."""
+    try:
+        from torch._dynamo.utils import counters
+        return (int(counters["stats"]["unique_graphs"]),
+                int(sum(counters["graph_break"].values())))
+    except Exception:  # noqa: BLE001 - a diagnostic, never worth a run
+        return -1, -1
+
+
 def mean_loss(runtime: Runtime, total: torch.Tensor) -> float:
     """A step's loss, the mean over ranks (total itself left as it is)."""
     return all_reduce_(total.clone()).item() / runtime.world_size
@@ -1396,7 +1414,7 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
     compiled = compiled_or_eager(runtime, phase, maybe_compile(wrapped, args, runtime), wrapped,
                                  micro_step)
     budget_s = max(phase.stop_at - start, 1e-9)
-    step, loss_value = 0, float("nan")
+    step, loss_value, counts = 0, float("nan"), compile_counts()
     while True:
         # Progress counts the next step as taken, so the last step ends before the deadline.
         # It is all-reduced: ranks' clocks differ, and so would their learning rates.
@@ -1425,11 +1443,18 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
         if ema is not None:
             ema.update(model)
         step += 1
+        if step == 1:
+            first_step = compile_counts()
         if step == 1 or step % args.train_log_every == 0:  # the loss read (a sync) only here
             runtime.log(f"{phase.name} step:{step} loss:{mean_loss(runtime, total):.4f} "
                         f"lr_mult:{multiplier:.3f} elapsed_ms:{elapsed_ms(start):.0f}")
     if step:
         loss_value = mean_loss(runtime, total)
+    if compiled is not wrapped and step:
+        graphs, breaks = compile_counts()
+        runtime.log(f"{COMPILE_GRAPHS_RECORD} phase:{phase.name} graphs:{graphs - counts[0]} "
+                    f"after_first_step:{first_step[0] - counts[0]} "
+                    f"graph_breaks:{breaks - counts[1]}")
     if ema is not None:
         ema.copy_to(model)
     elapsed = time.perf_counter() - start
@@ -2078,7 +2103,7 @@ def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> 
     if runtime.distributed:
         dist.broadcast_object_list(fitted, 0)
     contexts = student.contexts.most_counted(fitted[0])
-    log_fit(runtime, "distill", student, contexts, started, reserve)
+    log_fit(runtime, "distill", student, contexts, started, fitted[1], reserve)
     student.load_contexts(contexts)
     return fitted[1]
 
@@ -2551,13 +2576,15 @@ PACK_MARGIN = 2.0
 
 
 def log_fit(runtime: Runtime, at: str, model: MemoryLM, contexts: ContextTables,
-            started: float, reserve: int = 0) -> None:
+            started: float, build_s: float, reserve: int = 0) -> None:
     """The FIT_RECORD line of a fit begun at `started`, at:distill (before distillation,
-    reserving `reserve` bytes) or at:pack: how many of the model's pairs it kept."""
+    reserving `reserve` bytes) or at:pack: how many of the model's pairs it kept, and the
+    seconds of its last packing."""
     pairs = contexts.counts.numel()
     runtime.log(f"{FIT_RECORD} at:{at} context_pairs:{pairs} "
                 f"dropped_context_pairs:{model.context_counts.numel() - pairs} "
-                f"reserve_bytes:{reserve} fit_ms:{elapsed_ms(started):.0f}")
+                f"reserve_bytes:{reserve} fit_ms:{elapsed_ms(started):.0f} "
+                f"build_ms:{1000 * build_s:.0f}")
 
 
 def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM) -> str:
@@ -2569,8 +2596,8 @@ def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerL
     digest = [""]
     if runtime.master:
         if isinstance(model, MemoryLM):
-            artifact, contexts, _ = fit_artifact(model, args, code_bytes, PACK_MARGIN)
-            log_fit(runtime, "pack", model, contexts, started)
+            artifact, contexts, build_s = fit_artifact(model, args, code_bytes, PACK_MARGIN)
+            log_fit(runtime, "pack", model, contexts, started, build_s)
             quant_bits = args.quant_bits
         else:
             artifact, quant_bits = fit_baseline(model, args, code_bytes)

@@ -30,7 +30,7 @@ from tests.helpers import PIPELINE_RUN_ID, tiny_student, write_artifact
 from tests.helpers import REPO as REPO_ROOT
 from tools import _runs as runs
 from tools import _submission as submission
-from tools import ablate, check_record, make_record, plots, seed_sweep, size_audit
+from tools import ablate, check_record, gpu_check, make_record, plots, seed_sweep, size_audit
 
 # ------------------------------------------------------------------------------------------------
 # Synthetic logs in the exact formats train_gpt.py writes
@@ -1246,3 +1246,55 @@ def test_record_from_a_real_tiny_run(pipeline_runs, tmp_path: Path,
         assert text in readme, text
     for text in ("k-means", "kNN store takes", "Elastic", "{{"):
         assert text not in readme, text
+
+
+# ---- tools/gpu_check -----------------------------------------------------------------------
+
+
+def test_gpu_check_on_cpu_runs_one_ranks_share_and_prints_its_table(demo_data, tmp_path,
+                                                                      monkeypatch, capsys):
+    """What CI runs so that the GPU check cannot rot: the same run and table at tiny shapes."""
+    monkeypatch.chdir(tmp_path)
+    status = gpu_check.main(["--cpu", "--quiet", "--env", f"DATA_PATH={demo_data}", "--env",
+                             f"TOKENIZER_PATH={demo_data / 'tokenizer.model'}",
+                             "--logs-dir", str(tmp_path / "logs")])
+    table = capsys.readouterr().out
+    assert status == 0, table
+    for check in ("run completed", "training within its limit", "artifact + code",
+                  "evaluation of the whole split", "packing"):
+        assert f"| {check}" in table and "FAIL" not in table
+
+
+def test_gpu_check_fails_a_broken_graph_a_recompile_and_a_slow_packing():
+    """Its table from a GPU run's lines: the teacher's graph breaks, the distillation's graphs
+    growing after its first step and a packing over its reserve each fail."""
+    lines = [
+        "run_id:g profile:competition code_sha256:x code_bytes:1",
+        "python:3 torch:2 device:cuda device_name:H100 world_size:1 threads:1 attention:fa3 "
+        "cuda:13 flash_attn:3",
+        "setting TEACHER_TIME_FRAC=0.62", "setting DISTILL_TIME_FRAC=0.38",
+        "setting MAX_WALLCLOCK_SECONDS=300",
+        "data val_tokens:100 val_split_tokens:62000000 val_sha256:x",
+        *(f"teacher step:{n} loss:3 lr_mult:1 elapsed_ms:{40000 + 100 * n}"
+          for n in (1, 25, 50, 75)),
+        "stage:teacher time_ms:1 params:26000000 steps:75 step_ms:1 tokens:1 train_loss:3",
+        "compile phase:teacher mode:compiled",
+        "compile_graphs phase:teacher graphs:3 after_first_step:3 graph_breaks:2",
+        "compile phase:distill mode:compiled",
+        "compile_graphs phase:distill graphs:5 after_first_step:4 graph_breaks:3",
+        "artifact_fit at:distill context_pairs:1 dropped_context_pairs:0 reserve_bytes:0 "
+        "fit_ms:9000 build_ms:2000",
+        "stage:pack time_ms:9000",
+        "train_time train_time_ms:299000 limit_ms:300000 within_limit:1 "
+        "peak_memory_bytes:30000000000",
+        "artifact code_bytes:1 model_bytes:1 total_bytes:15000000 limit:16000000",
+        "stage:eval time_ms:1 tokens:100 tokens_per_s:50000 knn:0 ttt_steps:1 memory_writes:1",
+    ]
+    text = "\n".join(lines)
+    run = runs.Run(label="g", log_path=None, records=train_gpt.parse_log(text), text=text)
+    rows = {row.check: row for row in gpu_check.check_table(run, True, 80 * 2**30)}
+    assert not rows["compile teacher"].ok and not rows["compile distill"].ok
+    assert not rows["packing"].ok  # 9 s against 4 x 2 s
+    assert rows["artifact + code"].ok and rows["peak GPU memory"].ok
+    assert rows["evaluation of the whole split"].ok  # 62M / 8 / 50k = 155 s
+    assert "~" in rows["teacher step (one rank's share)"].value
