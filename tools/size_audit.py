@@ -113,7 +113,8 @@ def plan(args: train_gpt.Hyperparameters, code: Path) -> dict:
     gaussian = len(train_gpt.build_artifact(model, args))  # its memory is empty
     width = train_gpt.width_bytes(model, args.quant_bits)
     fewest = train_gpt.fewest_bits(args)  # the check's: the baseline may pack to fewer bits
-    code_bytes = code.stat().st_size
+    # The code as the size rule counts it: the file, or SIZE_CODE_BYTES's stand-in.
+    code_bytes = args.size_code_bytes or code.stat().st_size
     return dict(model=args.model, quant_bits=args.quant_bits, code_bytes=code_bytes,
                 width_bytes=width, fewest_bits=fewest,
                 smallest_bytes=round(train_gpt.SMALLEST_PACKED_SHARE
