@@ -1,19 +1,19 @@
-"""eam-golf: an Elastic Associative Memory language model for Parameter Golf.
+"""eam-golf: a Parameter Golf language model, a transformer with a memory of next-token counts.
 
 The pipeline, in the order this file reads:
   1. settings      one frozen Hyperparameters from environment variables (PROFILE picks presets)
   2. runtime       torchrun or single process, NCCL on CUDA, gloo on CPU, one log function
   3. data          challenge-format shards, each rank its own part, bits-per-byte tables
   4. teacher       a modern GPT trained with DDP + Muon inside its share of the time budget
-  5. memory        teacher states -> keys; the next tokens -> Elastic Associative Memory (EAM)
-                   counts at k-means-placed addresses
-  6. distillation  encoder (tokens -> memory keys), decoder and gate (features, read -> logits)
-  7. packing       int8 + zstandard artifact that fits 16,000,000 bytes with this file counted
-  8. evaluation    from the artifact bytes alone: sliding windows, a score-first kNN store and
-                   score-first test-time training
+  5. memory        next-token counts of exact recent contexts, counted from training text
+  6. distillation  the teacher's lowest layers, a decoder and a prefix-only gate that mixes the
+                   memory's distribution into the model's, trained with the memory in the loop
+  7. packing       quantized, zstd-compressed artifact that fits 16,000,000 bytes with this file
+  8. evaluation    from the artifact bytes alone: sliding windows, and score-first learning (the
+                   memory counts scored text, test-time training, an optional kNN store)
 
-Run `PROFILE=cpu_smoke python train_gpt.py` on a laptop or
-`torchrun --standalone --nproc_per_node=8 train_gpt.py` on 8xH100. Nothing runs at import.
+`PROFILE=cpu_smoke python train_gpt.py` on a laptop, `torchrun --standalone --nproc_per_node=8
+train_gpt.py` on 8xH100. Nothing runs at import.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ import torch.nn.functional as F
 # -------------------------------------------------------------------------------------------------
 # 1. Settings
 #
-# Every knob is a field of one frozen dataclass, read from the environment variable of the same
-# name in upper case (the challenge's names where they exist). PROFILE selects a preset of
-# defaults; any single value can still be overridden. Bad values fail early, naming the variable.
+# Every knob is a field of one frozen dataclass, read from the environment variable of its name
+# in upper case. PROFILE selects a preset of defaults; any value can still be overridden. Bad
+# values, and variables that look like settings but are none, fail at once, naming the variable.
 # -------------------------------------------------------------------------------------------------
 
 DEMO_DATA = "./data/demo_sp1024"
@@ -91,9 +91,7 @@ PROFILES: dict[str, dict[str, object]] = {
         distill_time_frac=0.55, size_limit=470_000, size_code_bytes=4_700,
         eam_context_tokens=1_048_576, val_tokens=262_144),
 }
-# QUANT_BITS's least value: the fewest bits a matrix value packs to, and the floor of the
-# baseline's fall back to fewer bits where QUANT_BITS does not fit (fit_baseline).
-LOWEST_QUANT_BITS = 5
+LOWEST_QUANT_BITS = 5  # the fewest bits a matrix value packs to (the baseline's floor)
 
 
 @dataclass(frozen=True)
@@ -107,18 +105,17 @@ class Hyperparameters:
     run_id: str = ""  # default <profile>_seed<seed>; logs/RUN_ID.txt
     val_tokens: int = 0
     artifact_path: str = ""  # default RUN_ID.eam
-    # What ships: "eam" (encoder + memory + decoder) or "transformer", the built-in baseline: the
-    # teacher trained for the whole budget, packed and scored exactly like the memory model.
+    # What ships: "eam" (the memory model) or "transformer", the built-in baseline: the teacher
+    # trained for the whole budget, packed and scored exactly like the memory model.
     model: str = "eam"
     eval_only: bool = False
     compile: bool = True
     # A teacher to start from, written by tools.pretrain_teacher: benchmarks only (the challenge
     # trains from scratch inside its 600 s, and tools.check_record refuses such a log).
     init_checkpoint: str = ""
-    # Time: one deadline, MAX_WALLCLOCK_SECONDS from the start of the run, for everything up to
-    # the packed artifact; the teacher's and distillation's stages end at these cumulative
-    # shares of it (the memory's counting takes its time from distillation's), less the reserve
-    # kept for packing.
+    # Time: MAX_WALLCLOCK_SECONDS from the process's start to the packed artifact (and again for
+    # the evaluation); the teacher's and distillation's stages end at these cumulative shares of
+    # it, less the reserve kept for packing (counting the memory takes distillation's time).
     max_wallclock_seconds: float = 600.0
     train_reserve_frac: float = 0.05
     teacher_time_frac: float = 0.62
@@ -165,8 +162,8 @@ class Hyperparameters:
     eam_context_tokens: int = 33_554_432
     eam_context_min_count: int = 2
     eam_learned_lengths: str = ""
-    # Distillation. DISTILL_HISTORY_TOKENS: how much read text the student's memory counts while
-    # it trains before it starts afresh (the evaluation's counts the whole split).
+    # Distillation. DISTILL_HISTORY_TOKENS: how much text the student's memory counts while it
+    # trains before it starts afresh (the evaluation's counts the whole split).
     enc_layers: int = 5
     dec_hidden: int = 1024
     distill_lr_scale: float = 0.5
@@ -460,13 +457,9 @@ LOG_DIR = Path("logs")
 
 
 def claim_run(args: Hyperparameters) -> tuple[Hyperparameters, Path]:
-    """Create logs/RUN_ID.txt exclusively, so no run truncates, or writes into, another's log.
-
-    A RUN_ID the user chose is refused when its log exists: tools read logs/RUN_ID.txt back, so
-    quietly renaming the run would have them read the old log. The default RUN_ID moves on to
-    RUN_ID_2, RUN_ID_3, ..., as a plain rerun expects (the challenge's own script picks a fresh
-    id per run), and a training run's derived artifact path follows its name.
-    """
+    """Create logs/RUN_ID.txt exclusively, so no run overwrites another's log or artifact: a
+    RUN_ID the user chose is refused when its log exists (tools read it back), the default one
+    moves on to RUN_ID_2, RUN_ID_3, ..., and a derived artifact path follows it."""
     LOG_DIR.mkdir(exist_ok=True)
     fresh = args.run_id == default_run_id(args.profile, args.seed)
     derived = args.artifact_path == f"{args.run_id}.eam" and not args.eval_only
@@ -509,16 +502,14 @@ def process_age_s() -> float:
 
 
 def stage_end(started: float, args: Hyperparameters, share: float) -> float:
-    """The one training deadline: the perf_counter time by which the stages that read training
-    data must have used `share` (cumulative) of MAX_WALLCLOCK_SECONDS after `started`, less the
-    reserve kept for packing. Time one part overruns (setup, checks, placing the memory's
-    addresses, diagnostics) comes out of the next stages, never on top."""
+    """When the stages that read training data must have used `share` (cumulative) of
+    MAX_WALLCLOCK_SECONDS after `started`, less packing's reserve: time one part overruns comes
+    out of the next stages, never on top."""
     return started + share * args.max_wallclock_seconds * (1 - args.train_reserve_frac)
 
 
 def step_clock():
-    """next_end() -> when a step started now would end, taken to last as long as the time since
-    the previous call (the last step): loops stop before a step that would overrun."""
+    """next_end() -> when a step started now would end, were it as long as the last one."""
     previous = time.perf_counter()
 
     def next_end() -> float:
@@ -555,12 +546,8 @@ def log_header(runtime: Runtime, args: Hyperparameters) -> None:
 
 
 def parse_log(text: str) -> dict[str, dict[str, str]]:
-    """The log contract read back: one record per line kind, `key:value` fields as strings.
-
-    'stage:NAME k:v ...' -> record 'stage:NAME'; 'NAME k:v ...' -> record 'NAME'; the two
-    header lines -> record 'header'; 'setting NAME=value' -> record 'settings'. Later lines of
-    a kind update earlier ones.
-    """
+    """The log contract read back: {line kind: {key: value}}, the header lines as 'header', the
+    settings as 'settings'; a later line of a kind updates the earlier."""
     records: dict[str, dict[str, str]] = {}
     for line in text.splitlines():
         words = line.split()
@@ -581,45 +568,31 @@ def parse_log(text: str) -> dict[str, dict[str, str]]:
     return records
 
 
-# The log contract's line names, written once: the stages write them, parse_log reads each back
-# as the record of that name, and tools/ and the tests look results up by them.
+# The log contract's line names, written once (the stages write them; tools and tests read them
+# back with parse_log). docs/design.md lists every line's fields.
 STAGES = ("teacher", "eam_write", "distill", "pack", "eval")
 TRAIN_STAGES = STAGES[:3]  # they read training data, so they share the training budget
-SCORE_RECORD = "final_eam_knn_roundtrip_exact"  # the submission's score
-MEMORY_RECORD = "final_eam_roundtrip_exact"  # the memory path alone, without the kNN store
-BASELINE_SCORE_RECORD = "final_baseline_knn_roundtrip_exact"  # MODEL=transformer's score
-BASELINE_RECORD = "final_baseline_roundtrip_exact"  # MODEL=transformer without the kNN store
-# Per shipped model: (the model alone, the model + score-first kNN store = its final score).
+# The score lines, as the challenge's contract names them: per shipped model, (the model alone,
+# its final score: with the kNN store where it is on, else the same number).
+SCORE_RECORD, MEMORY_RECORD = "final_eam_knn_roundtrip_exact", "final_eam_roundtrip_exact"
+BASELINE_SCORE_RECORD = "final_baseline_knn_roundtrip_exact"
+BASELINE_RECORD = "final_baseline_roundtrip_exact"
 SCORE_RECORDS = {"eam": (MEMORY_RECORD, SCORE_RECORD),
                  "transformer": (BASELINE_RECORD, BASELINE_SCORE_RECORD)}
-TEACHER_RECORD = "teacher_reference_exact"  # the teacher on the same windows (a diagnostic)
-# The shipped model before packing, scored as the artifact is (a diagnostic: the gap to the
-# model-alone line is what quantization and dropped locations cost).
-PREPACK_RECORD = "prepack_reference_exact"
-HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # log_header's lines, as parse_log names them
-# The data scored and trained on: val_tokens val_split_tokens val_sha256 (the scored tokens), and
-# for a training run train_shards train_tokens train_fingerprint (data_fingerprint).
-DATA_RECORD = "data"
-ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit (the size reviewers
-# read), quant_bits (a matrix value's), path sha256 (the file the evaluation checks it scores)
-COMPONENT_RECORD = "artifact_component"  # one per packed group: name raw_bytes zstd_bytes
-# Each fit of the memories to the size limit (before distillation, at packing; the latter is
-# what the artifact holds): at dropped_locations kept_locations context_pairs
-# dropped_context_pairs reserve_bytes fit_ms
-FIT_RECORD = "artifact_fit"
-# A whole budget against its limit: 'train_time train_time_ms:N limit_ms:N within_limit:0|1',
-# likewise eval_time (log_time_limit writes them; tools fall back to the stage lines in older
-# logs, which lack them).
-TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"
-COMPILE_RECORD = "compile"  # each compiled phase: phase mode:compiled|eager [reason]
-# A compiled phase's graphs (more than after its first step: it recompiled) and graph breaks.
-COMPILE_GRAPHS_RECORD = "compile_graphs"
-TTT_RECORD = "ttt"  # test-time training's cost: ttt_time_ms (inside eval_time) steps params ...
-SHED_RECORD = "eval_shed"  # the learners stopped: after_chunk chunks projected_ms limit_ms
-MEMORY_WRITES_RECORD = "memory_writes"  # the memory after the evaluation's writes: pairs runs
-KNN_STORE_RECORD = "knn_store"  # the kNN store after the evaluation: entries capacity bytes
-# The training loops (Phase.name), each logging 'NAME step:N loss:X ...' every TRAIN_LOG_EVERY.
-TEACHER_PHASE, DISTILL_PHASE = STEP_RECORDS = ("teacher", "distill")
+TEACHER_RECORD = "teacher_reference_exact"  # diagnostics: the teacher on the same windows,
+PREPACK_RECORD = "prepack_reference_exact"  # and the shipped model before packing
+HEADER_RECORD, SETTINGS_RECORD = "header", "settings"
+DATA_RECORD = "data"  # the tokens scored and trained on, with fingerprints
+ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit: what reviewers read
+COMPONENT_RECORD = "artifact_component"  # each packed group's bytes
+FIT_RECORD = "artifact_fit"  # each fit of the memory to the limit: at:distill, at:pack
+TRAIN_TIME_RECORD, EVAL_TIME_RECORD = "train_time", "eval_time"  # each against its limit
+COMPILE_RECORD = "compile"  # each compiled phase: compiled, or eager and why
+COMPILE_GRAPHS_RECORD = "compile_graphs"  # its graphs (after the first step, at the end), breaks
+TTT_RECORD = "ttt"  # test-time training's cost
+SHED_RECORD = "eval_shed"  # the evaluation's learners stopped to keep its deadline
+MEMORY_WRITES_RECORD, KNN_STORE_RECORD = "memory_writes", "knn_store"  # after the evaluation
+TEACHER_PHASE, DISTILL_PHASE = STEP_RECORDS = ("teacher", "distill")  # each step line's name
 
 
 def stage_record(stage: str) -> str:
@@ -743,9 +716,8 @@ def read_shard(path: Path, vocab_size: int = 0) -> np.ndarray:
 
 
 def map_shard(path: Path) -> np.ndarray:
-    """A shard's tokens, its header checked, mapped from the file rather than read: opening the
-    next shard costs no read of its 200 MB on a training step's path; batches read what they
-    take."""
+    """A shard's tokens, its header checked, mapped rather than read: opening the next shard
+    costs no read of its 200 MB on a training step's path."""
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4,
                      shape=(shard_token_count(path),))
 
@@ -769,9 +741,7 @@ def shard_paths(data_path: str, split: str) -> list[Path]:
     return paths
 
 
-# The most tokens a read may ask for before the stream's next one (DistributedTokenLoader's
-# next_text, and of history before a batch: last_read): the longest context the memory reads.
-STREAM_TAIL_TOKENS = 64
+STREAM_TAIL_TOKENS = 64  # the history kept before each read: the longest context read
 
 
 class TokenStream:
@@ -830,9 +800,7 @@ class DistributedTokenLoader:
 
     def next_text(self, rank_tokens: int, history: int) -> tuple[torch.Tensor, int]:
         """This rank's part of the next rank_tokens x world tokens as running text, with the
-        `history` tokens before it (-1 before the stream's start), and the stream index of its
-        first token: every token of the stream read this way is a target with its whole
-        context, unlike next_batch's rows."""
+        `history` tokens before it (-1 before the stream's start), and its first stream index."""
         if history > STREAM_TAIL_TOKENS:
             raise ValueError(f"next_text: {history} tokens of history, at most "
                              f"{STREAM_TAIL_TOKENS} are kept")
@@ -846,7 +814,7 @@ class DistributedTokenLoader:
 
 
 def load_validation_tokens(args: Hyperparameters) -> torch.Tensor:
-    """The scored tokens: the val shards in order, the first VAL_TOKENS of them (0: all)."""
+    """The val shards in order, the first VAL_TOKENS of them (0: all)."""
     tokens = np.concatenate([read_shard(p) for p in shard_paths(args.data_path, "val")])
     if args.val_tokens:
         tokens = tokens[: args.val_tokens]
@@ -906,8 +874,7 @@ def build_byte_tables(tokenizer_path: str, vocab_size: int, owner: str) -> ByteT
     return ByteTables(base, space, boundary)
 
 
-# tools/make_demo_data.py writes this next to its shards, naming the tokenizer they were made with.
-DATA_MANIFEST = "manifest.json"
+DATA_MANIFEST = "manifest.json"  # tools.make_demo_data's: the tokenizer the shards were made with
 
 
 def file_sha256(path: Path) -> str:
@@ -915,17 +882,10 @@ def file_sha256(path: Path) -> str:
 
 
 def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
-    """Everything checkable before training, so a bad input costs seconds, not a training run.
-
-    The code's size; the validation split (shard headers, length); the hash of the tokenizer a
-    data manifest names; the artifact path (present for EVAL_ONLY, whose artifact's own
-    vocabulary is checked as it is scored; else free and in a writable folder); the validation
-    token ids and the tokenizer against VOCAB_SIZE; the training shards' headers and sizes and
-    the first one's token ids (later shards are checked as the loader opens them: reading every
-    shard of a full FineWeb download would cost more than it saves); the batches' split; that
-    the model's weights can fit the size limit beside the code (from their shapes: a model too
-    large for the limit fails here, not after its teacher trained).
-    """
+    """Everything checkable before training, so a bad input costs seconds, not a training run:
+    the code's size, the shards' headers, the tokenizer, the artifact path, token ids, the
+    batches' split, that the model's weights can fit the limit beside the code, TTT_PARAMS and
+    INIT_CHECKPOINT; then the data line (what is scored and trained on)."""
     code_bytes = code_size(args)
     if code_bytes >= args.size_limit:
         raise ValueError(f"SIZE_LIMIT={args.size_limit}: the code alone counts {code_bytes} bytes")
@@ -990,13 +950,11 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
 # -------------------------------------------------------------------------------------------------
 # 4. Teacher
 #
-# A GPT in the style of the challenge's records: RMSNorm, partial RoPE, grouped-query attention
-# with QK-norm and a learned QK gain, exclusive self-attention (XSA) in the last layers, a
-# LeakyReLU(0.5)^2 MLP, layer-norm scaling by depth, tied embeddings with a logit soft-cap. Muon
-# (Newton-Schulz orthogonalized momentum; Jordan et al. 2024, as in modded-nanogpt) trains the
-# matrices, Adam the rest; the schedule warms up by steps and warms down by wall clock so the run
-# always ends inside its budget. The records that measured these techniques at this size are the
-# challenge's (openai/parameter-golf, records/track_10min_16mb; README, "Teacher", has the gains).
+# A GPT in the style of the challenge's records (openai/parameter-golf, records/track_10min_16mb):
+# RMSNorm, partial RoPE, grouped-query attention with QK-norm and a learned QK gain, exclusive
+# self-attention (XSA), a LeakyReLU(0.5)^2 MLP, layer-norm scaling by depth, tied embeddings with
+# a logit soft-cap. Muon (Newton-Schulz orthogonalized momentum; Jordan et al. 2024) trains the
+# matrices, Adam the rest; the schedule warms up by steps and down by wall clock.
 # -------------------------------------------------------------------------------------------------
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -1621,10 +1579,6 @@ class ContextTables:
         """(sorted pair codes, whole counts): what context_tables reads."""
         return self.codes[self.owners()] * vocab_size + self.next_tokens, self.counts
 
-    def totals(self) -> torch.Tensor:
-        """Each context's total count [K]."""
-        return self.counts.new_zeros(self.codes.numel()).index_add_(0, self.owners(), self.counts)
-
     def pruned(self, min_count: int) -> ContextTables:
         """Only the (context, token) pairs counted at least min_count times."""
         return self.kept(self.counts >= min_count)
@@ -1789,15 +1743,6 @@ class CountedText:
         return ((self.end - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor")
                 - (self.first - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor"))
 
-    def overlaps(self, begin: int, count: int) -> bool:
-        """Whether any of the stream indices [begin, begin + count) holds a counted corpus token
-        (times > 0): counted are the corpus offsets [0, tokens) from first's, cyclically."""
-        if self.tokens == 0 or count == 0:
-            return False
-        shift = (begin - self.first) % self.corpus_tokens
-        return (max(self.tokens, count) >= self.corpus_tokens or shift < self.tokens
-                or shift + count > self.corpus_tokens)
-
 
 def shipped_lengths(args: Hyperparameters) -> tuple[int, ...]:
     """The context lengths counted from training text: the empty context and
@@ -1855,15 +1800,6 @@ def memory_diagnostics(contexts: ContextTables, text: torch.Tensor, lengths: tup
     return nll
 
 
-def context_usage(contexts: ContextTables) -> dict[str, float]:
-    """How the counted mass spreads over the contexts: the share in the busiest 1% of them, and
-    in the busiest one (the empty context aside: it holds every count)."""
-    totals = contexts.totals()[contexts.codes > 0].float()
-    total, busiest = totals.sum().clamp_min(1), totals.sort(descending=True).values
-    return dict(top1pct_mass=(busiest[: math.ceil(busiest.numel() / 100)].sum() / total).item(),
-                max_mass=(busiest[:1].sum() / total).item())
-
-
 def write_memory(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
                  ) -> tuple[ContextTables, CountedText]:
     """The context memory counted from EAM_CONTEXT_TOKENS of training text; its diagnostics on
@@ -1878,13 +1814,10 @@ def write_memory(runtime: Runtime, args: Hyperparameters, loader: DistributedTok
                                        "TRAIN_BATCH_TOKENS")
     text, _ = loader.next_text(rank_tokens, max(max(lengths, default=0), 1))
     quality = memory_diagnostics(contexts, text, lengths, args.vocab_size)
-    usage = context_usage(contexts)
     log_stage(runtime, "eam_write", elapsed_ms(started),
               f"context_tokens:{counted.tokens} context_contexts:{contexts.codes.numel()} "
               f"context_pairs:{contexts.counts.numel()} "
-              + " ".join(f"{name}:{value:.4f}" for name, value in (quality | {
-                  "context_top1pct_mass": usage["top1pct_mass"],
-                  "context_max_mass": usage["max_mass"]}).items()))
+              + " ".join(f"{name}:{value:.4f}" for name, value in quality.items()))
     return contexts, counted
 
 
@@ -2150,12 +2083,12 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
 
     def lm_loss(model, x, y):
         # The batch's own occurrences in the counts, left out where its text was counted (a
-        # small corpus read more than once; FineWeb's 8B tokens are not read twice in 600 s).
-        first, leave_out = loader.first_target_index, None
-        if counted.overlaps(first, y.numel()):
-            times = counted.times(first + torch.arange(y.numel(), device=y.device))
-            leave_out = (y.flatten(), times)
-            left_out[0] += (times > 0).sum()
+        # small corpus read more than once; FineWeb's 8B tokens are not read twice in 600 s),
+        # always passed, so the compiled model meets one kind of batch.
+        times = counted.times(loader.first_target_index + torch.arange(y.numel(),
+                                                                        device=y.device))
+        leave_out = (y.flatten(), times)
+        left_out[0] += (times > 0).sum()
         left_out[1] += y.numel()
         scores, model_log_probs = model(x, leave_out=leave_out)
         read_text.count()  # after its read: the batch never reads its own text
@@ -2315,10 +2248,8 @@ def pack_tensors(model: MemoryLM | TransformerLM, quant_bits: int,
 
 def integer_planes(values: np.ndarray) -> np.ndarray:
     """Non-negative integers in the narrowest unsigned type that holds them, as that type's byte
-    planes [width, N]: every value's lowest byte, then every value's next one. The high planes of
-    small numbers are runs of zeros, which zstd packs in little time and space (on context pairs
-    7% smaller and twice as fast at level 22 as whole uint32/int64 values; docs/measurements.md,
-    "Packing time")."""
+    planes [width, N]: every value's lowest byte, then every next one; the high planes of small
+    numbers are runs of zeros, which zstd packs in little time and space."""
     if values.size and values.min() < 0:
         raise ValueError(f"integer_planes: {int(values.min())} is negative")
     largest = int(values.max()) if values.size else 0
@@ -2379,11 +2310,9 @@ def deserialize(payload: bytes) -> tuple[str, dict, dict[str, dict], dict[str, n
 
 
 def compress(payload: bytes, level: int) -> bytes:
-    """zstd in jobs of 4 MB (8 MB windows, 1 MB overlaps) on up to 8 threads: level 22 packs ~2
-    MB of payload a second on one core, and the fit packs several candidates of up to 16 MB.
-    Measured on 12 MB of context pairs: 0.4% smaller than one job, 1.7x faster on 2 cores
-    (docs/measurements.md, "Packing time"). The bytes depend on the level and the jobs, not on
-    the threads."""
+    """zstd in jobs of 4 MB (8 MB windows, 1 MB overlaps) on compression_threads(): the fit packs
+    several candidates of up to 16 MB at level 22. The bytes depend on the level and the jobs,
+    not on the threads."""
     import zstandard
 
     params = zstandard.ZstdCompressionParameters.from_level(
@@ -2543,12 +2472,8 @@ def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int, margin
     return artifact, contexts, build_s
 
 
-# The least share of their width_bytes trained weights can be expected to pack to, so that the
-# check before training refuses only what cannot fit. Short training leaves matrices near their
-# Gaussian start, which packs densely: 87-93% on cpu_proxy (5.5-5.6 bits a value at 6). Long
-# training grows the rows' tails, which per-row scales spend levels on, and packs tighter: the
-# challenge's 11x512 int6 records (26.8M parameters, ~7,400 steps) take ~78% (README, "The
-# baseline on 8xH100").
+# The least share of their width_bytes trained weights pack to, below the ~78% of the challenge's
+# 11x512 int6 records: the check before training refuses only what cannot fit.
 SMALLEST_PACKED_SHARE = 0.7
 
 

@@ -93,15 +93,14 @@ def log_text(run_id: str = "cpu_smoke_seed1337", seed: int = 1337, bpb: float = 
              "tokens:8192 train_loss:4.5000",
              "replicas memory:identical ranks:1 digest:4567",
              f"{stage('eam_write')} time_ms:200 context_tokens:262144 context_contexts:45105 "
-             "context_pairs:76024 memory_nll:4.3505 unigram_nll:6.0038 "
-             "context_top1pct_mass:0.1486 context_max_mass:0.0032",
+             "context_pairs:76024 memory_nll:4.3505 unigram_nll:6.0038",
              f"{train_gpt.FIT_RECORD} at:distill context_pairs:76024 dropped_context_pairs:0 "
-             "reserve_bytes:25098 fit_ms:273",
+             "reserve_bytes:25098 fit_ms:273 build_ms:180",
              f"{train_gpt.DISTILL_PHASE} step:1 loss:6.0000 lr_mult:0.200 elapsed_ms:20",
              "replicas student:identical ranks:1 digest:89ab",
              f"{stage('distill')} time_ms:566 params:1 steps:4 loss:5.0000 left_out_share:0.0000",
              f"{train_gpt.FIT_RECORD} at:pack context_pairs:76000 dropped_context_pairs:24 "
-             "reserve_bytes:0 fit_ms:289",
+             "reserve_bytes:0 fit_ms:289 build_ms:190",
              f"{train_gpt.ARTIFACT_RECORD} code_bytes:{code_bytes} "
              f"model_bytes:{total_bytes - code_bytes} total_bytes:{total_bytes} limit:16000000 "
              f"quant_bits:6 path:{artifact} sha256:{sha}",
