@@ -17,13 +17,13 @@ component_sizes).
 ship, before any training: their bytes at the widths they pack to, the least the check before
 training assumes (train_gpt.SMALLEST_PACKED_SHARE of the widths at train_gpt.fewest_bits: the
 baseline may pack to fewer bits than QUANT_BITS) and, packed for real, the same shapes
-filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails
-(docs/measurements.md, "Packed bytes, measured"), so Gaussian weights that fit will fit trained.
+filled with Gaussian values. Trained weights pack smaller the heavier their rows' tails, so
+Gaussian weights that fit will fit trained.
 
 --fit times the step that fits the memory to SIZE_LIMIT: before distillation and again at
 packing, fit_artifact packs candidate artifacts at ZSTD_LEVEL until code + artifact fit, inside
 the training budget; at the competition's 16 MB and level 22 that is the step to time on the host
-before a submission run (docs/measurements.md, "Packing time"). It counts the memory from the
+before a submission run. It counts the memory from the
 training shards as the write stage does (count_contexts: EAM_CONTEXT_TOKENS tokens, pairs seen
 EAM_CONTEXT_MIN_COUNT times), builds the profile's student around it with random weights (trained
 ones pack about alike), fits it as packing does (the code's bytes as the size rule counts them)
