@@ -27,8 +27,7 @@ before a submission run. It counts the memory from the
 training shards as the write stage does (count_contexts: EAM_CONTEXT_TOKENS tokens, pairs seen
 EAM_CONTEXT_MIN_COUNT times), builds the profile's student around it with random weights (trained
 ones pack about alike), fits it as packing does (the code's bytes as the size rule counts them)
-and times the fit and one packing of what it kept. Set LOCAL_WORLD_SIZE to the ranks a host runs,
-as torchrun would: every rank fits at once, each packing on its share of the host's CPUs.
+and times the fit and one packing of what it kept, on the threads rank 0 packs with.
 
 Exit status: 0 fits, 1 over the limit (with --plan: Gaussian weights at QUANT_BITS, which the
 baseline may still meet at fewer bits), 2 unreadable (missing, corrupted or foreign file) or,
