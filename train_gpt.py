@@ -2391,20 +2391,33 @@ def component_sizes(arrays: dict[str, np.ndarray], level: int) -> dict[str, tupl
             for group, parts in groups.items()}
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes, replace: bool = True) -> None:
     """A reader sees the old file or the whole new one, even after a crash: the bytes reach the
     disk (fsync) before the rename, and the rename before we return. The temporary name is
-    unique, so two writers never share one."""
+    unique, so two writers never share one. replace=False never replaces a file that appeared
+    meanwhile (another run's artifact): FileExistsError."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
+        if replace:
+            os.replace(temporary, path)
+        else:
+            try:
+                os.link(temporary, path)  # atomic, and fails where path exists
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: check, then rename
+                if path.exists():
+                    raise FileExistsError from None
+                os.replace(temporary, path)
+    except FileExistsError:
+        raise FileExistsError(f"ARTIFACT_PATH={str(path)!r} appeared during this run (another "
+                              "run's artifact?): left as it is") from None
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
@@ -2529,7 +2542,7 @@ def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerL
             quant_bits = args.quant_bits
         else:
             artifact, quant_bits = fit_baseline(model, args, code_bytes)
-        write_atomically(path, artifact)
+        write_atomically(path, artifact, replace=False)
         read_artifact(path)  # the file as written reads back, before training counts as done
         sizes = artifact_accounting(Path(__file__), path, args.size_limit)
         digest[0] = file_sha256(path)

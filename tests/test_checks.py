@@ -208,6 +208,17 @@ def test_the_atomic_write_syncs_before_renaming_and_leaves_no_temporary(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["a.eam"]
 
 
+def test_packing_never_replaces_an_artifact_that_appeared_during_the_run(tmp_path):
+    """The check before training finds the path free; another run may write it meanwhile."""
+    (tmp_path / "a.eam").write_bytes(b"another run's")
+    with pytest.raises(FileExistsError, match="appeared during this run"):
+        train_gpt.write_atomically(tmp_path / "a.eam", b"this run's", replace=False)
+    assert (tmp_path / "a.eam").read_bytes() == b"another run's"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.eam"]  # no temporary left
+    train_gpt.write_atomically(tmp_path / "b.eam", b"this run's", replace=False)
+    assert (tmp_path / "b.eam").read_bytes() == b"this run's"
+
+
 # ---- one deadline -----------------------------------------------------------------------------
 
 
