@@ -48,6 +48,17 @@ def run_dir(demo_data, tmp_path, monkeypatch):
     return tmp_path
 
 
+def checkpoint(data, fingerprint: str | None = None, **shape) -> None:
+    """teacher.pt beside the data folder, as tools.pretrain_teacher writes it, for the
+    environment's settings (with `shape` changed) and data (or another `fingerprint`)."""
+    args = dataclasses.replace(train_gpt.Hyperparameters.from_env(), **shape)
+    config = train_gpt.settings_view(train_gpt.GPTConfig, args)
+    fingerprint = fingerprint or train_gpt.data_fingerprint(
+        train_gpt.shard_paths(str(data), "train"))
+    torch.save(dict(config=dataclasses.asdict(config), data=fingerprint,
+                    state=train_gpt.GPT(config).state_dict()), data.parent / "teacher.pt")
+
+
 def bad_token(ids: list[int]):
     def write(data):
         write_shard(data / "fineweb_val_000000.bin", ids)
@@ -82,6 +93,12 @@ def bad_token(ids: list[int]):
      "SIZE_LIMIT=300000: MODEL=transformer at these sizes cannot fit"),
     ({"TTT_STEPS": "1", "TTT_PARAMS": "decoder", "MODEL": "transformer"}, None,
      r"TTT_PARAMS='decoder': \['decoder'\] names no parameter of the transformer model"),
+    # A teacher to start from that is absent, of another shape, or pretrained on other data.
+    ({"INIT_CHECKPOINT": "absent.pt"}, None, "INIT_CHECKPOINT='absent.pt': no such file"),
+    ({"INIT_CHECKPOINT": "teacher.pt"}, lambda data: checkpoint(data, num_layers=3),
+     "INIT_CHECKPOINT='teacher.pt': a teacher of config"),
+    ({"INIT_CHECKPOINT": "teacher.pt"}, lambda data: checkpoint(data, fingerprint="0000"),
+     "INIT_CHECKPOINT='teacher.pt': pretrained on data 0000, but DATA_PATH="),
 ])
 def test_bad_input_fails_before_training_and_the_log_says_why(run_dir, monkeypatch, env,
                                                                damage, message):
@@ -102,10 +119,12 @@ COMPETITION_SHAPE = {name.upper(): str(getattr(train_gpt.Hyperparameters, name))
 
 
 @pytest.mark.parametrize("env", [{}, {"MODEL": "transformer", "SIZE_LIMIT": "16000000",
-                                      **COMPETITION_SHAPE}])
+                                      **COMPETITION_SHAPE}, {"INIT_CHECKPOINT": "teacher.pt"}])
 def test_good_input_reaches_training(run_dir, monkeypatch, env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
+    if "INIT_CHECKPOINT" in env:
+        checkpoint(run_dir / "data")
     with pytest.raises(TrainingStarted):
         train_gpt.main()
 

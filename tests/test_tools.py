@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt
 from tests.helpers import PIPELINE_RUN_ID, tiny_student, write_artifact
@@ -1297,3 +1298,50 @@ def test_gpu_check_fails_a_broken_graph_a_recompile_and_a_slow_packing():
     assert rows["artifact + code"].ok and rows["peak GPU memory"].ok
     assert rows["evaluation of the whole split"].ok  # 62M / 8 / 50k = 155 s
     assert "~" in rows["teacher step (one rank's share)"].value
+
+
+# ---- tools/pretrain_teacher ------------------------------------------------------------------
+
+
+def test_pretraining_resumed_after_a_stop_ends_with_the_teacher_of_a_run_straight_through(
+        demo_data, tmp_path, monkeypatch):
+    """Saved every 2 steps, stopped after the first save and run again: the same 4 steps, the
+    same weights as a run that never stopped; the checkpoint then starts a run's teacher."""
+    from tools import pretrain_teacher
+
+    args = train_gpt.Hyperparameters.from_env({
+        "PROFILE": "cpu_smoke", "DATA_PATH": str(demo_data), "NUM_LAYERS": "1",
+        "XSA_LAYERS": "1", "ENC_LAYERS": "1", "MODEL_DIM": "32", "NUM_HEADS": "2",
+        "NUM_KV_HEADS": "1", "TRAIN_BATCH_TOKENS": "256", "TRAIN_SEQ_LEN": "64",
+        "GRAD_ACCUM_WORLD": "1", "INIT_CHECKPOINT": str(tmp_path / "straight.pt")})
+    parameters = pretrain_teacher.non_embedding_parameters(
+        train_gpt.GPT(train_gpt.settings_view(train_gpt.GPTConfig, args)))
+    per_parameter = 4 * 256 / parameters  # four steps
+    pretrain_teacher.pretrain(args, per_parameter, save_every=2, echo=lambda line: None)
+    resumed = dataclasses.replace(args, init_checkpoint=str(tmp_path / "resumed.pt"))
+    real = train_gpt.run_training
+
+    def stop_after_one_segment(*call, **kwargs):
+        monkeypatch.setattr(pretrain_teacher.train_gpt, "run_training", stopped)
+        return real(*call, **kwargs)
+
+    def stopped(*call, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain_teacher.train_gpt, "run_training", stop_after_one_segment)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_teacher.pretrain(resumed, per_parameter, save_every=2, echo=lambda line: None)
+    assert not (tmp_path / "resumed.pt").exists() and (tmp_path / "resumed.pt.partial").exists()
+    monkeypatch.setattr(pretrain_teacher.train_gpt, "run_training", real)
+    pretrain_teacher.pretrain(resumed, per_parameter, save_every=2, echo=lambda line: None)
+    straight = torch.load(tmp_path / "straight.pt", weights_only=True)
+    again = torch.load(tmp_path / "resumed.pt", weights_only=True)
+    assert straight["tokens"] == again["tokens"] == 4 * 256
+    for name, value in straight["state"].items():
+        assert torch.equal(value, again["state"][name]), name
+    with pytest.raises(FileExistsError, match="exists"):  # never overwritten
+        pretrain_teacher.pretrain(args, per_parameter, save_every=2, echo=lambda line: None)
+    # The run's teacher starts from it, and a run of another shape is refused.
+    assert train_gpt.read_checkpoint(args)["config"] == straight["config"]
+    with pytest.raises(ValueError, match="a teacher of config"):
+        train_gpt.read_checkpoint(dataclasses.replace(args, num_layers=2, xsa_layers=2))
