@@ -1620,8 +1620,18 @@ class ContextCounts:
 
     def __init__(self, tables: ContextTables, vocab_size: int):
         self.vocab_size = vocab_size
-        codes, counts = tables.pairs(vocab_size)
-        self.runs = [(codes, counts.clone())] if codes.numel() else []
+        self.reset(tables)
+
+    def reset(self, tables: ContextTables) -> None:
+        """Back to `tables`' counts (its runs made when first read)."""
+        self.tables, self._runs = tables, None
+
+    @property
+    def runs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if self._runs is None:
+            codes, counts = self.tables.pairs(self.vocab_size)
+            self._runs = [(codes, counts.clone())] if codes.numel() else []
+        return self._runs
 
     @property
     def pairs(self) -> int:
@@ -1925,6 +1935,9 @@ class MemoryLM(nn.Module):
         self.gate = MemoryGate(dim, len(config.context_lengths))
         projection = key_projection(dim, config.key_dim, config.projection_seed)
         self.register_buffer("projection", projection, persistent=False)
+        # What reads and writes use: one object for the model's life (a compiled graph that
+        # holds it is never invalidated by a new one), its counts reset from the buffers.
+        self.memory = ContextCounts(no_contexts(), config.encoder.vocab_size)
         self.load_contexts(no_contexts() if contexts is None else contexts)
 
     def load_contexts(self, contexts: ContextTables) -> None:
@@ -1936,17 +1949,12 @@ class MemoryLM(nn.Module):
 
     def forget(self) -> None:
         """Back to the shipped counts: what was counted since is dropped."""
-        self._memory = None
+        self.memory.reset(self.contexts)
 
     def _apply(self, fn, recurse: bool = True):
-        self.forget()  # the buffers move (.to): the memory is made again from them
-        return super()._apply(fn, recurse)
-
-    @property
-    def memory(self) -> ContextCounts:
-        if self._memory is None:
-            self._memory = ContextCounts(self.contexts, self.vocab_size)
-        return self._memory
+        applied = super()._apply(fn, recurse)
+        self.forget()  # the buffers moved (.to): the memory is made again from them
+        return applied
 
     @property
     def contexts(self) -> ContextTables:

@@ -163,11 +163,12 @@ def test_distillation_reads_a_memory_that_counted_the_text_before_each_batch_and
                      eam_learned_lengths="4,6", distill_history_tokens=3 * 257)
     teacher, memories = teacher_and_contexts(args)
     loader = RandomTokens(args.vocab_size)
-    batches, held = [], []
+    batches, held, memories_seen = [], [], set()
     real = train_gpt.MemoryLM.head
 
     def head(model, features, recent, leave_out=None):
         batches.append(loader.last_read)
+        memories_seen.add(id(model.memory))
         runs = model.memory.runs
         codes, counts = torch.cat([run[0] for run in runs]), torch.cat([run[1] for run in runs])
         held.append((codes.sort().values, counts[codes.argsort()]))
@@ -191,8 +192,10 @@ def test_distillation_reads_a_memory_that_counted_the_text_before_each_batch_and
         expected = train_gpt.merge_pairs(*parts)
         assert torch.equal(held[step][0], expected[0]) and torch.equal(held[step][1],
                                                                          expected[1]), step
-    # What distillation counted is not part of the model it returns.
+    # What distillation counted is not part of the model it returns; its memory was one object
+    # throughout, started afresh in place (a compiled graph that holds it stays valid).
     assert student.memory.pairs == memories[0].counts.numel()
+    assert memories_seen == {id(student.memory)}
 
 
 @pytest.mark.parametrize("build_s, stop_after", [(1.0, 950.0), (50.0, 800.0)])
