@@ -269,7 +269,7 @@ class Hyperparameters:
             raise ValueError(f"EAM_CONTEXT_MIN_LENGTH={self.eam_context_min_length}: must lie in "
                              f"1..EAM_CONTEXT_ORDER - 1 = {self.eam_context_order - 1}")
         try:
-            learned = [int(part) for part in self.eam_learned_lengths.split(",") if part.strip()]
+            learned = list(learned_lengths(self))
         except ValueError:
             learned = [-1]
         if (learned and (learned != sorted(set(learned)) or learned[0] < self.eam_context_order
@@ -1762,6 +1762,11 @@ def shipped_lengths(args: Hyperparameters) -> tuple[int, ...]:
     return (0, *range(args.eam_context_min_length, args.eam_context_order))
 
 
+def learned_lengths(args: Hyperparameters) -> tuple[int, ...]:
+    """EAM_LEARNED_LENGTHS as numbers: the lengths counted only from text already read."""
+    return tuple(int(part) for part in args.eam_learned_lengths.split(",") if part.strip())
+
+
 def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
                    ) -> tuple[ContextTables, CountedText]:
     """The context memory, identical on every rank: each rank counts its share of
@@ -1993,11 +1998,6 @@ class MemoryLM(nn.Module):
         features = self.features(idx).flatten(0, 1)
         return self.head(features, recent_tokens(idx, self.recent_length).flatten(0, 1),
                          leave_out)
-
-
-def learned_lengths(args: Hyperparameters) -> tuple[int, ...]:
-    """EAM_LEARNED_LENGTHS as numbers (validated with the settings)."""
-    return tuple(int(part) for part in args.eam_learned_lengths.split(",") if part.strip())
 
 
 def distillation_loss(log_probs: torch.Tensor, targets: torch.Tensor,
