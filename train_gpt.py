@@ -1908,6 +1908,34 @@ def key_projection(model_dim: int, key_dim: int, seed: int) -> torch.Tensor:
     return torch.randn(model_dim, key_dim, generator=generator) / math.sqrt(model_dim)
 
 
+class KnnKeys(nn.Module):
+    """The kNN store's keys: unit vectors of a fixed random projection (rebuilt from its seed) of
+    the features less their mean over training text (centre_keys). Uncentred, every model's
+    features share one direction, which flattens every similarity."""
+
+    def __init__(self, model_dim: int, key_dim: int, seed: int):
+        super().__init__()
+        projection = key_projection(model_dim, key_dim, seed)
+        self.register_buffer("projection", projection, persistent=False)
+        self.register_buffer("centre", torch.zeros(model_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize((features.float() - self.centre) @ self.projection, dim=-1)
+
+
+def centre_keys(runtime: Runtime, args: Hyperparameters, model: nn.Module,
+                loader: DistributedTokenLoader) -> None:
+    """The shipped model's key centre: its features' mean over the next batch of training
+    text, the same on every rank (summed over ranks)."""
+    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
+                                       runtime.world_size, args.grad_accum_world,
+                                       "TRAIN_BATCH_TOKENS")
+    x, _ = loader.next_batch(rank_tokens, args.train_seq_len)
+    with torch.no_grad(), autocast(runtime):
+        total = model.features(x).float().flatten(0, 1).sum(0)
+    model.keys.centre.copy_(all_reduce_(total) / (x.numel() * runtime.world_size))
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     """What the shipped model is; the artifact's header carries it whole and exactly."""
@@ -1938,8 +1966,7 @@ class MemoryLM(nn.Module):
         self.encoder = GPT(config.encoder)
         self.decoder = Decoder(dim, config.dec_hidden)
         self.gate = MemoryGate(dim, len(config.context_lengths))
-        projection = key_projection(dim, config.key_dim, config.projection_seed)
-        self.register_buffer("projection", projection, persistent=False)
+        self.keys = KnnKeys(dim, config.key_dim, config.projection_seed)
         # What reads and writes use: one object for the model's life (a compiled graph that
         # holds it is never invalidated by a new one), its counts reset from the buffers.
         self.memory = ContextCounts(no_contexts(), config.encoder.vocab_size)
@@ -1978,7 +2005,7 @@ class MemoryLM(nn.Module):
         return self.encoder.body(idx)
 
     def query(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features.float() @ self.projection, dim=-1)
+        return self.keys(features)
 
     def head(self, features: torch.Tensor, recent: torch.Tensor,
              leave_out: LeaveOut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2146,8 +2173,7 @@ class TransformerLM(nn.Module):
         super().__init__()
         self.config = config
         self.gpt = GPT(config.gpt)
-        projection = key_projection(config.gpt.model_dim, config.key_dim, config.projection_seed)
-        self.register_buffer("projection", projection, persistent=False)
+        self.keys = KnnKeys(config.gpt.model_dim, config.key_dim, config.projection_seed)
 
     @classmethod
     def from_teacher(cls, teacher: GPT, args: Hyperparameters) -> TransformerLM:
@@ -2163,7 +2189,7 @@ class TransformerLM(nn.Module):
         return self.gpt.body(idx)
 
     def query(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(features.float() @ self.projection, dim=-1)
+        return self.keys(features)
 
     def head(self, features: torch.Tensor, recent: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -2188,7 +2214,7 @@ class TransformerLM(nn.Module):
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
-ARTIFACT_VERSION = 11  # raised whenever the format or a config changes
+ARTIFACT_VERSION = 12  # raised whenever the format or a config changes
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 MEMORY_BUFFERS = tuple(f"context_{name}" for name in CONTEXT_BUFFERS)  # packed exactly
 # The header's "kind" names the shipped model (MODEL) and so the config type read back.
@@ -2244,10 +2270,10 @@ def pack_tensors(model: MemoryLM | TransformerLM, quant_bits: int,
         entries[name] = dict(kind="uint_planes", shape=list(values.shape),
                              differences=differences)
 
-    bits = packed_bits(model, quant_bits)
+    bits = packed_bits(model, quant_bits)  # buffers (the key centre) are not in it: fp16
     for name, tensor in model.state_dict().items():
         if name not in MEMORY_BUFFERS:
-            add(name, tensor, bits[name])
+            add(name, tensor, bits.get(name))
     if contexts is not None:  # exactly
         for name in CONTEXT_BUFFERS:
             add_integers(f"context_{name}", getattr(contexts, name), differences=name == "codes")
@@ -2499,16 +2525,19 @@ SMALLEST_PACKED_SHARE = 0.7
 
 
 def width_bytes(model: nn.Module, quant_bits: int, names: set[str] | None = None) -> int:
-    """The bytes the model's parameters (or those named) take at the widths they pack to,
-    before compression (packed_bits; int8_rows add a 2-byte scale a row). Shapes are all it
-    reads, so it works on the meta device (model_skeleton)."""
-    parameters = dict(model.named_parameters())
+    """The bytes the model's weights (or those named) take at the widths they pack to, before
+    compression (packed_bits; int8_rows add a 2-byte scale a row; the buffers that ship besides
+    the memory, fp16). Shapes are all it reads, so it works on the meta device."""
+    tensors = dict(model.named_parameters()) | {
+        name: buffer for name, buffer in model.state_dict(keep_vars=True).items()
+        if name not in MEMORY_BUFFERS}
+    bits = packed_bits(model, quant_bits)
     total = 0
-    for name, bits in packed_bits(model, quant_bits).items():
+    for name, tensor in tensors.items():
         if names is None or name in names:
-            shape = parameters[name].shape
-            total += (2 * shape.numel() if bits is None
-                      else math.ceil(shape.numel() * bits / 8) + 2 * shape[0])
+            shape, width = tensor.shape, bits.get(name)
+            total += (2 * shape.numel() if width is None
+                      else math.ceil(shape.numel() * width / 8) + 2 * shape[0])
     return total
 
 
@@ -3054,6 +3083,7 @@ def main() -> None:
             else:
                 memories = write_memory(runtime, args, loader)                # 5. memory
                 shipped = distill(runtime, args, teacher, memories, loader, started)  # 6. distill
+            centre_keys(runtime, args, shipped, loader)
             sha256 = pack(runtime, args, shipped)                      # 7. packing
             log_time_limit(runtime, TRAIN_TIME_RECORD, started, args.max_wallclock_seconds)
             log_artifact_components(runtime, args)
