@@ -65,7 +65,7 @@ CPU_COMMON: dict[str, object] = dict(
     enc_layers=2, rope_dims=0, qk_gain_init=1.5, ln_scale=False, dec_hidden=256,
     train_seq_len=256, train_batch_tokens=8192, distill_batch_tokens=8192, eval_seq_len=256,
     eval_batch_windows=32, eval_chunk_tokens=4096, warmup_steps=10, knn_key_dim=64,
-    distill_history_tokens=1_048_576,
+    distill_history_tokens=1_048_576, quant_bits=6,
 )
 PROFILES: dict[str, dict[str, object]] = {
     # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
@@ -84,12 +84,13 @@ PROFILES: dict[str, dict[str, object]] = {
     # The benchmark where transformers are strong: every run starts from a 4x128 teacher
     # trained to the flat end of its curve (tools.pretrain_teacher: 100 tokens a parameter) and
     # gets the same remaining budget. The limit binds as 16,000,000 bytes bind the challenge's
-    # 11x512: the teacher fills over 90% of it at 6 bits, and the code counts for 1%.
+    # 11x512: the teacher fills over 90% of it at 6 bits, and the code counts for 1%. As in the
+    # competition profile, the student is the whole teacher at 5 bits, and no counts ship.
     "cpu_converged": CPU_COMMON | dict(
         init_checkpoint="checkpoints/cpu_converged_teacher.pt", num_layers=4, xsa_layers=4,
-        enc_layers=2, max_wallclock_seconds=300.0, teacher_time_frac=0.45,
-        distill_time_frac=0.55, size_limit=470_000, size_code_bytes=4_700,
-        eam_context_tokens=1_048_576, val_tokens=262_144),
+        enc_layers=4, dec_hidden=128, quant_bits=5, max_wallclock_seconds=300.0,
+        teacher_time_frac=0.45, distill_time_frac=0.55, size_limit=470_000, size_code_bytes=4_700,
+        val_tokens=262_144),
 }
 LOWEST_QUANT_BITS = 5  # the fewest bits a matrix value packs to (the baseline's floor)
 
@@ -156,16 +157,18 @@ class Hyperparameters:
     # from EAM_CONTEXT_TOKENS training tokens (0: it ships empty), pairs seen fewer than
     # EAM_CONTEXT_MIN_COUNT times dropped (packing keeps fewer, if it must); and contexts of
     # EAM_LEARNED_LENGTHS tokens (comma-separated, each longer than any shipped), counted only
-    # from text already read: the scored text, with EVAL_MEMORY_WRITES.
+    # from text already read: the scored text, with EVAL_MEMORY_WRITES. By default nothing ships:
+    # beside the whole teacher, shipped counts cost more than they gave (cpu_converged).
     eam_context_order: int = 4
     eam_context_min_length: int = 2
-    eam_context_tokens: int = 33_554_432
+    eam_context_tokens: int = 0
     eam_context_min_count: int = 2
-    eam_learned_lengths: str = ""
+    eam_learned_lengths: str = "4,6,8,12,16"
     # Distillation. DISTILL_HISTORY_TOKENS: how much text the student's memory counts while it
-    # trains before it starts afresh (the evaluation's counts the whole split).
-    enc_layers: int = 5
-    dec_hidden: int = 1024
+    # trains before it starts afresh (the evaluation's counts the whole split). The student is
+    # the whole teacher: one with fewer layers lost where transformers are strong (cpu_converged).
+    enc_layers: int = 11
+    dec_hidden: int = 512
     distill_lr_scale: float = 0.5
     distill_batch_tokens: int = 262144
     distill_kl_weight: float = 0.5
@@ -175,7 +178,8 @@ class Hyperparameters:
     # Packing. SIZE_CODE_BYTES: the code's bytes the size rule counts; 0 counts train_gpt.py as
     # it is on disk, as the challenge does (and as a submission must); a benchmark whose limit is
     # far below 16,000,000 counts a stand-in that gives the code the share it has there.
-    quant_bits: int = 6
+    # QUANT_BITS 5: the 11x512 teacher does not fit at 6 (the baseline falls back to 5 too).
+    quant_bits: int = 5
     size_limit: int = 16_000_000
     size_code_bytes: int = 0
     zstd_level: int = 22
@@ -184,8 +188,9 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_windows: int = 32
     eval_chunk_tokens: int = 65536
-    # The score-first kNN store: off (KNN_LAMBDA=0) by default.
-    knn_lambda: float = 0.0
+    # The score-first kNN store, mixed in at KNN_LAMBDA x the best similarity (0: off); its keys
+    # centred on the training text's mean feature gained 0.006-0.007 (cpu_proxy, cpu_converged).
+    knn_lambda: float = 0.1
     knn_k: int = 32
     knn_beta: float = 20.0
     knn_key_dim: int = 128

@@ -71,9 +71,10 @@ EVAL_PATHS: dict[str, dict[str, object]] = {
     "writes": dict(knn_lambda=0.0, eval_memory_writes=True, eval_chunk_tokens=32),
     "writes_learned": dict(knn_lambda=0.0, eval_chunk_tokens=32, **LEARNED),
     "writes_knn": dict(knn_lambda=0.5, eval_chunk_tokens=32, **LEARNED),
-    # The shipped defaults' combination: the memory, its writes and TTT of every parameter.
-    "defaults": dict(knn_lambda=0.0, eval_memory_writes=True, **TTT),
-    "defaults_learned": dict(knn_lambda=0.0, **LEARNED, **TTT),
+    # The shipped defaults' combination: the memory, its writes, TTT of every parameter and the
+    # kNN store.
+    "defaults": dict(knn_lambda=0.1, eval_memory_writes=True, **TTT),
+    "defaults_learned": dict(knn_lambda=0.1, **LEARNED, **TTT),
     # Past its time the evaluation stops its learners (after the first chunk, here).
     "shed": dict(knn_lambda=0.5, max_wallclock_seconds=1e-6, **LEARNED, **TTT),
     # Every option at once, with test-time training of every parameter or of the decoder and

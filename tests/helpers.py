@@ -17,8 +17,10 @@ CPU = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), None)
 TINY = dict(profile="test", vocab_size=64, num_layers=2, model_dim=32, num_heads=2,
             num_kv_heads=1, mlp_mult=2, rope_dims=8, xsa_layers=1, enc_layers=2, dec_hidden=32,
             knn_key_dim=8, eval_seq_len=32, eval_stride=8, eval_batch_windows=4,
-            eval_chunk_tokens=16, knn_k=4, compile=False, ttt_steps=0, eval_memory_writes=False)
-# Test-time training and evaluation-time memory writes run only where a test turns them on.
+            eval_chunk_tokens=16, knn_k=4, compile=False, ttt_steps=0, eval_memory_writes=False,
+            knn_lambda=0.0)
+# Test-time training, evaluation-time memory writes and the kNN store run only where a test
+# turns them on.
 
 
 # The pipeline as users run it, with budgets by steps, not seconds, so runs are reproducible

@@ -233,8 +233,8 @@ def test_each_leak_is_invisible_to_the_paths_that_do_not_use_what_it_breaks(tmp_
     without one, so each catch above is the leak's own."""
     target, leak, _ = LEAKS["store_learns_before_scoring"]
     monkeypatch.setattr(train_gpt, target, leak(getattr(train_gpt, target)))
-    assert_causal(artifact_distributions(EVAL_PATHS["defaults"], tmp_path), TOKENS,
-                  path_cuts(EVAL_PATHS["defaults"], TOKENS.numel()))
+    assert_causal(artifact_distributions(EVAL_PATHS["writes_learned"], tmp_path), TOKENS,
+                  path_cuts(EVAL_PATHS["writes_learned"], TOKENS.numel()))
 
 
 # ---- the same score at every world size ------------------------------------------------------

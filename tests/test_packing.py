@@ -49,8 +49,9 @@ def test_round_trip_is_the_model_up_to_quantization_and_packing_it_again_changes
         if name in train_gpt.MEMORY_BUFFERS:  # exactly
             assert torch.equal(got[name], value), name
             continue
-        if value.ndim == 2:  # at worst 6-bit rows: half a step of max|row| / 31, plus fp16
-            bound = value.abs().amax(1, keepdim=True) / 62 * 1.01 + 1e-6
+        if value.ndim == 2:  # at worst QUANT_BITS rows: half a step of max|row| / levels
+            levels = 2 ** (args.quant_bits - 1) - 1
+            bound = value.abs().amax(1, keepdim=True) / (2 * levels) * 1.01 + 1e-6
         else:  # fp16
             bound = value.abs() * 2**-10 + 1e-6
         assert ((got[name] - value).abs() <= bound).all(), name
@@ -245,16 +246,17 @@ def zero_initialised(student):
     return student
 
 
-def test_untrained_bytes_are_about_what_the_zero_tensors_take_once_trained():
-    args, student = tiny_student(dec_hidden=256)
+@pytest.mark.parametrize("bits", [5, 6])
+def test_untrained_bytes_are_about_what_the_zero_tensors_take_once_trained(bits):
+    args, student = tiny_student(dec_hidden=256, quant_bits=bits)
     assert train_gpt.untrained_bytes(student, args.quant_bits) == 0  # nothing is zero
     trained = train_gpt.build_artifact(student, args)
     estimate = train_gpt.untrained_bytes(zero_initialised(student), args.quant_bits)
     packed = len(trained) - len(train_gpt.build_artifact(student, args))
     # Gaussian-like values at 6 bits carry ~5.4 bits of entropy each: the estimate is about
-    # what they pack to (the rest of the payload moves compression by a few percent either way;
-    # packing's own fit takes up what the estimate misses).
-    assert 0.75 * estimate < packed <= 1.1 * estimate
+    # what they pack to (the rest of the payload moves compression by ~10% either way; packing's
+    # own fit takes up what the estimate misses).
+    assert 0.75 * estimate < packed <= 1.15 * estimate
 
 
 def test_distillation_starts_with_memories_that_fit_beside_the_trained_decoder():

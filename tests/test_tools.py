@@ -159,11 +159,11 @@ def line_shapes(text: str) -> dict[str, set[str]]:
 
 
 def test_synthetic_logs_have_a_real_runs_lines_and_keys(pipeline_runs) -> None:
-    """The logs every test here builds are the real contract: the tiny real run (no kNN store)
-    has exactly the line kinds, keys and settings of log_text(knn=False)."""
+    """The logs every test here builds are the real contract: the tiny real run (the defaults:
+    the kNN store on) has exactly the line kinds, keys and settings of log_text()."""
     workdir, _ = pipeline_runs
     real = line_shapes((workdir / "logs" / f"{PIPELINE_RUN_ID}.txt").read_text())
-    synthetic = line_shapes(log_text(knn=False))
+    synthetic = line_shapes(log_text())
     assert set(synthetic) == set(real)
     for kind in real:
         assert synthetic[kind] == real[kind], kind
@@ -1183,23 +1183,29 @@ def test_descriptions_follow_the_memory_the_run_built(tmp_path: Path) -> None:
             ("learned", {"EAM_CONTEXT_ORDER": 3, "EAM_CONTEXT_MIN_LENGTH": 1,
                          "EAM_LEARNED_LENGTHS": "4,6", "TTT_STEPS": 0,
                          "EVAL_MEMORY_WRITES": False}, False),
-            ("none", {"EAM_CONTEXT_ORDER": 0}, False)):
+            ("none", {"EAM_CONTEXT_ORDER": 0, "ENC_LAYERS": 1}, False),
+            ("scored", {"EAM_CONTEXT_TOKENS": 0}, False)):
         result = submission.read_results([write_log(tmp_path / f"{name}.txt", knn=knn,
                                                     settings=settings)])
         described[name] = (submission.technique_summary(result),
                            submission.default_blurb(result, stats))
     summary, blurb = described["default"]
     assert ("a memory of next-token counts of exact contexts (the empty context and contexts "
-            "of 2 to 3 tokens)") in summary
+            "of 2 to 3 tokens; contexts of 4, 6, 8, 12, 16 tokens counted only from text "
+            "already read)") in summary
     assert ("score-first: the memory counts each scored chunk, test-time training (1 step(s) "
             "a chunk, all, lr x0.01), a kNN store of scored tokens (lambda 0.25, k 32)") in summary
-    assert blurb.startswith("A transformer encoder (the lowest 2 layers of a teacher")
+    assert blurb.startswith("A transformer encoder (the whole teacher, trained from scratch")
+    assert "-> the whole teacher distilled into an encoder" in summary
     summary, blurb = described["learned"]
     assert ("(the empty context and contexts of 1 to 2 tokens; contexts of 4, 6 tokens counted "
             "only from text already read)") in summary
     assert "score-first" not in summary
     summary, blurb = described["none"]
     assert "mixing in no memory (EAM_CONTEXT_ORDER=0)" in summary
+    assert "its lowest 1 layers distilled" in summary and "(the lowest 1 layers of a" in blurb
+    summary, blurb = described["scored"]
+    assert ("16 tokens), none shipped: all counted only from text already read") in summary
     for summary, blurb in described.values():
         for word in ("Elastic", "associative", "key", "location"):
             assert word not in summary + blurb, word
@@ -1244,7 +1250,8 @@ def test_record_from_a_real_tiny_run(pipeline_runs, tmp_path: Path,
                  "Contexts of 4, 6 tokens never ship", "test-time training takes 1 optimizer",
                  "the memory counts the chunk's"):
         assert text in readme, text
-    for text in ("k-means", "kNN store takes", "Elastic", "{{"):
+    assert "a kNN store takes the chunk's keys" in readme  # on by default
+    for text in ("k-means", "Elastic", "{{"):
         assert text not in readme, text
 
 

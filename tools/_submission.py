@@ -470,9 +470,13 @@ def memory_text(result: SeedResult) -> str:
     learned = train_gpt.learned_lengths(args) if args else ()
     if shipped is None:
         return "no memory (EAM_CONTEXT_ORDER=0)"
+    longer = f"contexts of {', '.join(map(str, learned))} tokens" if learned else ""
+    if not args.eam_context_tokens:
+        return (f"a memory of next-token counts of exact contexts ({shipped}"
+                + (f"; {longer}" if longer else "") + "), none shipped: all counted only from "
+                "text already read")
     return (f"a memory of next-token counts of exact contexts ({shipped}"
-            + (f"; contexts of {', '.join(map(str, learned))} tokens counted only from text "
-               "already read" if learned else "") + ")")
+            + (f"; {longer} counted only from text already read" if longer else "") + ")")
 
 
 def learners_text(result: SeedResult) -> str:
@@ -487,6 +491,12 @@ def learners_text(result: SeedResult) -> str:
     return "; score-first: " + ", ".join(parts) if parts else ""
 
 
+def lowest_layers(first: SeedResult) -> str | None:
+    """ENC_LAYERS where the encoder is the teacher's lowest layers; None where it is all of it."""
+    layers = first.setting("ENC_LAYERS") or "?"
+    return None if layers == first.setting("NUM_LAYERS") else layers
+
+
 def technique_summary(valid: Sequence[SeedResult]) -> str | None:
     """One line from the logged settings: what was trained, what ships, how it is scored."""
     if not valid:
@@ -498,8 +508,10 @@ def technique_summary(valid: Sequence[SeedResult]) -> str | None:
 
     # The bits the matrices packed to (the baseline may pack to fewer than QUANT_BITS).
     bits = first.run.records.get(_runs.ARTIFACT_RECORD, {}).get("quant_bits") or s("QUANT_BITS")
+    lowest = lowest_layers(first)
+    encoder = "the whole teacher" if lowest is None else f"its lowest {lowest} layers"
     return (f"Teacher GPT {s('NUM_LAYERS')}x{s('MODEL_DIM')} (Muon, EMA {s('EMA_DECAY')}) -> "
-            f"its lowest {s('ENC_LAYERS')} layers distilled into an encoder with a decoder and a "
+            f"{encoder} distilled into an encoder with a decoder and a "
             f"prefix-only gate mixing in {memory_text(first)}; the teacher is dropped; "
             f"int{bits} per-row + zstd-{s('ZSTD_LEVEL')} artifact; scored from the artifact "
             f"with sliding windows ({s('EVAL_SEQ_LEN')}/{s('EVAL_STRIDE')})"
@@ -511,8 +523,10 @@ def default_blurb(valid: Sequence[SeedResult], stats: dict) -> str | None:
         return None
     spread = ("" if stats["val_bpb_std"] is None else f", std {stats['val_bpb_std']:.5f}")
     first = valid[0]
-    return (f"A transformer encoder (the lowest {first.setting('ENC_LAYERS') or '?'} layers of a "
-            "teacher trained from scratch, distilled) with a decoder and a prefix-only gate "
+    lowest = lowest_layers(first)
+    encoder = ("the whole teacher, trained from scratch and distilled" if lowest is None else
+               f"the lowest {lowest} layers of a teacher trained from scratch, distilled")
+    return (f"A transformer encoder ({encoder}) with a decoder and a prefix-only gate "
             f"that mixes in {memory_text(first)}; the teacher is dropped and the rest ships. "
             f"{len(valid)}-seed mean val_bpb {stats['val_bpb_mean']:.5f}{spread}, profile "
             f"{joined([r.header('profile') for r in valid])}.")

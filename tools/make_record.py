@@ -371,6 +371,7 @@ def readme_values(document: dict, results: Sequence[SeedResult], stats: dict,
         ema_decay=args.ema_decay, teacher_time_frac=args.teacher_time_frac,
         teacher_steps=span([r.value(_submission.TEACHER_STAGE, "steps") for r in results]),
         memory=bool(shipped) and counted > 0,
+        scored_memory=bool(shipped) and not counted and args.eval_memory_writes,
         no_memory="EAM_CONTEXT_ORDER=0" if not shipped else "EAM_CONTEXT_TOKENS=0",
         shipped_lengths=_submission.lengths_text(shipped) or "",
         context_tokens=span([r.value(_submission.WRITE_STAGE, "context_tokens")
