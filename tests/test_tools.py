@@ -159,11 +159,11 @@ def line_shapes(text: str) -> dict[str, set[str]]:
 
 
 def test_synthetic_logs_have_a_real_runs_lines_and_keys(pipeline_runs) -> None:
-    """The logs every test here builds are the real contract: the tiny real run (the defaults:
-    the kNN store on) has exactly the line kinds, keys and settings of log_text()."""
+    """The logs every test here builds are the real contract: the tiny real run (no kNN store)
+    has exactly the line kinds, keys and settings of log_text(knn=False)."""
     workdir, _ = pipeline_runs
     real = line_shapes((workdir / "logs" / f"{PIPELINE_RUN_ID}.txt").read_text())
-    synthetic = line_shapes(log_text())
+    synthetic = line_shapes(log_text(knn=False))
     assert set(synthetic) == set(real)
     for kind in real:
         assert synthetic[kind] == real[kind], kind
@@ -1250,8 +1250,7 @@ def test_record_from_a_real_tiny_run(pipeline_runs, tmp_path: Path,
                  "Contexts of 4, 6 tokens never ship", "test-time training takes 1 optimizer",
                  "the memory counts the chunk's"):
         assert text in readme, text
-    assert "a kNN store takes the chunk's keys" in readme  # on by default
-    for text in ("k-means", "Elastic", "{{"):
+    for text in ("k-means", "kNN store takes", "Elastic", "{{"):
         assert text not in readme, text
 
 
