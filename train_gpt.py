@@ -5,12 +5,13 @@ The pipeline, in the order this file reads:
   2. runtime       torchrun or single process, NCCL on CUDA, gloo on CPU, one log function
   3. data          challenge-format shards, each rank its own part, bits-per-byte tables
   4. teacher       a modern GPT trained with DDP + Muon inside its share of the time budget
-  5. memory        next-token counts of exact recent contexts, counted from training text
-  6. distillation  the teacher's lowest layers, a decoder and a prefix-only gate that mixes the
-                   memory's distribution into the model's, trained with the memory in the loop
+  5. memory        next-token counts of exact recent contexts (by default none ship: the memory
+                   counts only text already read, in distillation and in the evaluation)
+  6. distillation  the teacher (or its lowest layers), a decoder and a prefix-only gate that mixes
+                   the memory's distribution into the model's, trained with the memory in the loop
   7. packing       quantized, zstd-compressed artifact that fits 16,000,000 bytes with this file
   8. evaluation    from the artifact bytes alone: sliding windows, and score-first learning (the
-                   memory counts scored text, test-time training, an optional kNN store)
+                   memory counts scored text, test-time training, a kNN store)
 
 `PROFILE=cpu_smoke python train_gpt.py` on a laptop, `torchrun --standalone --nproc_per_node=8
 train_gpt.py` on 8xH100. Nothing runs at import.
@@ -2704,12 +2705,12 @@ class KnnStore:
 
     def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
         """Append in order; when full, the oldest entries are overwritten."""
-        if self.size + keys.size(0) > self.keys.size(0) < self.capacity:
-            grown = min(self.capacity, max(2 * self.keys.size(0), self.size + keys.size(0)))
-            self.keys = torch.cat([self.keys, self.keys.new_zeros(grown - self.keys.size(0),
+        allocated = self.keys.size(0)
+        if self.size + keys.size(0) > allocated and allocated < self.capacity:
+            grown = min(self.capacity, max(2 * allocated, self.size + keys.size(0)))
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(grown - allocated,
                                                                   self.keys.size(1))])
-            self.targets = torch.cat([self.targets,
-                                      self.targets.new_zeros(grown - self.targets.size(0))])
+            self.targets = torch.cat([self.targets, self.targets.new_zeros(grown - allocated)])
         keys, targets = keys[-self.capacity:], targets[-self.capacity:]
         slots = (self.next_slot + torch.arange(keys.size(0), device=keys.device)) % self.capacity
         self.keys[slots] = keys.to(self.keys.dtype)
@@ -2928,11 +2929,12 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
         for begin in range(0, mine.size(0), args.eval_batch_windows):
             inputs, mask, indices = window_batch(
                 tokens, mine[begin: begin + args.eval_batch_windows], offsets, tokens.numel() - 2)
-            targets, previous = tokens[indices + 1].to(runtime.device), tokens[indices]
+            host_targets = tokens[indices + 1]  # bytes are counted on the host: no device read
+            targets = host_targets.to(runtime.device)
             with torch.no_grad(), autocast(runtime):
                 log_probs, keys = score_batch(inputs.to(runtime.device), mask.to(runtime.device))
             log_probs = log_probs.float()
-            target_bytes = tables.target_bytes(previous, targets.cpu())
+            target_bytes = tables.target_bytes(tokens[indices], host_targets)
             totals["model"].add(log_probs, targets, target_bytes, indices)
             if store is not None:
                 sims, neighbour_targets = store.search(keys, args.knn_k)
