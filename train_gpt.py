@@ -1,17 +1,14 @@
 """eam-golf: a Parameter Golf language model, a transformer with a memory of next-token counts.
 
-The pipeline, in the order this file reads:
   1. settings      one frozen Hyperparameters from environment variables (PROFILE picks presets)
   2. runtime       torchrun or single process, NCCL on CUDA, gloo on CPU, one log function
   3. data          challenge-format shards, each rank its own part, bits-per-byte tables
   4. teacher       a modern GPT trained with DDP + Muon inside its share of the time budget
-  5. memory        next-token counts of exact recent contexts (by default none ship: the memory
-                   counts only text already read, in distillation and in the evaluation)
-  6. distillation  the teacher (or its lowest layers), a decoder and a prefix-only gate that mixes
-                   the memory's distribution into the model's, trained with the memory in the loop
+  5. memory        next-token counts of exact recent contexts (by default none ship)
+  6. distillation  the teacher, a decoder and a prefix-only gate that mixes in the memory
   7. packing       quantized, zstd-compressed artifact that fits 16,000,000 bytes with this file
-  8. evaluation    from the artifact bytes alone: sliding windows, and score-first learning (the
-                   memory counts scored text, test-time training, a kNN store)
+  8. evaluation    from the artifact alone: sliding windows, score-first learning (the memory
+                   counts scored text, test-time training, a kNN store)
 
 `PROFILE=cpu_smoke python train_gpt.py` on a laptop, `torchrun --standalone --nproc_per_node=8
 train_gpt.py` on 8xH100. Nothing runs at import.
@@ -50,18 +47,14 @@ import torch.nn.functional as F
 # -------------------------------------------------------------------------------------------------
 # 1. Settings
 #
-# Every knob is a field of one frozen dataclass, read from the environment variable of its name
-# in upper case. PROFILE selects a preset of defaults; any value can still be overridden. Bad
-# values, and variables that look like settings but are none, fail at once, naming the variable.
+# Every knob is a field of one frozen dataclass, read from its upper-case environment variable;
+# PROFILE selects a preset of defaults. Bad values and unknown settings fail naming the variable.
 # -------------------------------------------------------------------------------------------------
 
 DEMO_DATA = "./data/demo_sp1024"
 SHIPPED_MODELS = ("eam", "transformer")  # MODEL: the memory model, or the built-in baseline
-# What the CPU profiles share: a capped validation split, no compilation, the teacher scored
-# beside the memory, no kNN store (on two cores it takes most of the evaluation's time, which
-# then sheds its learners: a score would follow the machine's speed), and a small teacher with
-# the options that help at such sizes (partial RoPE, LN scale and a QK gain of 4 hurt below ~2M
-# parameters); the encoder is the teacher's copy.
+# What the CPU profiles share: a small teacher with the options that help below ~2M parameters,
+# no compilation, no kNN store (on two cores it would take most of the evaluation's time).
 CPU_COMMON: dict[str, object] = dict(
     val_tokens=65536, compile=False, teacher_reference=True, grad_accum_world=2,
     num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=2, xsa_layers=2,
@@ -71,24 +64,19 @@ CPU_COMMON: dict[str, object] = dict(
     distill_history_tokens=1_048_576, quant_bits=6, knn_lambda=0.0,
 )
 PROFILES: dict[str, dict[str, object]] = {
-    # 8xH100, 600 s of training and 600 s of evaluation: the defaults of the dataclass.
-    "competition": {},
-    # The whole pipeline in about a minute on 2 CPU cores, on the demo data: it proves it runs.
+    "competition": {},  # 8xH100, 600 s of training and 600 s of evaluation
+    # The whole pipeline in about a minute on 2 CPU cores, on the demo data.
     "cpu_smoke": CPU_COMMON | dict(
         data_path=DEMO_DATA, tokenizer_path=f"{DEMO_DATA}/tokenizer.model",
         max_wallclock_seconds=30.0, teacher_time_frac=0.5, distill_time_frac=0.5,
         train_seq_len=128, train_batch_tokens=4096, distill_batch_tokens=4096, eval_seq_len=128,
         eval_batch_windows=64, warmup_steps=5, knn_key_dim=32, eam_context_tokens=262_144),
-    # A fixed benchmark on 2 CPU cores (about 8-10 minutes) with a binding size limit, its
-    # teacher trained from scratch: a steep regime, where doubling the time still gains much.
+    # A benchmark on 2 CPU cores (8-10 minutes), its teacher trained from scratch: steep.
     "cpu_proxy": CPU_COMMON | dict(
         max_wallclock_seconds=420.0, teacher_time_frac=0.45, distill_time_frac=0.55,
         size_limit=1_000_000, eam_context_tokens=1_048_576),
-    # The benchmark where transformers are strong: every run starts from a 4x128 teacher
-    # trained to the flat end of its curve (tools.pretrain_teacher: 100 tokens a parameter) and
-    # gets the same remaining budget. The limit binds as 16,000,000 bytes bind the challenge's
-    # 11x512: the teacher fills over 90% of it at 6 bits, and the code counts for 1%. As in the
-    # competition profile, the student is the whole teacher at 5 bits, and no counts ship.
+    # Where transformers are strong: every run continues a teacher trained to 100 tokens a
+    # parameter (tools.pretrain_teacher); the limit and the code's share bind as at 16 MB.
     "cpu_converged": CPU_COMMON | dict(
         init_checkpoint="checkpoints/cpu_converged_teacher.pt", num_layers=4, xsa_layers=4,
         enc_layers=4, dec_hidden=128, quant_bits=5, max_wallclock_seconds=300.0,
@@ -107,19 +95,14 @@ class Hyperparameters:
     vocab_size: int = 1024
     seed: int = 1337
     run_id: str = ""  # default <profile>_seed<seed>; logs/RUN_ID.txt
-    val_tokens: int = 0
+    val_tokens: int = 0  # 0: the whole split
     artifact_path: str = ""  # default RUN_ID.eam
-    # What ships: "eam" (the memory model) or "transformer", the built-in baseline: the teacher
-    # trained for the whole budget, packed and scored exactly like the memory model.
-    model: str = "eam"
+    model: str = "eam"  # or "transformer": the baseline, the teacher trained for the whole budget
     eval_only: bool = False
     compile: bool = True
-    # A teacher to start from, written by tools.pretrain_teacher: benchmarks only (the challenge
-    # trains from scratch inside its 600 s, and tools.check_record refuses such a log).
-    init_checkpoint: str = ""
-    # Time: MAX_WALLCLOCK_SECONDS from the process's start to the packed artifact (and again for
-    # the evaluation); the teacher's and distillation's stages end at these cumulative shares of
-    # it, less the reserve kept for packing (counting the memory takes distillation's time).
+    init_checkpoint: str = ""  # a teacher from tools.pretrain_teacher: benchmarks only
+    # MAX_WALLCLOCK_SECONDS from the process's start to the packed artifact, and again for the
+    # evaluation; the stages end at cumulative shares of it, less packing's reserve.
     max_wallclock_seconds: float = 600.0
     train_reserve_frac: float = 0.05
     teacher_time_frac: float = 0.62
@@ -155,21 +138,17 @@ class Hyperparameters:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     train_log_every: int = 50
-    # The memory: next-token counts of the empty context and of contexts of
-    # EAM_CONTEXT_MIN_LENGTH..EAM_CONTEXT_ORDER - 1 tokens (ORDER 0: no memory at all), counted
-    # from EAM_CONTEXT_TOKENS training tokens (0: it ships empty), pairs seen fewer than
-    # EAM_CONTEXT_MIN_COUNT times dropped (packing keeps fewer, if it must); and contexts of
-    # EAM_LEARNED_LENGTHS tokens (comma-separated, each longer than any shipped), counted only
-    # from text already read: the scored text, with EVAL_MEMORY_WRITES. By default nothing ships:
-    # beside the whole teacher, shipped counts cost more than they gave (cpu_converged).
+    # The memory: counts of the empty context and of EAM_CONTEXT_MIN_LENGTH..ORDER - 1 tokens
+    # (ORDER 0: no memory) from EAM_CONTEXT_TOKENS training tokens (0: none ship), pairs seen
+    # fewer than MIN_COUNT times dropped; and of EAM_LEARNED_LENGTHS, longer contexts counted
+    # only from text already read.
     eam_context_order: int = 4
     eam_context_min_length: int = 2
     eam_context_tokens: int = 0
     eam_context_min_count: int = 2
     eam_learned_lengths: str = "4,6,8,12,16"
-    # Distillation. DISTILL_HISTORY_TOKENS: how much text the student's memory counts while it
-    # trains before it starts afresh (the evaluation's counts the whole split). The student is
-    # the whole teacher: one with fewer layers lost where transformers are strong (cpu_converged).
+    # Distillation: the student's encoder is the teacher's lowest ENC_LAYERS blocks; its memory
+    # counts DISTILL_HISTORY_TOKENS of the text it trains on before it starts afresh.
     enc_layers: int = 11
     dec_hidden: int = 512
     distill_lr_scale: float = 0.5
@@ -178,10 +157,8 @@ class Hyperparameters:
     distill_temperature: float = 1.0
     distill_iterations: int = 0
     distill_history_tokens: int = 16_777_216
-    # Packing. SIZE_CODE_BYTES: the code's bytes the size rule counts; 0 counts train_gpt.py as
-    # it is on disk, as the challenge does (and as a submission must); a benchmark whose limit is
-    # far below 16,000,000 counts a stand-in that gives the code the share it has there.
-    # QUANT_BITS 5: the 11x512 teacher does not fit at 6 (the baseline falls back to 5 too).
+    # Packing. SIZE_CODE_BYTES: the code's bytes the size rule counts (0: train_gpt.py on disk,
+    # as a submission must; a benchmark far below 16 MB may give the code its share there).
     quant_bits: int = 5
     size_limit: int = 16_000_000
     size_code_bytes: int = 0
@@ -191,22 +168,17 @@ class Hyperparameters:
     eval_stride: int = 64
     eval_batch_windows: int = 32
     eval_chunk_tokens: int = 65536
-    # The score-first kNN store, mixed in at KNN_LAMBDA x the best similarity (0: off); its keys
-    # centred on the training text's mean feature gained 0.005-0.007 (cpu_proxy, cpu_converged).
-    knn_lambda: float = 0.1
+    knn_lambda: float = 0.1  # the score-first kNN store's weight x the best similarity (0: off)
     knn_k: int = 32
     knn_beta: float = 20.0
     knn_key_dim: int = 128
     knn_capacity: int = 4_000_000
-    # Score-first test-time training; TTT_STEPS=0 turns it off.
-    ttt_steps: int = 1  # optimizer steps per scored chunk
+    ttt_steps: int = 1  # score-first test-time training: optimizer steps per chunk (0: off)
     ttt_params: str = "all"  # what adapts: parameter name prefixes, comma-separated, or all
     ttt_lr_scale: float = 0.01  # times the training learning rates (Muon matrices, Adam others)
     ttt_batch_rows: int = 8  # windows per gradient micro-batch, fixed whatever the world size
-    # The memory model's memory counts the scored tokens (score-first; the baseline has none).
-    eval_memory_writes: bool = True
-    # After the score, as diagnostics: the teacher, and the shipped model before packing.
-    teacher_reference: bool = False
+    eval_memory_writes: bool = True  # the memory counts the scored text (the baseline has none)
+    teacher_reference: bool = False  # also score the teacher and the model before packing
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Hyperparameters:
@@ -232,7 +204,6 @@ class Hyperparameters:
 
     def __post_init__(self) -> None:
         types = typing.get_type_hints(type(self))
-        # Derived names: a run's log and artifact are both named after it (frozen, hence setattr).
         object.__setattr__(self, "run_id", self.run_id or default_run_id(self.profile, self.seed))
         object.__setattr__(self, "artifact_path", self.artifact_path or f"{self.run_id}.eam")
         for field in dataclasses.fields(self):
@@ -241,7 +212,6 @@ class Hyperparameters:
                 raise ValueError(f"{name}={value}: must be a finite number")
             if types[field.name] in (int, float) and value < 0:
                 raise ValueError(f"{name}={value}: must not be negative")
-        # Zero would divide by zero, loop forever or leave a stage nothing to work with.
         positive = ["vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_layers",
                     "mlp_mult", "logit_softcap", "rope_base", "train_seq_len",
                     "train_batch_tokens", "grad_accum_world", "train_log_every", "knn_key_dim",
@@ -299,9 +269,8 @@ class Hyperparameters:
 
 
 def check_setting_names(environ: dict[str, str]) -> None:
-    """An environment variable that looks like a setting (its first word is that of two or more
-    settings: EAM_, DISTILL_, KNN_, ...) but is none is refused, naming the closest setting: a
-    misspelt or retired name must not leave a run silently without what it asked for."""
+    """Refuse a variable that looks like a setting (its first word starts two settings' names)
+    but is none, naming the closest: a misspelt or retired name must not be silently ignored."""
     import difflib
 
     names = [field.name.upper() for field in dataclasses.fields(Hyperparameters)]
@@ -333,19 +302,16 @@ def _parse_setting(name: str, raw: str, kind: type) -> object:
 
 
 def settings_view(config_type: type, args: Hyperparameters, prefix: str = "", **given):
-    """A model config filled from the settings named PREFIX + field; `given` fills the rest.
-
-    The shipped model never holds the settings bag: each part takes the small frozen config of
-    what it is (GPTConfig, MemoryReadConfig, ...), which the artifact then carries whole.
-    """
+    """A model config from the settings named PREFIX + field, `given` filling the rest: the
+    shipped model holds small frozen configs, which the artifact carries whole."""
     return config_type(**{field.name: given[field.name] if field.name in given
                           else getattr(args, prefix + field.name)
                           for field in dataclasses.fields(config_type)})
 
 
 def config_from_dict(config_type: type, values: object, source: str):
-    """The inverse of dataclasses.asdict for a config read from a file, exactly: a missing or
-    unknown key, or a value of another type, is an error naming `source` and the key."""
+    """The exact inverse of dataclasses.asdict: a missing or unknown key, or a value of another
+    type, is an error naming `source` and the key."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: {config_type.__name__} is not an object: {values!r}")
     types = typing.get_type_hints(config_type)
@@ -373,9 +339,8 @@ def config_from_dict(config_type: type, values: object, source: str):
 # -------------------------------------------------------------------------------------------------
 # 2. Runtime
 #
-# One code path for a laptop and for 8 GPUs: torchrun sets RANK/WORLD_SIZE, NCCL serves CUDA and
-# gloo serves CPU. Only rank 0 logs (stdout + logs/RUN_ID.txt); the header records everything
-# needed to reproduce the run.
+# One code path for a laptop and for 8 GPUs: torchrun sets RANK/WORLD_SIZE, NCCL serves CUDA,
+# gloo CPU. Only rank 0 logs (stdout + logs/RUN_ID.txt); the header holds what reproduces the run.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -407,8 +372,7 @@ class Runtime:
 
 
 def usable_cpus() -> int:
-    """The CPUs this process may use: its affinity, capped by a container's CPU quota (cgroup v2's
-    cpu.max, or v1's CFS quota and period), which the affinity does not show."""
+    """The CPUs this process may use: its affinity, capped by a container's cgroup CPU quota."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     quota = None
     try:
@@ -425,8 +389,7 @@ def usable_cpus() -> int:
 
 
 def cpu_share() -> int:
-    """This process's share of the CPUs, with the other ranks on its host (torchrun's
-    LOCAL_WORLD_SIZE): the threads of its CPU math."""
+    """This rank's share of its host's CPUs (torchrun's LOCAL_WORLD_SIZE): its CPU threads."""
     ranks = os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))
     return max(1, usable_cpus() // int(ranks))
 
@@ -466,8 +429,7 @@ LOG_DIR = Path("logs")
 
 def claim_run(args: Hyperparameters) -> tuple[Hyperparameters, Path]:
     """Create logs/RUN_ID.txt exclusively, so no run overwrites another's log or artifact: a
-    RUN_ID the user chose is refused when its log exists (tools read it back), the default one
-    moves on to RUN_ID_2, RUN_ID_3, ..., and a derived artifact path follows it."""
+    chosen RUN_ID whose log exists is refused, the default one moves on to RUN_ID_2, ..."""
     LOG_DIR.mkdir(exist_ok=True)
     fresh = args.run_id == default_run_id(args.profile, args.seed)
     derived = args.artifact_path == f"{args.run_id}.eam" and not args.eval_only
@@ -499,8 +461,7 @@ def failures_logged(runtime: Runtime):
 
 
 def process_age_s() -> float:
-    """Seconds since this process started (Linux; 0 elsewhere): the imports and the launcher's
-    set-up before main() count against the training budget too."""
+    """Seconds since this process started (Linux; 0 elsewhere): start-up counts in the budget."""
     try:
         start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -510,26 +471,14 @@ def process_age_s() -> float:
 
 
 def stage_end(started: float, args: Hyperparameters, share: float) -> float:
-    """When the stages that read training data must have used `share` (cumulative) of
-    MAX_WALLCLOCK_SECONDS after `started`, less packing's reserve: time one part overruns comes
-    out of the next stages, never on top."""
+    """When the training stages must have used `share` (cumulative) of the budget, less
+    packing's reserve: a stage's overrun comes out of the next ones, never on top."""
     return started + share * args.max_wallclock_seconds * (1 - args.train_reserve_frac)
 
 
-def step_clock():
-    """next_end() -> when a step started now would end, were it as long as the last one."""
-    previous = time.perf_counter()
-
-    def next_end() -> float:
-        nonlocal previous
-        now = time.perf_counter()
-        end, previous = 2 * now - previous, now
-        return end
-    return next_end
-
 
 def flash_attn_version() -> str:
-    """The installed flash-attn's __version__ for the header ('none' when it cannot be imported)."""
+    """The installed flash-attn's version for the header, or 'none'."""
     for module in ("flash_attn_interface", "flash_attn"):
         try:
             return str(getattr(__import__(module), "__version__", "unknown"))
@@ -553,35 +502,11 @@ def log_header(runtime: Runtime, args: Hyperparameters) -> None:
         runtime.log(f"setting {field.name.upper()}={getattr(args, field.name)}")
 
 
-def parse_log(text: str) -> dict[str, dict[str, str]]:
-    """The log contract read back: {line kind: {key: value}}, the header lines as 'header', the
-    settings as 'settings'; a later line of a kind updates the earlier."""
-    records: dict[str, dict[str, str]] = {}
-    for line in text.splitlines():
-        words = line.split()
-        if not words:
-            continue
-        if words[0] == "setting" and len(words) == 2 and "=" in words[1]:
-            name, _, value = words[1].partition("=")
-            records.setdefault(SETTINGS_RECORD, {})[name] = value
-            continue
-        kind, fields = words[0], words[1:]
-        if kind.startswith(("run_id:", "python:")):
-            kind, fields = HEADER_RECORD, words
-        record = records.setdefault(kind, {})
-        for word in fields:
-            key, separator, value = word.partition(":")
-            if separator:
-                record[key] = value
-    return records
-
-
-# The log contract's line names, written once (the stages write them; tools and tests read them
-# back with parse_log). docs/design.md lists every line's fields.
+# The log contract's line names, written once (tools._runs.parse_log reads the lines back);
+# docs/design.md lists every line's fields.
 STAGES = ("teacher", "eam_write", "distill", "pack", "eval")
 TRAIN_STAGES = STAGES[:3]  # they read training data, so they share the training budget
-# The score lines, as the challenge's contract names them: per shipped model, (the model alone,
-# its final score: with the kNN store where it is on, else the same number).
+# The score lines per shipped model: (the model alone, the final score: with the kNN store).
 SCORE_RECORD, MEMORY_RECORD = "final_eam_knn_roundtrip_exact", "final_eam_roundtrip_exact"
 BASELINE_SCORE_RECORD = "final_baseline_knn_roundtrip_exact"
 BASELINE_RECORD = "final_baseline_roundtrip_exact"
@@ -589,7 +514,6 @@ SCORE_RECORDS = {"eam": (MEMORY_RECORD, SCORE_RECORD),
                  "transformer": (BASELINE_RECORD, BASELINE_SCORE_RECORD)}
 TEACHER_RECORD = "teacher_reference_exact"  # diagnostics: the teacher on the same windows,
 PREPACK_RECORD = "prepack_reference_exact"  # and the shipped model before packing
-HEADER_RECORD, SETTINGS_RECORD = "header", "settings"
 DATA_RECORD = "data"  # the tokens scored and trained on, with fingerprints
 ARTIFACT_RECORD = "artifact"  # code_bytes model_bytes total_bytes limit: what reviewers read
 COMPONENT_RECORD = "artifact_component"  # each packed group's bytes
@@ -604,7 +528,6 @@ TEACHER_PHASE, DISTILL_PHASE = STEP_RECORDS = ("teacher", "distill")  # each ste
 
 
 def stage_record(stage: str) -> str:
-    """The record of the line a stage ends with: 'stage:NAME time_ms:N ...'."""
     assert stage in STAGES, stage
     return f"stage:{stage}"
 
@@ -614,13 +537,11 @@ def log_stage(runtime: Runtime, stage: str, time_ms: float, details: str = "") -
 
 
 def elapsed_ms(started: float) -> float:
-    """Milliseconds since `started`, a time.perf_counter() reading."""
     return 1000 * (time.perf_counter() - started)
 
 
 def log_time_limit(runtime: Runtime, record: str, started: float, limit_s: float) -> None:
-    """A TRAIN_TIME_RECORD or EVAL_TIME_RECORD line: the time since `started` against a limit,
-    and on CUDA the most memory allocated since the last such line."""
+    """The time since `started` against a limit, and on CUDA the peak memory since the last."""
     time_ms = elapsed_ms(started)
     peak = ""
     if runtime.device.type == "cuda":
@@ -631,7 +552,7 @@ def log_time_limit(runtime: Runtime, record: str, started: float, limit_s: float
 
 
 def autocast(runtime: Runtime) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; CPU runs stay in float32 (bf16 is slower there, not faster)."""
+    """bf16 autocast on CUDA; CPU stays in float32 (bf16 is slower there)."""
     if runtime.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -675,10 +596,9 @@ def assert_replicas_identical(runtime: Runtime, name: str, tensors: list[torch.T
 # -------------------------------------------------------------------------------------------------
 # 3. Data
 #
-# The challenge's shards: 256 int32 header words (magic, version, token count) then uint16 tokens.
-# Training batches are cut so each rank reads its own disjoint slice of every global batch.
-# Bits per byte need the byte length of every target token, which depends on the token before it
-# (a leading "▁" is a space unless it follows a boundary token): three lookup tables carry that.
+# The challenge's shards: 256 int32 header words (magic, version, token count), uint16 tokens.
+# Each rank reads its own disjoint slice of every global batch. Bits per byte need each target's
+# bytes, which depend on the token before it (a leading "▁" is no space after a boundary token).
 # -------------------------------------------------------------------------------------------------
 
 SHARD_MAGIC = 20240520
@@ -705,8 +625,7 @@ def shard_token_count(path: Path) -> int:
 
 def check_token_ids(tokens: np.ndarray, vocab_size: int, where: str,
                     owner: str = "VOCAB_SIZE", offset: int = 0) -> None:
-    """Every id must index the vocabulary (else an embedding fails deep inside a stage); owner
-    names where the vocabulary comes from (the setting, or an artifact); offset is the
+    """Every id must index the vocabulary of `owner` (a setting, or an artifact); offset is the
     position of tokens[0] in `where`."""
     if tokens.size and int(tokens.max()) >= vocab_size:
         position = int(np.argmax(tokens >= vocab_size))
@@ -724,20 +643,9 @@ def read_shard(path: Path, vocab_size: int = 0) -> np.ndarray:
 
 
 def map_shard(path: Path) -> np.ndarray:
-    """A shard's tokens, its header checked, mapped rather than read: opening the next shard
-    costs no read of its 200 MB on a training step's path."""
+    """A shard's tokens, its header checked, mapped: no 200 MB read on a training step's path."""
     return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_WORDS * 4,
                      shape=(shard_token_count(path),))
-
-
-def write_shard(path: Path, tokens: np.ndarray) -> None:
-    """The inverse of read_shard: header (magic, version, token count) then uint16 tokens."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
-        raise ValueError(f"{path}: token ids must fit uint16 (got {tokens.min()}..{tokens.max()})")
-    header = np.zeros(HEADER_WORDS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    Path(path).write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
 
 
 def shard_paths(data_path: str, split: str) -> list[Path]:
@@ -753,9 +661,8 @@ STREAM_TAIL_TOKENS = 64  # the history kept before each read: the longest contex
 
 
 class TokenStream:
-    """Endless sequential reader over the training shards (wraps around at the end). `taken`
-    is the stream index of the next token: the stream repeats the corpus every corpus_tokens,
-    so index i holds the corpus's token i mod corpus_tokens."""
+    """Endless reader over the training shards; `taken` is the stream index of the next token,
+    and index i holds the corpus's token i mod corpus_tokens."""
 
     def __init__(self, paths: list[Path], vocab_size: int = 0):
         self.paths, self.vocab_size = paths, vocab_size
@@ -807,8 +714,8 @@ class DistributedTokenLoader:
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
     def next_text(self, rank_tokens: int, history: int) -> tuple[torch.Tensor, int]:
-        """This rank's part of the next rank_tokens x world tokens as running text, with the
-        `history` tokens before it (-1 before the stream's start), and its first stream index."""
+        """This rank's part of the next global slice as running text, with the `history` tokens
+        before it (-1 before the stream's start), and its first stream index."""
         if history > STREAM_TAIL_TOKENS:
             raise ValueError(f"next_text: {history} tokens of history, at most "
                              f"{STREAM_TAIL_TOKENS} are kept")
@@ -855,8 +762,7 @@ class ByteTables:
 
 
 def build_byte_tables(tokenizer_path: str, vocab_size: int, owner: str) -> ByteTables:
-    """Byte tables of the tokenizer, which must have the vocabulary of the model being scored
-    (`owner` names where that vocabulary comes from: VOCAB_SIZE, or the artifact's file)."""
+    """The tokenizer's byte tables; it must have the vocabulary of `owner` (setting or file)."""
     import sentencepiece as spm
 
     if not Path(tokenizer_path).is_file():
@@ -890,10 +796,8 @@ def file_sha256(path: Path) -> str:
 
 
 def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
-    """Everything checkable before training, so a bad input costs seconds, not a training run:
-    the code's size, the shards' headers, the tokenizer, the artifact path, token ids, the
-    batches' split, that the model's weights can fit the limit beside the code, TTT_PARAMS and
-    INIT_CHECKPOINT; then the data line (what is scored and trained on)."""
+    """Everything checkable before training, so a bad input costs seconds, not a run; then the
+    data line (what is scored and trained on)."""
     code_bytes = code_size(args)
     if code_bytes >= args.size_limit:
         raise ValueError(f"SIZE_LIMIT={args.size_limit}: the code alone counts {code_bytes} bytes")
@@ -958,10 +862,9 @@ def check_inputs(runtime: Runtime, args: Hyperparameters) -> None:
 # -------------------------------------------------------------------------------------------------
 # 4. Teacher
 #
-# A GPT in the style of the challenge's records (openai/parameter-golf, records/track_10min_16mb):
-# RMSNorm, partial RoPE, grouped-query attention with QK-norm and a learned QK gain, exclusive
-# self-attention (XSA), a LeakyReLU(0.5)^2 MLP, layer-norm scaling by depth, tied embeddings with
-# a logit soft-cap. Muon (Newton-Schulz orthogonalized momentum; Jordan et al. 2024) trains the
+# A GPT as in the challenge's records: RMSNorm, partial RoPE, grouped-query attention with QK-norm
+# and a learned QK gain, exclusive self-attention (XSA), a LeakyReLU(0.5)^2 MLP, layer-norm
+# scaling by depth, tied embeddings with a logit soft-cap. Muon (Jordan et al. 2024) trains the
 # matrices, Adam the rest; the schedule warms up by steps and down by wall clock.
 # -------------------------------------------------------------------------------------------------
 
@@ -999,8 +902,7 @@ def attention_works(attend: Callable, device: torch.device) -> bool:
 
 
 def choose_attention(runtime: Runtime) -> str:
-    """flash-attn 3, else flash-attn 2, else PyTorch SDPA: the first that imports and passes
-    attention_works on every rank. Bound as ATTENTION['chosen'] for causal_attention."""
+    """flash-attn 3, else 2, else SDPA: the first that imports and works on every rank."""
     found = []
     if runtime.device.type == "cuda":
         for name, module in ATTENTION_MODULES.items():
@@ -1026,12 +928,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 
 def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """XSA: remove from each head's output its component along the token's own value vector.
-
-    y: [B, T, H, Dh], v: [B, T, Hkv, Dh]. The token's own value is already in the residual
-    stream, so attention is spent on what the other tokens add (Zhai 2026, "Exclusive Self
-    Attention", arXiv:2603.09078; in the challenge from PR #287 on).
-    """
+    """XSA (Zhai 2026, arXiv:2603.09078): y [B, T, H, Dh] less its component along the token's
+    own value v [B, T, Hkv, Dh], which the residual stream already holds."""
     v = v.repeat_interleave(y.size(2) // v.size(2), dim=2)
     v_unit = F.normalize(v.float(), dim=-1)
     return (y.float() - (y.float() * v_unit).sum(-1, keepdim=True) * v_unit).to(y.dtype)
@@ -1157,11 +1055,8 @@ class GPT(nn.Module):
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize (U S V^T -> U V^T) with a quintic Newton-Schulz iteration.
-
-    The coefficients maximize the slope at zero, so singular values land near 1 (within about
-    0.3) in few steps rather than converging exactly; that is all Muon needs.
-    """
+    """U S V^T -> about U V^T by a quintic Newton-Schulz iteration (singular values land within
+    about 0.3 of 1 in five steps, which is all Muon needs)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = matrix.to(torch.bfloat16 if matrix.is_cuda else torch.float32)
     x = x / (x.norm() + eps)
@@ -1175,14 +1070,8 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
 
 
 class Muon(torch.optim.Optimizer):
-    """Momentum, row equalization, then orthogonalization; ranks share the work.
-
-    Row equalization is MuonEq-R (Chang et al. 2026, arXiv:2603.28254): every row of the update
-    gets unit norm before Newton-Schulz, which conditions its input better.
-
-    Gradients are already averaged across ranks (DDP); rank r orthogonalizes every world-th
-    matrix and one all_reduce hands every rank all the updates.
-    """
+    """Momentum, row equalization (MuonEq-R, Chang et al. 2026, arXiv:2603.28254), then
+    orthogonalization; rank r orthogonalizes every world-th matrix, one all_reduce shares them."""
 
     def __init__(self, params, lr: float, momentum: float, weight_decay: float, row_norm: bool):
         super().__init__(params, dict(lr=lr, base_lr=lr, momentum=momentum,
@@ -1219,12 +1108,8 @@ class Muon(torch.optim.Optimizer):
 
 
 def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
-    """Each parameter's group by what it is, never by its name.
-
-    "table": the weights of nn.Embedding modules, rows looked up by token (Adam; int8 when
-    packed); "matrix": other 2-D weights (Muon; QUANT_BITS); "vector": gains and the rest (Adam;
-    fp16). Asserted to put every parameter in exactly one group.
-    """
+    """Each parameter's group by what it is, never by its name: "table" (nn.Embedding weights:
+    Adam, int8), "matrix" (other 2-D weights: Muon, QUANT_BITS), "vector" (Adam, fp16)."""
     tables = {f"{name}.weight" for name, module in model.named_modules()
               if isinstance(module, nn.Embedding)}
     named = dict(model.named_parameters())
@@ -1238,8 +1123,7 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 def build_optimizers(model: nn.Module, args: Hyperparameters,
                      lr_scale: float = 1.0) -> dict[str, torch.optim.Optimizer]:
-    """{"adam": token tables and vectors, "muon": matrices}, over the parameters that train;
-    an optimizer with nothing to train is left out."""
+    """{"adam": tables and vectors, "muon": matrices} over the parameters that train."""
     named = dict(model.named_parameters())
     groups = {group: [named[name] for name in names if named[name].requires_grad]
               for group, names in parameter_groups(model).items()}
@@ -1258,10 +1142,7 @@ def build_optimizers(model: nn.Module, args: Hyperparameters,
 
 
 def lr_multiplier(step: int, progress: float, warmup_steps: int, warmdown_frac: float) -> float:
-    """Linear warm-up over steps, then linear warm-down over the last part of the budget.
-
-    progress in [0, 1] is the larger of the wall-clock share and the step share used.
-    """
+    """Linear warm-up over steps, linear warm-down over the last part of progress in [0, 1]."""
     warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
     down = min(1.0, (1.0 - progress) / warmdown_frac) if warmdown_frac else 1.0
     return warm * max(0.0, down)
@@ -1275,7 +1156,7 @@ def maybe_compile(module: nn.Module, args: Hyperparameters, runtime: Runtime) ->
 
 
 class EMA:
-    """Exponential moving average of weights; the averaged weights are the ones kept."""
+    """Exponential moving average of the weights, ramped in as (1 + n) / (10 + n)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -1283,7 +1164,6 @@ class EMA:
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     def current_decay(self) -> float:
-        """The decay, ramped in as (1 + n) / (10 + n) so a short run is not stuck at its init."""
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
     @torch.no_grad()
@@ -1300,8 +1180,7 @@ class EMA:
 
 @dataclass(frozen=True)
 class Phase:
-    """One run of the training loop: its loss, batch, deadline, learning-rate scale and an
-    optional EMA."""
+    """One run of the training loop."""
 
     name: str
     loss_fn: Callable  # (ddp_model, x [B, T], y [B, T]) -> scalar loss
@@ -1315,10 +1194,9 @@ class Phase:
 
 def compiled_or_eager(runtime: Runtime, phase: Phase, compiled: nn.Module, eager: nn.Module,
                       micro_step: Callable) -> nn.Module:
-    """A compiled graph must not lose the run: one micro-step (its gradients then dropped) runs
-    compiled, without gradient sync, so no collective is left waiting should it fail, and if its
-    graph fails to build or run on any rank, every rank trains this phase eager. The log says
-    which, and why."""
+    """A compiled graph must not lose the run: one micro-step runs compiled without gradient
+    sync (its gradients dropped), and if it fails on any rank, every rank trains this phase
+    eager; the log says which, and why."""
     if compiled is eager:
         return eager
     failure = ""
@@ -1338,8 +1216,7 @@ def compiled_or_eager(runtime: Runtime, phase: Phase, compiled: nn.Module, eager
 
 
 def compile_counts() -> tuple[int, int]:
-    """(graphs compiled, graph breaks) in this process so far (torch's dynamo counters; -1 where
-    this torch keeps none): a phase that compiles anew after its first step recompiles."""
+    """(graphs compiled, graph breaks) in this process so far; -1 where torch keeps none."""
     try:
         from torch._dynamo.utils import counters
         return (int(counters["stats"]["unique_graphs"]),
@@ -1349,19 +1226,15 @@ def compile_counts() -> tuple[int, int]:
 
 
 def mean_loss(runtime: Runtime, total: torch.Tensor) -> float:
-    """A step's loss, the mean over ranks (total itself left as it is)."""
     return all_reduce_(total.clone()).item() / runtime.world_size
 
 
 def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phase: Phase,
                  loader: DistributedTokenLoader,
                  optimizers: dict[str, torch.optim.Optimizer] | None = None) -> dict[str, float]:
-    """The shared training loop: DDP, gradient accumulation, wall-clock stop, schedules; the
-    optimizers continue where given (tools.pretrain_teacher resumes them), else start fresh.
-
-    No step starts that would end after phase.stop_at (a step is taken to last as long as the
-    previous one). The stop decision is all-reduced so every rank takes the same number of steps.
-    """
+    """The training loop: DDP, gradient accumulation, schedules, and no step started that would
+    end after phase.stop_at (as long as the last), decided alike on every rank. Optimizers
+    continue where given (tools.pretrain_teacher resumes them)."""
     accum, rank_tokens = rank_batch_tokens(phase.batch_tokens, phase.seq_len, runtime.world_size,
                                            args.grad_accum_world, f"{phase.name} batch tokens")
     wrapped = model
@@ -1371,7 +1244,7 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
             broadcast_buffers=False)
     optimizers = optimizers or build_optimizers(model, args, phase.lr_scale)
     ema = EMA(model, phase.ema_decay) if phase.ema_decay > 0 else None
-    start, next_end = time.perf_counter(), step_clock()
+    start = previous = time.perf_counter()
 
     def micro_step(module: nn.Module) -> torch.Tensor:
         x, y = loader.next_batch(rank_tokens, phase.seq_len)
@@ -1385,9 +1258,10 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
     budget_s = max(phase.stop_at - start, 1e-9)
     step, loss_value, counts = 0, float("nan"), compile_counts()
     while True:
-        # Progress counts the next step as taken, so the last step ends before the deadline.
-        # It is all-reduced: ranks' clocks differ, and so would their learning rates.
-        progress = max((next_end() - start) / budget_s,
+        # The next step counted as taken (as long as the last); all-reduced, as clocks differ.
+        now = time.perf_counter()
+        next_end, previous = 2 * now - previous, now
+        progress = max((next_end - start) / budget_s,
                        step / phase.max_steps if phase.max_steps else 0.0)
         progress = all_reduce_(torch.tensor(progress, device=runtime.device), "max").item()
         if progress >= 1.0:
@@ -1432,7 +1306,7 @@ def run_training(runtime: Runtime, args: Hyperparameters, model: nn.Module, phas
 
 
 def data_fingerprint(paths: list[Path]) -> str:
-    """A cheap identity of the training shards: names, sizes and the first MB of each."""
+    """The training shards' names, sizes and first MB, hashed."""
     digest = hashlib.sha256()
     for path in paths:
         with Path(path).open("rb") as handle:
@@ -1442,8 +1316,7 @@ def data_fingerprint(paths: list[Path]) -> str:
 
 
 def read_checkpoint(args: Hyperparameters) -> dict:
-    """INIT_CHECKPOINT's teacher, checked against these settings and training shards: a teacher
-    of another shape, or pretrained on other data, is an error naming the setting."""
+    """INIT_CHECKPOINT's teacher, checked against these settings' shape and training shards."""
     path = Path(args.init_checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"INIT_CHECKPOINT={args.init_checkpoint!r}: no such file (make "
@@ -1486,19 +1359,14 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # -------------------------------------------------------------------------------------------------
 # 5. Memory
 #
-# Next-token counts of exact recent contexts. A location is one context (the empty one, and every
-# context of EAM_CONTEXT_MIN_LENGTH..EAM_CONTEXT_ORDER - 1 tokens seen in EAM_CONTEXT_TOKENS of
-# training text) with the counts of the tokens that followed it: counting needs no teacher, so it
-# reads far more text than a small transformer holds. A read finds the position's own contexts by
-# binary search and interpolates their counts Witten-Bell style, shortest first, from the uniform
-# distribution (Witten and Bell 1991; Chen and Goodman 1998):
+# Next-token counts of exact recent contexts: the empty one and those of the shipped lengths seen
+# in EAM_CONTEXT_TOKENS of training text, and of EAM_LEARNED_LENGTHS, longer (hashed) contexts
+# that only text already read fills (the scored text: its exact repeats). A read finds the
+# position's contexts by binary search and interpolates their counts Witten-Bell style, shortest
+# first, from the uniform distribution (Witten and Bell 1991; Chen and Goodman 1998):
 #     p_c = (counts_c + types_c p_shorter) / (total_c + types_c),
-# types being how many distinct tokens followed the context, so an often-seen context with few
-# followers is trusted; the result is a distribution over the whole vocabulary. The memory keeps
-# learning from text already read, never from text to come: the evaluation counts each chunk once
-# it is scored, at the shipped lengths and at EAM_LEARNED_LENGTHS, longer contexts (hashed to
-# codes) that only the scored text fills, its exact repeats. Every rank counts the same text, so
-# every rank holds the same counts, exactly (whole numbers).
+# types being how many distinct tokens followed the context: a distribution over the whole
+# vocabulary. Every rank counts the same text, so every rank holds the same whole counts.
 # -------------------------------------------------------------------------------------------------
 
 # Two polynomial hashes modulo primes below 2^31 (their products fit int64, so the arithmetic is
@@ -1507,8 +1375,8 @@ HASH_PRIMES = ((2_147_483_647, 1_000_003), (2_147_483_629, 1_234_567_891))  # (m
 
 
 def exact_length(vocab_size: int) -> int:
-    """The longest context whose exact code (digits token + 1 in base V + 1), times V plus a
-    token, fits int64; longer contexts are hashed."""
+    """The longest context whose exact code (digits token + 1 in base V + 1) times V plus a
+    token fits int64; longer ones are hashed."""
     length = 0
     while (vocab_size + 1) ** (length + 1) * vocab_size < 2**63:
         length += 1
@@ -1516,11 +1384,9 @@ def exact_length(vocab_size: int) -> int:
 
 
 def context_codes(recent: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Recent tokens [..., C] (the position's own token last, -1 before the text's start) -> the
-    codes of its contexts of 0..C tokens [..., C + 1]: 0 for the empty context, the exact code up
-    to exact_length tokens and a hash above every exact code beyond, -1 where the context is
-    incomplete. Different contexts get different codes (hashed ones but for a chance of ~2^-52)
-    and a code times V plus a token fits int64."""
+    """Recent tokens [..., C] (own token last, -1 before the text) -> the codes of the contexts
+    of 0..C tokens [..., C + 1]: 0 for the empty one, exact codes, then hashes above them (a
+    collision ~2^-52), -1 where incomplete; a code times V plus a token fits int64."""
     exact = exact_length(vocab_size)
     first_hash = (vocab_size + 1) ** exact
     hashes = (2**63 - 1) // vocab_size - first_hash
@@ -1541,24 +1407,22 @@ def context_codes(recent: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def recent_tokens(idx: torch.Tensor, count: int) -> torch.Tensor:
-    """idx [B, T] -> each position's last `count` tokens [B, T, count] (its own last), -1 where
-    the row starts later: what the context memory reads, the prefix only."""
+    """idx [B, T] -> each position's last `count` tokens [B, T, count] (-1 before the row)."""
     padded = F.pad(idx, (count - 1, 0), value=-1)
     return padded.unfold(1, count, 1)
 
 
 def count_context_pairs(recent: torch.Tensor, next_tokens: torch.Tensor, vocab_size: int,
                         lengths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recent tokens [N, C] and the tokens that follow them [N] -> (sorted unique pair codes,
-    context code * V + next token, and their counts) of every complete context of `lengths`."""
+    """Recent tokens [N, C] and their next tokens [N] -> (sorted unique pair codes, context code
+    * V + next token, and their counts) of every complete context of `lengths`."""
     codes = context_codes(recent, vocab_size)[:, list(lengths)]
     pairs = codes * vocab_size + next_tokens[:, None]
     return torch.unique(pairs[codes >= 0], return_counts=True)
 
 
 def merge_pairs(*parts: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum the counts of (pair codes, counts) parts: sorted unique pairs again. Whole counts
-    added exactly, so any order of merging gives the identical table."""
+    """Sum (pair codes, counts) parts into sorted unique pairs, exactly in any order."""
     codes = torch.cat([part[0] for part in parts])
     unique, inverse = torch.unique(codes, return_inverse=True)
     counts = torch.zeros_like(unique).index_add_(0, inverse, torch.cat([p[1] for p in parts]))
@@ -1570,25 +1434,22 @@ CONTEXT_BUFFERS = ("codes", "sizes", "next_tokens", "counts")  # the model's con
 
 @dataclass
 class ContextTables:
-    """The context memory as it ships: the contexts' codes (sorted) with how many next tokens
-    each keeps, and those tokens with their counts, grouped by context in the same order."""
+    """The context memory as it ships: sorted context codes with how many next tokens each
+    keeps, and those tokens with their counts, grouped by context."""
 
     codes: torch.Tensor  # [K] int64
     sizes: torch.Tensor  # [K] next tokens kept per context
     next_tokens: torch.Tensor  # [P] int64
     counts: torch.Tensor  # [P] int64
 
-    def owners(self) -> torch.Tensor:
-        """The index of each pair's context [P]."""
+    def owners(self) -> torch.Tensor:  # each pair's context [P]
         return torch.repeat_interleave(torch.arange(self.codes.numel(), device=self.codes.device),
                                        self.sizes)
 
     def pairs(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sorted pair codes, whole counts): what context_tables reads."""
         return self.codes[self.owners()] * vocab_size + self.next_tokens, self.counts
 
     def pruned(self, min_count: int) -> ContextTables:
-        """Only the (context, token) pairs counted at least min_count times."""
         return self.kept(self.counts >= min_count)
 
     def most_counted(self, pairs: int) -> ContextTables:
@@ -1598,7 +1459,6 @@ class ContextTables:
         return self.kept(keep)
 
     def kept(self, keep: torch.Tensor) -> ContextTables:
-        """The pairs where keep [P] is true, and the contexts that still hold one."""
         owner = self.owners()[keep]
         sizes = torch.zeros_like(self.sizes).index_add_(0, owner, torch.ones_like(owner))
         return ContextTables(self.codes[sizes > 0], sizes[sizes > 0], self.next_tokens[keep],
@@ -1607,31 +1467,26 @@ class ContextTables:
 
 def context_tables(pair_codes: torch.Tensor, pair_counts: torch.Tensor,
                    vocab_size: int) -> ContextTables:
-    """Sorted unique pair codes and their counts -> the tables."""
     codes, sizes = torch.unique_consecutive(pair_codes // vocab_size, return_counts=True)
     return ContextTables(codes, sizes, pair_codes % vocab_size, pair_counts)
 
 
 def no_contexts(device: torch.device | None = None) -> ContextTables:
-    """An empty context memory: reads return the uniform distribution."""
     none = torch.zeros(0, dtype=torch.long, device=device)
     return ContextTables(none, none, none, none)
 
 
 class ContextCounts:
     """The context memory as reads and writes use it: sorted runs of (pair code, count), no pair
-    in two runs, the shipped tables the first. A write adds to a pair where it is and puts new
-    pairs in a run of their own; the newest runs merge while one holds at least half as many
-    pairs as the one before, so a read searches a few runs (about log2 of the pairs written) and
-    a write's sorting is amortized over the pairs it adds. Whole counts: any order of writing
-    gives the identical counts."""
+    in two, the shipped tables first. A write adds to pairs where they are and puts new ones in
+    a run of their own; the newest runs merge while one holds at least half the pairs of the one
+    before, so a read searches about log2(pairs) runs."""
 
     def __init__(self, tables: ContextTables, vocab_size: int):
         self.vocab_size = vocab_size
         self.reset(tables)
 
     def reset(self, tables: ContextTables) -> None:
-        """Back to `tables`' counts (its runs made when first read)."""
         self.tables, self._runs = tables, None
 
     @property
@@ -1661,7 +1516,7 @@ class ContextCounts:
 
     def find(self, codes: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Context codes [M] (-1: none) -> every pair they hold: (its context's index in codes,
-        its next token, its count), each [P]."""
+        next token, count), each [P]."""
         vocab, found = self.vocab_size, []
         for run_codes, run_counts in self.runs:
             low = torch.searchsorted(run_codes, codes * vocab)
@@ -1681,22 +1536,16 @@ class ContextCounts:
 LeaveOut = tuple[torch.Tensor, torch.Tensor]
 
 
-# Its shapes depend on the data (how many contexts are found): compiled, every batch would
-# recompile, so torch.compile leaves it eager and compiles around it.
-@torch.compiler.disable
+@torch.compiler.disable  # its shapes depend on the data: compiled, every batch would recompile
 def read_contexts(recent: torch.Tensor, memory: ContextCounts, lengths: tuple[int, ...],
                   leave_out: LeaveOut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The memory's distribution [N, V] after recent tokens [N, C] (recent_tokens), and its
-    evidence [N, len(lengths)], log(1 + total count) of the position's context of each length
-    (0 where none is held); lengths start with 0, the empty context. Interpolated Witten-Bell,
-    shortest first, from the uniform distribution: a context counted `total` times with `types`
-    distinct next tokens turns p into (count + types p) / (total + types), an affine map, so the
-    read is the empty context's dense row, scaled, and sparse additions for longer contexts,
-    each length's scaled by every longer length's factor.
+    """The memory's distribution [N, V] after recent tokens [N, C], and its evidence [N, L],
+    log(1 + total count) of the context of each length (lengths start with 0, the empty one).
+    Each length's step p -> (count + types p) / (total + types) is affine, so the read is the
+    empty context's dense row, scaled, plus sparse additions, each scaled by every longer factor.
 
-    leave_out (training only): each position's own occurrences in the counts are taken out of
-    them, so that counted text reads as text the memory never saw, which is what the evaluation
-    reads (leave-one-out, as held-out smoothing estimates are made: Ney, Essen and Kneser 1994).
+    leave_out (training only): each position's own occurrences are taken out of the counts, so
+    counted text reads as unseen text, as the evaluation's does (Ney, Essen and Kneser 1994).
     """
     vocab, rows, device = memory.vocab_size, recent.size(0), recent.device
     if not lengths:
@@ -1743,8 +1592,7 @@ def read_contexts(recent: torch.Tensor, memory: ContextCounts, lengths: tuple[in
 
 @dataclass(frozen=True)
 class CountedText:
-    """The stream indices [first, end) whose tokens the context memory counted as targets, each
-    with its whole context, in a stream that repeats its corpus every corpus_tokens."""
+    """The stream indices [first, end) the context memory counted as targets."""
 
     first: int
     end: int
@@ -1755,32 +1603,29 @@ class CountedText:
         return self.end - self.first
 
     def times(self, indices: torch.Tensor) -> torch.Tensor:
-        """How many times the targets at these stream indices were counted: the indices of
-        [first, end) that hold the same corpus token."""
+        """How many times the targets at these stream indices were counted (the corpus repeats
+        every corpus_tokens)."""
         corpus = indices % self.corpus_tokens
         return ((self.end - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor")
                 - (self.first - 1 - corpus).div(self.corpus_tokens, rounding_mode="floor"))
 
 
 def shipped_lengths(args: Hyperparameters) -> tuple[int, ...]:
-    """The context lengths counted from training text: the empty context and
-    EAM_CONTEXT_MIN_LENGTH..EAM_CONTEXT_ORDER - 1 (none without a context memory)."""
+    """The lengths counted from training text: 0 and MIN_LENGTH..ORDER - 1 (ORDER 0: none)."""
     if args.eam_context_order == 0:
         return ()
     return (0, *range(args.eam_context_min_length, args.eam_context_order))
 
 
 def learned_lengths(args: Hyperparameters) -> tuple[int, ...]:
-    """EAM_LEARNED_LENGTHS as numbers: the lengths counted only from text already read."""
     return tuple(int(part) for part in args.eam_learned_lengths.split(",") if part.strip())
 
 
 def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
                    ) -> tuple[ContextTables, CountedText]:
     """The context memory, identical on every rank: each rank counts its share of
-    EAM_CONTEXT_TOKENS training tokens, read as running text (next_text), the ranks' (pair,
-    count) sets are gathered and summed, and pairs seen fewer than EAM_CONTEXT_MIN_COUNT times
-    are dropped. Returns (the tables, the text counted over all ranks)."""
+    EAM_CONTEXT_TOKENS of running text, the ranks' pairs are summed and those seen fewer than
+    EAM_CONTEXT_MIN_COUNT times dropped. Returns (the tables, the text counted)."""
     lengths, vocab = shipped_lengths(args), args.vocab_size
     first = loader.stream.taken
     if not lengths or args.eam_context_tokens == 0:
@@ -1808,10 +1653,8 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
 
 def memory_diagnostics(contexts: ContextTables, text: torch.Tensor, lengths: tuple[int, ...],
                        vocab_size: int) -> dict[str, float]:
-    """On running text the memory did not count (its first max(lengths) tokens the history):
-    the memory's loss in nats per token, and that of its empty context alone (the unigram
-    counts over the uniform distribution). A distribution over the whole vocabulary keeps both
-    near or below ln V on any real text."""
+    """The loss (nats per token) of the memory, and of its empty context alone, on running text
+    it did not count (its first max(lengths) tokens the history): at most about ln V."""
     history = max(max(lengths, default=0), 1)
     recent = recent_tokens(text[None, :-1], history)[0, history - 1:]
     targets = text[history:]
@@ -1825,8 +1668,7 @@ def memory_diagnostics(contexts: ContextTables, text: torch.Tensor, lengths: tup
 
 def write_memory(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
                  ) -> tuple[ContextTables, CountedText]:
-    """The context memory counted from EAM_CONTEXT_TOKENS of training text; its diagnostics on
-    the batch after it. Returns it, and the text it counted."""
+    """The context memory counted from training text, and the text it counted."""
     started = time.perf_counter()
     contexts, counted = count_contexts(runtime, args, loader)
     assert_replicas_identical(runtime, "memory", [getattr(contexts, name)
@@ -1847,21 +1689,14 @@ def write_memory(runtime: Runtime, args: Hyperparameters, loader: DistributedTok
 # -------------------------------------------------------------------------------------------------
 # 6. Distillation
 #
-# The shipped model: an encoder (the teacher's width, ENC_LAYERS blocks, started from the teacher's
-# embedding and lowest blocks) maps tokens to features; the memory gives a next-token
-# distribution p_mem after the position's recent tokens. The decoder adds a zero-initialised MLP
-# correction to the encoder's state (so its logits start as the encoder's LM head) that sees
-# p_mem's expected token embedding, and reads logits with the tied embedding. The model's
-# distribution is mixed with the memory's, p = (1 - g) p_model + g p_mem, through a gate g
-# computed from the prefix alone (the encoder's features, the memory's evidence of each context
-# length, p_mem's entropy and peak): a normalized mixture for any g, as kNN-LM mixes its
-# neighbours (Khandelwal et al. 2020). Distillation trains it end to end on the mixture's
-# next-token loss plus KL from the teacher to the model part only, so the memory may add what the
-# teacher lacks. Before it, the context pairs are fitted to the size limit as packing will fit
-# them, so the gate learns around the counts that ship. It reads the memory as the evaluation
-# will: counted text with each position's own occurrences left out, and the text it has already
-# trained on counted as it goes (as the evaluation counts scored text), so the gate meets the
-# learned lengths' evidence in training.
+# The shipped model: an encoder (the teacher's embedding and lowest ENC_LAYERS blocks) maps tokens
+# to features; the memory gives p_mem after the position's recent tokens. The decoder adds a
+# zero-initialised MLP correction, which sees p_mem's expected token embedding, to the encoder's
+# state. p = (1 - g) p_model + g p_mem through a gate g computed from the prefix alone: normalized
+# for any g, as kNN-LM mixes (Khandelwal et al. 2020). Distillation trains it end to end on the
+# mixture's loss plus KL from the teacher to the model part, with the pairs that will ship, each
+# position's own occurrences left out, and the text trained on counted as it goes, as the
+# evaluation counts scored text.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -1873,16 +1708,14 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, base: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """rms_norm(base + MLP([base, memory])): the encoder's state corrected by what it and the
-        memory's expected next-token embedding say together."""
+        """rms_norm(base + MLP([base, memory])), memory: p_mem's expected token embedding."""
         hidden = F.leaky_relu(self.fc(rms_norm(torch.cat([base, memory], dim=-1))), 0.5).square()
         return rms_norm(base + self.proj(hidden))
 
 
 class MemoryGate(nn.Module):
-    """The mixture weight's logit from the prefix alone: a linear map of the encoder's features
-    [N, D], the memory's evidence [N, L] and p_mem's entropy and log peak (detached: the gate
-    weighs them, it does not shape them). It starts as the constant GATE_INIT."""
+    """The mixture weight's logit from the prefix alone: linear in the features [N, D], the
+    memory's evidence [N, L] and p_mem's entropy and log peak (detached), from GATE_INIT."""
 
     GATE_INIT = 0.1
 
@@ -1902,24 +1735,21 @@ class MemoryGate(nn.Module):
 
 def mix_with_memory(model_log_probs: torch.Tensor, p_mem: torch.Tensor,
                     gate_logit: torch.Tensor) -> torch.Tensor:
-    """log((1 - g) exp(model_log_probs) + g p_mem) with g = sigmoid(gate_logit) [N], in log
-    space (stable for any g). Both [N, V] are normalized distributions, so the result is one;
-    the target is not an argument: it cannot be."""
+    """log((1 - g) exp(model_log_probs) + g p_mem), g = sigmoid(gate_logit) [N]: normalized, as
+    both [N, V] are; the target is not an argument: it cannot be."""
     gate_logit = gate_logit.float()[:, None]
     return torch.logaddexp(F.logsigmoid(-gate_logit) + model_log_probs,
                            F.logsigmoid(gate_logit) + p_mem.log())
 
 
 def key_projection(model_dim: int, key_dim: int, seed: int) -> torch.Tensor:
-    """The fixed random map features -> the kNN store's key space ([D, K]), from its seed."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(model_dim, key_dim, generator=generator) / math.sqrt(model_dim)
 
 
 class KnnKeys(nn.Module):
-    """The kNN store's keys: unit vectors of a fixed random projection (rebuilt from its seed) of
-    the features less their mean over training text (centre_keys). Uncentred, every model's
-    features share one direction, which flattens every similarity."""
+    """The kNN store's keys: unit vectors of a fixed random projection (from its seed) of the
+    features less their mean over training text (uncentred, they share one direction)."""
 
     def __init__(self, model_dim: int, key_dim: int, seed: int):
         super().__init__()
@@ -1933,8 +1763,7 @@ class KnnKeys(nn.Module):
 
 def centre_keys(runtime: Runtime, args: Hyperparameters, model: nn.Module,
                 loader: DistributedTokenLoader) -> None:
-    """The shipped model's key centre: its features' mean over the next batch of training
-    text, the same on every rank (summed over ranks)."""
+    """The key centre: the features' mean over the next training batch, summed over ranks."""
     _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
                                        runtime.world_size, args.grad_accum_world,
                                        "TRAIN_BATCH_TOKENS")
@@ -1946,7 +1775,7 @@ def centre_keys(runtime: Runtime, args: Hyperparameters, model: nn.Module,
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """What the shipped model is; the artifact's header carries it whole and exactly."""
+    """What the shipped model is; the artifact's header carries it whole."""
 
     encoder: GPTConfig
     dec_hidden: int
@@ -1975,20 +1804,18 @@ class MemoryLM(nn.Module):
         self.decoder = Decoder(dim, config.dec_hidden)
         self.gate = MemoryGate(dim, len(config.context_lengths))
         self.keys = KnnKeys(dim, config.key_dim, config.projection_seed)
-        # What reads and writes use: one object for the model's life (a compiled graph that
-        # holds it is never invalidated by a new one), its counts reset from the buffers.
+        # One object for the model's life (a compiled graph holding it stays valid), reset from
+        # the buffers.
         self.memory = ContextCounts(no_contexts(), config.encoder.vocab_size)
         self.load_contexts(no_contexts() if contexts is None else contexts)
 
     def load_contexts(self, contexts: ContextTables) -> None:
-        """The shipped context memory, as buffers (context_*) that packing reads; reads and
-        writes go to `memory`, made from them."""
+        """The shipped context memory, as the buffers packing reads."""
         for name in CONTEXT_BUFFERS:
             self.register_buffer(f"context_{name}", getattr(contexts, name))
         self.forget()
 
-    def forget(self) -> None:
-        """Back to the shipped counts: what was counted since is dropped."""
+    def forget(self) -> None:  # back to the shipped counts
         self.memory.reset(self.contexts)
 
     def _apply(self, fn, recurse: bool = True):
@@ -2002,7 +1829,6 @@ class MemoryLM(nn.Module):
 
     @property
     def recent_length(self) -> int:
-        """How many recent tokens head reads: the longest context (at least one)."""
         return max((*self.config.context_lengths, 1))
 
     @property
@@ -2017,9 +1843,8 @@ class MemoryLM(nn.Module):
 
     def head(self, features: torch.Tensor, recent: torch.Tensor,
              leave_out: LeaveOut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [N, D], recent tokens [N, recent_length] -> (scores [N, V], the model's own
-        log-probabilities [N, V]). The scores are the mixture's log-probabilities (normalized:
-        log_softmax leaves them unchanged). leave_out: read_contexts' (training only)."""
+        """features [N, D], recent tokens [N, recent_length] -> (the mixture's log-probabilities,
+        the model's own) [N, V]; leave_out: read_contexts' (training only)."""
         p_mem, evidence = read_contexts(recent, self.memory, self.config.context_lengths,
                                         leave_out)
         expected = rms_norm(p_mem @ self.encoder.embed.weight.float()).to(features.dtype)
@@ -2029,7 +1854,7 @@ class MemoryLM(nn.Module):
         return mix_with_memory(model_log_probs, p_mem, gate_logit), model_log_probs
 
     def forward(self, idx: torch.Tensor, leave_out: LeaveOut | None = None):
-        """idx [B, T] -> (scores, model log-probs) [B*T, V] as head's; leave_out as head's."""
+        """idx [B, T] -> head's outputs [B*T, V]."""
         features = self.features(idx).flatten(0, 1)
         return self.head(features, recent_tokens(idx, self.recent_length).flatten(0, 1),
                          leave_out)
@@ -2038,12 +1863,9 @@ class MemoryLM(nn.Module):
 def distillation_loss(log_probs: torch.Tensor, targets: torch.Tensor,
                       teacher_logits: torch.Tensor, kl_weight: float, temperature: float,
                       model_log_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of normalized log-probabilities [N, V] (the memory mixture) on the next
-    token + kl_weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015: T^2
-    keeps the soft term's gradients on the hard term's scale). The KL reads model_log_probs when
-    given (the model's part of a memory mixture), else log_probs. Inputs already normalized at
-    T = 1 are not normalized again: each pass over [N, V] costs the step time, forward and back.
-    """
+    """Cross-entropy of log-probabilities [N, V] (the mixture) + kl_weight * T^2 *
+    KL(teacher || student) at temperature T (Hinton et al. 2015), the student being
+    model_log_probs when given (the model's part of the mixture), else log_probs."""
     loss = F.nll_loss(log_probs, targets.reshape(-1))
     if kl_weight:
         student = log_probs if model_log_probs is None else model_log_probs
@@ -2068,11 +1890,9 @@ def init_student(args: Hyperparameters, teacher: GPT, contexts: ContextTables) -
 
 
 def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> float:
-    """Distil with the context pairs that ship: fit them to the size limit now, as packing
-    will, reserving the bytes the zero-initialised tensors will take once trained
-    (untrained_bytes). Rank 0 fits (every rank holds the same memory and weights) and every rank
-    keeps the pairs it kept. Returns the seconds one packing took, shared too, which sizes
-    packing's reserve."""
+    """Fit the context pairs to the size limit as packing will, reserving the bytes the
+    zero-initialised tensors will take once trained; rank 0 fits, every rank keeps its pairs.
+    Returns the seconds one packing took, which sizes packing's reserve."""
     started = time.perf_counter()
     reserve = untrained_bytes(student, args.quant_bits)
     fitted: list = [0, 0.0]  # pairs kept, seconds of a packing
@@ -2088,19 +1908,16 @@ def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> 
 
 
 class ReadText:
-    """Distillation counts the text it has trained on into the student's memory as it goes, as
-    the evaluation counts scored text: every rank the whole global batch (next_batch's), so every
-    rank's memory is the same. It starts afresh from the shipped counts before its history would
-    pass DISTILL_HISTORY_TOKENS, or hold the corpus's text a second time (a small corpus read
-    more than once: the batch to come would then be in it)."""
+    """Distillation counts the global batches it has trained on into the student's memory, as
+    the evaluation counts scored text; it starts afresh before its history would pass
+    DISTILL_HISTORY_TOKENS or hold the corpus's text twice (the batch to come would be in it)."""
 
     def __init__(self, student: MemoryLM, loader: DistributedTokenLoader, history_tokens: int):
         self.student, self.loader = student, loader
         self.limit = min(history_tokens, loader.stream.corpus_tokens // 2)
         self.first = loader.stream.taken  # the stream index the history starts at
 
-    def count(self) -> None:
-        """Count the global batch next_batch read last, with the history before it."""
+    def count(self) -> None:  # the global batch next_batch read last
         history, text, first = self.loader.last_read
         if first + text.size - self.first > self.limit:
             self.student.forget()
@@ -2125,9 +1942,8 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     left_out = torch.zeros(2, dtype=torch.long, device=runtime.device)  # targets: left out, all
 
     def lm_loss(model, x, y):
-        # The batch's own occurrences in the counts, left out where its text was counted (a
-        # small corpus read more than once; FineWeb's 8B tokens are not read twice in 600 s),
-        # always passed, so the compiled model meets one kind of batch.
+        # The batch's own occurrences in the counts (a small corpus read twice), always passed,
+        # so the compiled model meets one kind of batch.
         times = counted.times(loader.first_target_index + torch.arange(y.numel(),
                                                                         device=y.device))
         leave_out = (y.flatten(), times)
@@ -2140,8 +1956,7 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
         return distillation_loss(scores, y, teacher_logits, args.distill_kl_weight,
                                  args.distill_temperature, model_log_probs)
 
-    # Packing fits again to the trained weights, in at most two packings (PACK_MARGIN), each
-    # allowed twice the time of the fit's: TRAIN_RESERVE_FRAC's share, or that if it is more.
+    # Packing's reserve: at most two packings (PACK_MARGIN), each allowed twice the fit's time.
     stop_at = min(stage_end(run_started, args, args.teacher_time_frac + args.distill_time_frac),
                   run_started + args.max_wallclock_seconds - 4 * build_s)
     phase = Phase(DISTILL_PHASE, lm_loss, args.distill_batch_tokens, args.train_seq_len, stop_at,
@@ -2158,16 +1973,12 @@ def distill(runtime: Runtime, args: Hyperparameters, teacher: GPT,
     return student
 
 
-# The built-in baseline (MODEL=transformer): what a user would pick instead of the memory model,
-# the teacher trained for the whole budget. It ships with the memory model's scoring interface
-# (features -> query, head), so packing, the size rule, the sliding windows, test-time training
-# and the score-first kNN store (on the same projection of its features) treat both alike.
+# The built-in baseline (MODEL=transformer), the teacher trained for the whole budget, with the
+# memory model's interface (features -> query, head): packing and evaluation treat both alike.
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """What the baseline is; the artifact's header carries it whole, like a StudentConfig."""
-
     gpt: GPTConfig
     key_dim: int
     projection_seed: int
@@ -2201,8 +2012,6 @@ class TransformerLM(nn.Module):
 
     def head(self, features: torch.Tensor, recent: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """As MemoryLM.head: (scores, the model's own distribution), here both the GPT's logits
-        (normalized when scored)."""
         logits = self.gpt.logits(features)
         return logits, logits
 
@@ -2210,22 +2019,17 @@ class TransformerLM(nn.Module):
 # -------------------------------------------------------------------------------------------------
 # 7. Packing
 #
-# Matrices go per row to int8 (int6 values in int8 containers when QUANT_BITS=6, which zstd packs
-# tighter), token tables to int8, small tensors to fp16; the memory exactly, as integers (its
-# sorted codes as differences, sizes, token ids, counts) in byte planes of their narrowest
-# unsigned type. One JSON header holds the model's config whole and names every tensor; the
-# payload is zstd-compressed and the file carries a magic, a version and a sha256. If code +
-# artifact exceed the limit, the memory's least-counted pairs go until it fits (distillation
-# started with the pairs of the same fit, leaving room for its untrained tensors, so few more go
-# here). The baseline, with no memory to drop, packs at the most bits a matrix value that fit,
-# QUANT_BITS down to 5.
+# Matrices go per row to QUANT_BITS values in int8 containers, token tables to int8, small
+# tensors to fp16; the memory exactly, as integers in byte planes of their narrowest type. A JSON
+# header holds the config and names every tensor; the payload is zstd-compressed, and the file
+# carries a magic, a version and a sha256. Over the limit, the memory's least-counted pairs go
+# until it fits; the baseline, with no memory, packs at the most bits that fit, down to 5.
 # -------------------------------------------------------------------------------------------------
 
 ARTIFACT_MAGIC = b"EAMGOLF\x00"
 ARTIFACT_VERSION = 12  # raised whenever the format or a config changes
 ARTIFACT_PREFIX = struct.Struct("<8sI32s")
 MEMORY_BUFFERS = tuple(f"context_{name}" for name in CONTEXT_BUFFERS)  # packed exactly
-# The header's "kind" names the shipped model (MODEL) and so the config type read back.
 ARTIFACT_CONFIGS: dict[str, type] = {"eam": StudentConfig, "transformer": BaselineConfig}
 
 
@@ -2243,9 +2047,8 @@ def dequantize_rows(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def packed_bits(model: nn.Module, quant_bits: int) -> dict[str, int | None]:
-    """The bits each parameter packs to: 8 a token table's value, QUANT_BITS a matrix's, None
-    (fp16) for vectors and for matrices too small to gain: their row scales cost more than
-    quantizing saves."""
+    """Each parameter's bits: 8 for tables, QUANT_BITS for matrices, None (fp16) for vectors and
+    for tensors too small for row scales to pay."""
     group_bits = dict(table=8, matrix=quant_bits, vector=None)
     sizes = {name: parameter.numel() for name, parameter in model.named_parameters()}
     return {name: group_bits[group] if sizes[name] >= 4096 else None
@@ -2255,8 +2058,8 @@ def packed_bits(model: nn.Module, quant_bits: int) -> dict[str, int | None]:
 def pack_tensors(model: MemoryLM | TransformerLM, quant_bits: int,
                  contexts: ContextTables | None = None
                  ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
-    """(header entries, raw arrays) for everything the evaluation reads, nothing more
-    (contexts: the memory to ship, None for the baseline)."""
+    """(header entries, raw arrays) for everything the evaluation reads (contexts: the memory to
+    ship, None for the baseline)."""
     entries: dict[str, dict] = {}
     arrays: dict[str, np.ndarray] = {}
 
@@ -2289,9 +2092,8 @@ def pack_tensors(model: MemoryLM | TransformerLM, quant_bits: int,
 
 
 def integer_planes(values: np.ndarray) -> np.ndarray:
-    """Non-negative integers in the narrowest unsigned type that holds them, as that type's byte
-    planes [width, N]: every value's lowest byte, then every next one; the high planes of small
-    numbers are runs of zeros, which zstd packs in little time and space."""
+    """Non-negative integers in their narrowest unsigned type as its byte planes [width, N]:
+    the high planes of small numbers are runs of zeros, which zstd packs cheaply."""
     if values.size and values.min() < 0:
         raise ValueError(f"integer_planes: {int(values.min())} is negative")
     largest = int(values.max()) if values.size else 0
@@ -2301,7 +2103,6 @@ def integer_planes(values: np.ndarray) -> np.ndarray:
 
 
 def integers_from_planes(planes: np.ndarray) -> np.ndarray:
-    """The inverse of integer_planes: the values, flat, as int64."""
     width = planes.shape[0]
     return np.ascontiguousarray(planes.T).view(f"<u{width}").reshape(-1).astype(np.int64)
 
@@ -2352,9 +2153,7 @@ def deserialize(payload: bytes) -> tuple[str, dict, dict[str, dict], dict[str, n
 
 
 def compress(payload: bytes, level: int) -> bytes:
-    """zstd in jobs of 4 MB (8 MB windows, 1 MB overlaps) on compression_threads(): the fit packs
-    several candidates of up to 16 MB at level 22. The bytes depend on the level and the jobs,
-    not on the threads."""
+    """zstd in 4 MB jobs on several threads: the bytes depend on the level, not the threads."""
     import zstandard
 
     params = zstandard.ZstdCompressionParameters.from_level(
@@ -2363,15 +2162,13 @@ def compress(payload: bytes, level: int) -> bytes:
 
 
 def compression_threads() -> int:
-    """The host's usable CPUs, at most 8 (each thread holds ~130 MB of match tables at level
-    22): rank 0 alone packs, the other ranks wait for it."""
+    """The host's usable CPUs, at most 8 (~130 MB each at level 22): rank 0 packs alone."""
     return min(8, usable_cpus())
 
 
 def build_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters,
                    contexts: ContextTables | None = None) -> bytes:
-    """The artifact of `model` with the memory `contexts`, by default the model's own
-    (QUANT_BITS, ZSTD_LEVEL from args)."""
+    """The artifact of `model` with the memory `contexts`, by default the model's own."""
     if contexts is None and isinstance(model, MemoryLM):
         contexts = model.contexts
     entries, arrays = pack_tensors(model, args.quant_bits, contexts)
@@ -2383,8 +2180,8 @@ def build_artifact(model: MemoryLM | TransformerLM, args: Hyperparameters,
 
 def read_artifact(path: Path, sha256: str = "") -> tuple[StudentConfig | BaselineConfig,
                                                        dict[str, dict], dict[str, np.ndarray]]:
-    """(the model's config, tensor entries, arrays), every check failing with the file's name;
-    with sha256, the file must also be the very one packed (the hex digest pack recorded)."""
+    """(the model's config, tensor entries, arrays), every check naming the file; with sha256,
+    it must be the very file packed."""
     import zstandard
 
     raw = Path(path).read_bytes()
@@ -2414,7 +2211,7 @@ def code_size(args: Hyperparameters) -> int:
 
 
 def artifact_accounting(code_path: Path, artifact_path: Path, limit: int) -> dict[str, int]:
-    """The one size rule: real bytes of the code file plus real bytes of the artifact."""
+    """The size rule: the real bytes of the code file plus those of the artifact."""
     code_bytes = Path(code_path).stat().st_size
     model_bytes = Path(artifact_path).stat().st_size
     total = code_bytes + model_bytes
@@ -2434,10 +2231,8 @@ def component_sizes(arrays: dict[str, np.ndarray], level: int) -> dict[str, tupl
 
 
 def write_atomically(path: Path, data: bytes, replace: bool = True) -> None:
-    """A reader sees the old file or the whole new one, even after a crash: the bytes reach the
-    disk (fsync) before the rename, and the rename before we return. The temporary name is
-    unique, so two writers never share one. replace=False never replaces a file that appeared
-    meanwhile (another run's artifact): FileExistsError."""
+    """A reader sees the old file or the whole new one, even after a crash (fsync, then rename);
+    replace=False never replaces a file that appeared meanwhile: FileExistsError."""
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
@@ -2468,17 +2263,14 @@ def write_atomically(path: Path, data: bytes, replace: bool = True) -> None:
 
 
 def fewest_bits(args: Hyperparameters) -> int:
-    """The fewest bits a matrix value of MODEL can pack to: QUANT_BITS for the memory model,
-    which drops memory to fit (fit_artifact), LOWEST_QUANT_BITS for the baseline (fit_baseline)."""
+    """The fewest bits a matrix value of MODEL can pack to (the memory model drops pairs)."""
     return LOWEST_QUANT_BITS if args.model == "transformer" else args.quant_bits
 
 
 def fit_baseline(model: TransformerLM, args: Hyperparameters, code_bytes: int
                  ) -> tuple[bytes, int]:
-    """The baseline has no memory to drop: it packs at QUANT_BITS or, where code + artifact
-    would exceed SIZE_LIMIT, at the most bits a matrix value below that fit, so that a run over
-    the limit is not lost after its training. Returns (artifact bytes, the bits its matrices
-    packed to)."""
+    """The baseline has no memory to drop: (its artifact, bits) at the most bits from
+    QUANT_BITS down that fit, so that a run over the limit is not lost after training."""
     for bits in range(args.quant_bits, LOWEST_QUANT_BITS - 1, -1):
         artifact = build_artifact(model, dataclasses.replace(args, quant_bits=bits))
         if code_bytes + len(artifact) <= args.size_limit:
@@ -2491,13 +2283,10 @@ def fit_baseline(model: TransformerLM, args: Hyperparameters, code_bytes: int
 
 def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int, margin: float = 1.02
                  ) -> tuple[bytes, ContextTables, float]:
-    """Pack; while code + artifact > SIZE_LIMIT, keep fewer of the memory's pairs, the most
-    counted, and pack again. Each step estimates a pair's bytes from the packings before and
-    cuts `margin` times the excess, so a few packings land close under the limit (a larger
-    margin lands further under, in fewer packings). Returns (artifact bytes, the memory it
-    holds, the seconds its last packing took)."""
-    # Pairs that could not fit even at 1.5 bytes each (they pack to 1.6-1.9 on web text) go
-    # before any packing.
+    """Pack; while over SIZE_LIMIT, keep fewer pairs (the most counted), cutting `margin` times
+    the excess at a pair's bytes estimated from the packings before. Returns (the artifact, the
+    memory it holds, the seconds of its last packing)."""
+    # Pairs that could not fit even at 1.5 bytes each go before any packing.
     contexts = model.contexts.most_counted(max(args.size_limit - code_bytes, 0) * 2 // 3)
     started = time.perf_counter()
     artifact = build_artifact(model, args, contexts)
@@ -2510,10 +2299,8 @@ def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int, margin
                 raise ValueError(f"SIZE_LIMIT={args.size_limit}: even an empty memory does not "
                                  f"fit ({code_bytes + empty} bytes with the code)")
             before = (0, empty)
-        # A pair's bytes between the last two packings (the least counted pack smaller than the
-        # average: cutting by the average lands over), or on average where compression's noise
-        # made the sizes rise as pairs went (small artifacts), and at most twice the average
-        # (near the limit few pairs change, and noise could make each step cut only a few).
+        # A pair's bytes between the last two packings (the least counted pack below average),
+        # the average where noise made sizes rise, and at most twice the average.
         average = (len(artifact) - empty) / pairs
         marginal = (len(artifact) - before[1]) / (pairs - before[0])
         per_pair = max(0.5, min(marginal, 2 * average) if marginal > 0 else average)
@@ -2527,15 +2314,12 @@ def fit_artifact(model: MemoryLM, args: Hyperparameters, code_bytes: int, margin
     return artifact, contexts, build_s
 
 
-# The least share of their width_bytes trained weights pack to, below the ~78% of the challenge's
-# 11x512 int6 records: the check before training refuses only what cannot fit.
-SMALLEST_PACKED_SHARE = 0.7
+SMALLEST_PACKED_SHARE = 0.7  # below what trained weights pack to: refuse only what cannot fit
 
 
 def width_bytes(model: nn.Module, quant_bits: int, names: set[str] | None = None) -> int:
-    """The bytes the model's weights (or those named) take at the widths they pack to, before
-    compression (packed_bits; int8_rows add a 2-byte scale a row; the buffers that ship besides
-    the memory, fp16). Shapes are all it reads, so it works on the meta device."""
+    """The bytes the weights (or those named) take at their packed widths before compression,
+    with row scales and fp16 buffers; it reads shapes alone (the meta device will do)."""
     tensors = dict(model.named_parameters()) | {
         name: buffer for name, buffer in model.state_dict(keep_vars=True).items()
         if name not in MEMORY_BUFFERS}
@@ -2550,22 +2334,17 @@ def width_bytes(model: nn.Module, quant_bits: int, names: set[str] | None = None
 
 
 def untrained_bytes(model: MemoryLM, quant_bits: int) -> int:
-    """About the bytes the model's all-zero parameters (the decoder's projection, the gate)
-    will take once trained, which now pack to almost nothing: their width_bytes."""
+    """About the bytes the all-zero parameters will take once trained: their width_bytes."""
     zero = {name for name, parameter in model.named_parameters() if not parameter.any()}
     return width_bytes(model, quant_bits, zero)
 
 
-# Packing cuts pairs by twice its excess where a pair's bytes are misjudged, so that the pairs
-# the fit before distillation kept, one packing, or a second with fewer, fit.
-PACK_MARGIN = 2.0
+PACK_MARGIN = 2.0  # packing cuts twice its excess: the second packing fits
 
 
 def log_fit(runtime: Runtime, at: str, model: MemoryLM, contexts: ContextTables,
             started: float, build_s: float, reserve: int = 0) -> None:
-    """The FIT_RECORD line of a fit begun at `started`, at:distill (before distillation,
-    reserving `reserve` bytes) or at:pack: how many of the model's pairs it kept, and the
-    seconds of its last packing."""
+    """The FIT_RECORD line: at:distill or at:pack, the pairs kept and the last packing's time."""
     pairs = contexts.counts.numel()
     runtime.log(f"{FIT_RECORD} at:{at} context_pairs:{pairs} "
                 f"dropped_context_pairs:{model.context_counts.numel() - pairs} "
@@ -2574,8 +2353,8 @@ def log_fit(runtime: Runtime, at: str, model: MemoryLM, contexts: ContextTables,
 
 
 def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM) -> str:
-    """Write the artifact (rank 0) and return the sha256 of its file on every rank, which the
-    evaluation checks, so it cannot score a file another run wrote to the same path."""
+    """Write the artifact (rank 0); every rank gets its file's sha256, which the evaluation
+    checks, so it cannot score a file another run wrote to the same path."""
     started = time.perf_counter()
     path = Path(args.artifact_path)
     code_bytes = code_size(args)
@@ -2604,9 +2383,7 @@ def pack(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerL
 
 
 def log_artifact_components(runtime: Runtime, args: Hyperparameters) -> None:
-    """The bytes of each component group, compressed alone: a report on the artifact, made after
-    the training clock stops, since it compresses everything a second time and shapes nothing
-    (on one H100 it took 10 of the pack stage's 21 s)."""
+    """Each component group's bytes compressed alone: a report, after the training clock."""
     if runtime.master:
         _, _, arrays = read_artifact(Path(args.artifact_path))
         for group, (raw, packed) in component_sizes(arrays, args.zstd_level).items():
@@ -2614,11 +2391,7 @@ def log_artifact_components(runtime: Runtime, args: Hyperparameters) -> None:
 
 
 def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryLM | TransformerLM:
-    """Rebuild the shipped model (encoder + memory + decoder, or the baseline) from the artifact
-    bytes alone: its header's kind and config and its tensors, nothing from the environment.
-
-    sha256: the digest the file must have (see read_artifact).
-    """
+    """The shipped model from the artifact bytes alone, nothing from the environment."""
     config, entries, arrays = read_artifact(path, sha256)
     tensors = unpack_tensors(entries, arrays)
     if isinstance(config, BaselineConfig):
@@ -2639,30 +2412,18 @@ def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryL
 # -------------------------------------------------------------------------------------------------
 # 8. Evaluation
 #
-# Sliding windows: the first window scores all its targets, every later window only the targets
-# past the previous window's end, so each validation target is scored exactly once with at least
-# EVAL_SEQ_LEN - EVAL_STRIDE tokens of context. Windows are processed in fixed chunks in global
-# order; ranks share a chunk's windows, and the kNN store (key, target) grows only after the
-# chunk is scored, identically on every rank, so the result does not depend on the world size.
-# The kNN mixture p = (1 - lambda) p_model + lambda p_knn (kNN-LM, Khandelwal et al. 2020, fed
-# only with tokens already scored) is normalized over the vocabulary and lambda depends on the
-# neighbours' similarities alone, never on the target. Test-time training (TTT_STEPS > 0) is the
-# other score-first learner: once a chunk is scored the model takes a few optimizer steps on it,
-# so later chunks are scored by a model that has read the earlier ones, and never the reverse.
-# Dimensions and vocabulary come from the model that was loaded; the tokenizer must agree.
+# Sliding windows score each target exactly once with at least EVAL_SEQ_LEN - EVAL_STRIDE tokens
+# of context, in fixed chunks in global order shared by the ranks. Once a chunk is scored, and
+# not before, the learners take it in, identically on every rank: test-time training, the
+# memory's counts and the kNN store, mixed as p = (1 - lambda) p_model + lambda p_knn (kNN-LM,
+# Khandelwal et al. 2020) with lambda from the neighbours' similarities alone.
 # -------------------------------------------------------------------------------------------------
 
 
 def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
-    """[W, 3] rows (start, score_from, score_to) over target indices 0..num_tokens-2.
-
-    Target j is token j + 1 predicted from tokens <= j. Window w feeds tokens
-    [start, start + seq_len) and scores targets [score_from, score_to): the first window its
-    first seq_len targets, each later one the stride after. A target's window depends on its
-    index alone, never on the split's length: the last window may reach past the split (those
-    positions are never scored), so a prefix of the split is scored exactly as the split's
-    first targets are.
-    """
+    """[W, 3] rows (start, score_from, score_to) over targets 0..num_tokens-2 (target j is token
+    j + 1): the first window scores its seq_len targets, each later one the stride after. A
+    target's window depends on its index alone, so a prefix of the split scores as the split."""
     targets = num_tokens - 1
     ends = torch.arange(seq_len, max(targets, seq_len) + stride, stride)
     ends = ends[: int((ends < targets).sum()) + 1]  # up to the first that reaches the last
@@ -2672,11 +2433,8 @@ def sliding_windows(num_tokens: int, seq_len: int, stride: int) -> torch.Tensor:
 
 def knn_mix(model_log_probs: torch.Tensor, neighbour_sims: torch.Tensor,
             neighbour_targets: torch.Tensor, beta: float, lam: torch.Tensor) -> torch.Tensor:
-    """log of (1 - lam) p_model + lam p_knn, a full distribution over the vocabulary.
-
-    model_log_probs [N, V]; neighbour_sims [N, k] (-inf marks a missing neighbour);
-    neighbour_targets [N, k]; lam [N] in [0, 1). The target is not an argument: it cannot be.
-    """
+    """log((1 - lam) p_model + lam p_knn) [N, V]; sims [N, k] (-inf: no neighbour), lam [N] in
+    [0, 1). The target is not an argument: it cannot be."""
     weights = torch.softmax(beta * neighbour_sims, dim=1).nan_to_num(0.0)
     p_knn = torch.zeros_like(model_log_probs).scatter_add_(1, neighbour_targets, weights)
     lam = lam[:, None]
@@ -2684,16 +2442,14 @@ def knn_mix(model_log_probs: torch.Tensor, neighbour_sims: torch.Tensor,
 
 
 def knn_lambda(neighbour_sims: torch.Tensor, base_lambda: float) -> torch.Tensor:
-    """Mixture weight from the prefix only: base lambda scaled by the best neighbour's
-    similarity (a close neighbour is trusted more), zero when there is no neighbour."""
+    """The mixture weight from the prefix only: base lambda x the best neighbour's similarity."""
     best = neighbour_sims[:, 0].nan_to_num(neginf=0.0).clamp(0, 1)
     return base_lambda * best
 
 
 class KnnStore:
-    """Exact nearest neighbours among (key, target) entries of already scored tokens: a ring
-    buffer of KNN_CAPACITY entries, allocated as it fills (its size never depends on how long
-    the split is), whose oldest entries are overwritten once it is full."""
+    """Exact nearest neighbours among (key, target) entries of scored tokens: a ring buffer of
+    KNN_CAPACITY entries, allocated as it fills."""
 
     def __init__(self, capacity: int, dim: int, device: torch.device):
         self.capacity = capacity
@@ -2704,7 +2460,6 @@ class KnnStore:
         self.next_slot = 0
 
     def add(self, keys: torch.Tensor, targets: torch.Tensor) -> None:
-        """Append in order; when full, the oldest entries are overwritten."""
         allocated = self.keys.size(0)
         if self.size + keys.size(0) > allocated and allocated < self.capacity:
             grown = min(self.capacity, max(2 * allocated, self.size + keys.size(0)))
@@ -2724,8 +2479,7 @@ class KnnStore:
         best_index = torch.zeros(queries.size(0), k, dtype=torch.long, device=queries.device)
         for begin in range(0, self.size, chunk):
             end = min(begin + chunk, self.size)
-            # Top-k in the store's dtype: on GPU, reading [N, chunk] fp16 similarities is the
-            # evaluation's largest memory traffic; only the k winners become fp32.
+            # Top-k in the store's dtype (fp16 on GPU); only the k winners become fp32.
             sims = queries.to(self.keys.dtype) @ self.keys[begin:end].T
             top_sims, top_index = sims.topk(min(k, sims.size(1)), dim=1)
             merged_sims = torch.cat([best_sims, top_sims.float()], dim=1)
@@ -2739,10 +2493,8 @@ class KnnStore:
 
 def count_scored_text(model: MemoryLM, tokens: torch.Tensor, score_from: int,
                       score_to: int) -> None:
-    """Score-first memory writes (EVAL_MEMORY_WRITES): targets tokens[score_from + 1: score_to +
-    1], all scored, counted with their contexts (read from the tokens before them) at every
-    length the model reads. Every rank counts the same tokens, so the memories stay identical
-    without any communication."""
+    """Score-first memory writes: count targets [score_from, score_to), all scored, with their
+    contexts at every length the model reads (every rank alike, with no communication)."""
     length = model.recent_length
     begin = max(score_from - length + 1, 0)
     text = tokens[begin: score_to + 1].to(model.context_codes.device)
@@ -2753,9 +2505,8 @@ def count_scored_text(model: MemoryLM, tokens: torch.Tensor, score_from: int,
 
 @dataclass
 class ScoreTotals:
-    """This rank's scored targets: their loss, bytes and count summed on the device (read once,
-    when reduced), and where asked, every scored distribution [N, V] with its target's index
-    [N], in the order scored."""
+    """This rank's scored targets: loss, bytes and count summed on the device, and where asked
+    every scored distribution [N, V] with its target's index [N]."""
 
     sums: torch.Tensor | None = None  # float64 [nll, bytes, count]
     rows: list[torch.Tensor] | None = None
@@ -2781,13 +2532,7 @@ class ScoreTotals:
 def window_batch(tokens: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor,
                  last_position: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows (start, score_from, score_to) [B, 3] -> (inputs [B, L], mask of the targets to
-    score [B, L], those targets' indices [N]: target j is token j + 1, read after tokens
-    0..j).
-
-    Positions past last_position repeat it (the padded tail of a split shorter than a window,
-    or of a chunk's first training row): the mask, taken before that clamp, scores none of
-    them (C4), and no input ever reaches past last_position + 1.
-    """
+    score [B, L], their indices [N]). Positions past last_position repeat it, unscored (C4)."""
     unclamped = rows[:, :1] + offsets  # [B, L]
     mask = (unclamped >= rows[:, 1:2]) & (unclamped < rows[:, 2:3])
     return tokens[unclamped.clamp(max=last_position)], mask, unclamped[mask]
@@ -2795,17 +2540,15 @@ def window_batch(tokens: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor
 
 def model_scores(model: MemoryLM | TransformerLM, inputs: torch.Tensor, mask: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The shipped model on windows inputs [B, L]: (scores [N, V], unit queries [N, K]) for the
-    masked positions in row-major order; what is scored and what test-time training trains."""
+    """The shipped model on windows [B, L]: (scores [N, V], unit queries [N, K]) at the mask."""
     features = model.features(inputs)[mask]
     scores, _ = model.head(features, recent_tokens(inputs, model.recent_length)[mask])
     return scores, model.query(features)
 
 
 def chunk_rows(score_from: int, score_to: int, seq_len: int) -> torch.Tensor:
-    """[R, 3] rows (start, from, to) that cover targets [score_from, score_to) once, seq_len
-    targets a row, each row's window ending at its last target: a scored chunk as training
-    sequences, reading no token past score_to (target score_to - 1)."""
+    """[R, 3] rows covering targets [score_from, score_to) once, seq_len a row, each window
+    ending at its last target: a scored chunk as training rows, reading nothing past it."""
     ends = torch.arange(score_from + seq_len, score_to + seq_len, seq_len).clamp(max=score_to)
     starts = (ends - seq_len).clamp(min=0)
     froms = torch.cat([torch.tensor([score_from]), ends[:-1]])
@@ -2813,8 +2556,7 @@ def chunk_rows(score_from: int, score_to: int, seq_len: int) -> torch.Tensor:
 
 
 def adapted_parameters(model: nn.Module, spec: str) -> dict[str, nn.Parameter]:
-    """The parameters TTT_PARAMS names: comma-separated name prefixes ("decoder", "gate",
-    "encoder.blocks.4", ...), each matching whole name parts, or "all"."""
+    """The parameters TTT_PARAMS names: "all", or comma-separated prefixes of whole name parts."""
     named = dict(model.named_parameters())
     if spec == "all":
         return named
@@ -2833,8 +2575,7 @@ def adapted_parameters(model: nn.Module, spec: str) -> dict[str, nn.Parameter]:
 
 
 def model_skeleton(args: Hyperparameters) -> MemoryLM | TransformerLM:
-    """The model these settings will ship, without weights or memory (on the meta device):
-    what checks before training may ask of it."""
+    """The model these settings will ship, on the meta device: what checks may ask of it."""
     with torch.device("meta"):
         if args.model == "transformer":
             gpt = settings_view(GPTConfig, args)
@@ -2843,17 +2584,9 @@ def model_skeleton(args: Hyperparameters) -> MemoryLM | TransformerLM:
 
 
 class TestTimeTraining:
-    """Score-first test-time training (the seed record's Muon-TTT, done legally): once a chunk
-    has been scored, TTT_STEPS optimizer steps on its targets, each over the whole chunk, before
-    the next chunk is scored. The optimizers are the training's (Muon for matrices, Adam for
-    the rest; Jordan et al. 2024) at TTT_LR_SCALE times its rates, on TTT_PARAMS only.
-
-    World-size invariant by construction: the chunk is cut into fixed micro-batches of
-    TTT_BATCH_ROWS rows, rank r computes the gradients of micro-batches r, r + world, ...,
-    one all_reduce of the [micro-batches, parameters] table adds nothing but zeros to each
-    entry, and the rows are summed in one order, so every rank and every world size takes the
-    identical step.
-    """
+    """Score-first test-time training: once a chunk is scored, TTT_STEPS steps of the training's
+    optimizers on it, at TTT_LR_SCALE x their rates. World-size invariant: rank r fills rows r,
+    r + world, ... of a [micro-batches, parameters] gradient table, summed in one order."""
 
     def __init__(self, runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM):
         self.runtime, self.args, self.model = runtime, args, model
@@ -2865,7 +2598,6 @@ class TestTimeTraining:
         self.steps, self.time_ms = 0, 0.0
 
     def learn(self, tokens: torch.Tensor, score_from: int, score_to: int) -> None:
-        """Train on targets [score_from, score_to), all of them already scored."""
         started, device = time.perf_counter(), self.runtime.device
         micro_batches = chunk_rows(score_from, score_to, self.args.eval_seq_len).split(
             self.args.ttt_batch_rows)
@@ -2898,17 +2630,12 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
              tables: ByteTables, knn_key_dim: int | None = None, keep_rows: bool = False,
              ttt: TestTimeTraining | None = None, writes: MemoryLM | None = None
              ) -> dict[str, ScoreTotals]:
-    """Score every validation target once, in chunks of windows in global order; with a kNN key
-    dim also the kNN mixture, in the same pass.
-
-    score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], knn keys [N, knn_key_dim] or
-    None) for the masked positions in row-major order. Returns this rank's totals ('model', and
-    'knn' with a store); .reduced(runtime) sums them over ranks. keep_rows keeps every scored
-    distribution, in target order on one rank (what the causality tests compare). Once a chunk
-    is scored, and not before, the learners take it in: test-time training (ttt), the memory's
-    counts (writes: the model whose memory counts the text) and the kNN store. Should the
-    evaluation's projected time pass MAX_WALLCLOCK_SECONDS, they stop learning for the rest of
-    the split, on every rank at the same chunk (every target is still scored once).
+    """Score every target once, in chunks of windows in global order; with a kNN key dim also
+    the kNN mixture. score_batch(inputs [B, L], mask [B, L]) -> (log_probs [N, V], keys or None)
+    at the mask. Returns this rank's totals ('model', 'knn'); keep_rows keeps every scored row
+    (the causality tests compare them). After each chunk the learners take it in (ttt, writes:
+    the model whose memory counts it, the store), until the projected time would pass
+    MAX_WALLCLOCK_SECONDS; then they stop, on every rank at the same chunk.
     """
     started = time.perf_counter()
     windows = sliding_windows(tokens.numel(), args.eval_seq_len, args.eval_stride)
@@ -2945,9 +2672,8 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
                 new_targets.append(targets)
         if not learning or index == len(chunks) - 1:
             continue
-        # Score first, then learn: the chunk's targets reach the model, the memory and the store
-        # only now, in order, identically on every rank. TTT goes first, so that it never trains
-        # the gate on counts that already hold the targets it trains on.
+        # Score first, then learn; TTT before the writes, so it never trains the gate on counts
+        # that already hold its targets.
         score_from, score_to = int(chunk[0, 1]), int(chunk[-1, 2])
         if ttt is not None:
             ttt.learn(tokens, score_from, score_to)
@@ -2958,8 +2684,7 @@ def evaluate(runtime: Runtime, args: Hyperparameters, score_batch, tokens: torch
             none = torch.zeros(0, knn_key_dim, device=runtime.device)  # a rank with no window
             store.add(all_gather_rows(torch.cat([none, *new_keys]), counts),
                       all_gather_rows(torch.cat([none[:, 0].long(), *new_targets]), counts))
-        # The deadline: the chunks left, each taken to cost as much as this one (learning
-        # grows its tables), a quarter more for safety; the slowest rank's view decides.
+        # The chunks left, each as costly as this one and a quarter more; the slowest rank's.
         elapsed = time.perf_counter() - started
         projected = elapsed + 1.25 * (len(chunks) - index - 1) * (time.perf_counter()
                                                                  - chunk_started)
@@ -2992,11 +2717,8 @@ def teacher_scorer(teacher: GPT):
 def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: torch.Tensor,
                    tables: ByteTables | None = None, sha256: str = "", keep_rows: bool = False
                    ) -> tuple[str, dict[str, ScoreTotals]]:
-    """Every evaluation path from the artifact file on: load it with the evaluation-time
-    settings, score the tokens. The causality tests run through here, so a new evaluation
-    path added here is tested with the rest. tables: the byte tables, by default the
-    tokenizer's, checked against the artifact's vocabulary. Returns (the shipped model's kind,
-    the totals)."""
+    """Every evaluation path from the artifact file on (the causality tests run through here):
+    (the shipped model's kind, the totals)."""
     model = load_artifact(path, runtime.device, sha256)
     if tables is None:
         tables = build_byte_tables(args.tokenizer_path, model.vocab_size, str(path))
@@ -3006,15 +2728,13 @@ def score_artifact(runtime: Runtime, args: Hyperparameters, path: Path, tokens: 
 
 
 def memory_writes_on(args: Hyperparameters, kind: str) -> bool:
-    """EVAL_MEMORY_WRITES applies to the memory model; the baseline has no memory to write."""
     return args.eval_memory_writes and kind == "eam"
 
 
 def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | TransformerLM,
                 tokens: torch.Tensor, tables: ByteTables, keep_rows: bool = False
                 ) -> dict[str, ScoreTotals]:
-    """score_artifact's scoring, of a model in hand. TTT and memory writes change it, so every
-    caller passes a fresh one (the artifact's, or a copy): nothing learned persists."""
+    """score_artifact's scoring of a fresh model (TTT and memory writes change it)."""
     ttt = TestTimeTraining(runtime, args, model) if args.ttt_steps else None
     writes = model if memory_writes_on(args, model.kind) else None
     totals = evaluate(runtime, args, student_scorer(model), tokens, tables,
@@ -3032,21 +2752,16 @@ def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | Trans
 
 def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
                       teacher: GPT | None, shipped: MemoryLM | TransformerLM | None) -> None:
-    """The submission's score; its clock covers everything from reading the validation split.
-    With TEACHER_REFERENCE the references follow, each timed on its own line, as diagnostics:
-    the teacher alone (memory model only: the baseline is its teacher), and the shipped model
-    before packing with the same evaluation-time options but the kNN store (a copy: TTT and
-    memory writes change what they score)."""
+    """The submission's score, timed from reading the split; with TEACHER_REFERENCE, then the
+    teacher's and the shipped model's before packing (no kNN store), as diagnostics."""
     started = time.perf_counter()
     tokens = load_validation_tokens(args)
     kind, results = score_artifact(runtime, args, Path(args.artifact_path), tokens, sha256=sha256)
     use_knn = "knn" in results
     time_ms = elapsed_ms(started)
-    # The artifact says what it is: the baseline's lines mirror the memory model's.
     model_record, score_record = SCORE_RECORDS[kind]
     loss, bpb, count = results["model"].reduced(runtime)
     runtime.log(f"{model_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} tokens:{count}")
-    # With KNN_LAMBDA=0 the final score is the model's alone: the line is always there.
     loss, bpb, count = results["knn" if use_knn else "model"].reduced(runtime)
     runtime.log(f"{score_record} val_loss:{loss:.8f} val_bpb:{bpb:.8f} eval_time_ms:{time_ms:.0f}")
     log_stage(runtime, "eval", time_ms,
@@ -3100,11 +2815,8 @@ def main() -> None:
     if runtime.distributed:
         dist.barrier()
         dist.destroy_process_group()
-        # A complete gloo run was seen to abort at interpreter finalization now and then
-        # ("terminate called without an active exception", SIGABRT after its last line, so
-        # torchrun reported a failure): gloo's worker threads can outlive the process group
-        # (pytorch/pytorch PR 179291). Everything is written by now, so leave without
-        # finalizing; a failure never gets here and keeps its traceback and exit status.
+        # gloo's threads can outlive the group and abort finalization (pytorch/pytorch PR
+        # 179291): all is written, so leave without it (a failure never gets here).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

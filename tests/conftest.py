@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-import train_gpt
 from tests.helpers import PIPELINE_RUN_ID, REPO, TINY_RUN, run_script
-from tools import make_demo_data
+from tools import _runs, make_demo_data
 
 
 @pytest.fixture(scope="session")
@@ -42,5 +41,5 @@ def pipeline_runs(demo_data, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     ]:
         env = {**base, "RUN_ID": name, "ARTIFACT_PATH": f"{name}.eam", **extra}
         run_script(env, workdir, nproc=nproc)
-        logs[name] = train_gpt.parse_log((workdir / "logs" / f"{name}.txt").read_text())
+        logs[name] = _runs.parse_log((workdir / "logs" / f"{name}.txt").read_text())
     return workdir, logs

@@ -12,7 +12,7 @@ import torch
 
 import train_gpt
 from tests.helpers import CPU, tiny_args, tiny_student, write_artifact
-from train_gpt import write_shard
+from tools.make_demo_data import write_shard
 
 
 def write_bad_shard(path, tokens, word: int, value: int) -> None:

@@ -5,17 +5,18 @@ import pytest
 import torch
 
 import train_gpt
+from tools import make_demo_data
 
 
 def test_shards_have_the_challenge_layout_and_read_back(tmp_path):
-    train_gpt.write_shard(tmp_path / "ok.bin", [1, 5, 65535])
+    make_demo_data.write_shard(tmp_path / "ok.bin", [1, 5, 65535])
     raw = (tmp_path / "ok.bin").read_bytes()
     # The challenge's format, spelled out: 256 int32 words (magic, version, count), then uint16.
     assert raw == struct.pack("<3i", 20240520, 1, 3) + bytes(253 * 4) + struct.pack("<3H", 1, 5,
                                                                                    65535)
     assert train_gpt.read_shard(tmp_path / "ok.bin").tolist() == [1, 5, 65535]
     with pytest.raises(ValueError, match="uint16"):
-        train_gpt.write_shard(tmp_path / "big.bin", [1, 65536])
+        make_demo_data.write_shard(tmp_path / "big.bin", [1, 65536])
 
 
 @pytest.mark.parametrize("word, value, message", [
@@ -24,7 +25,7 @@ def test_shards_have_the_challenge_layout_and_read_back(tmp_path):
     (2, 10, "declares 10 tokens"),
 ])
 def test_shard_reader_rejects_bad_files(tmp_path, word, value, message):
-    train_gpt.write_shard(tmp_path / "bad.bin", [1, 2, 3])
+    make_demo_data.write_shard(tmp_path / "bad.bin", [1, 2, 3])
     raw = bytearray((tmp_path / "bad.bin").read_bytes())
     raw[4 * word: 4 * word + 4] = struct.pack("<i", value)
     (tmp_path / "bad.bin").write_bytes(bytes(raw))
@@ -74,7 +75,7 @@ def test_byte_tables_count_exactly_the_decoded_utf8_bytes(demo_data):
 
 
 def test_loader_gives_each_rank_a_disjoint_part(tmp_path):
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(1000)))
+    make_demo_data.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(1000)))
     paths = train_gpt.shard_paths(str(tmp_path), "train")
     seen = []
     for rank in range(2):
@@ -88,8 +89,8 @@ def test_loader_gives_each_rank_a_disjoint_part(tmp_path):
 
 def test_batches_know_the_stream_index_of_their_targets(tmp_path):
     """next_batch's first target, over ranks and past the corpus's end (the stream wraps)."""
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(100)))
-    train_gpt.write_shard(tmp_path / "fineweb_train_000001.bin", list(range(100, 150)))
+    make_demo_data.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(100)))
+    make_demo_data.write_shard(tmp_path / "fineweb_train_000001.bin", list(range(100, 150)))
     paths = train_gpt.shard_paths(str(tmp_path), "train")
     for rank in range(2):
         loader = train_gpt.DistributedTokenLoader(
@@ -103,7 +104,7 @@ def test_batches_know_the_stream_index_of_their_targets(tmp_path):
 
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_running_text_gives_every_token_once_with_its_history(tmp_path, world_size):
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(70)))
+    make_demo_data.write_shard(tmp_path / "fineweb_train_000000.bin", list(range(70)))
     paths = train_gpt.shard_paths(str(tmp_path), "train")
     loaders = [train_gpt.DistributedTokenLoader(
         paths, train_gpt.Runtime(rank, world_size, 0, torch.device("cpu"), None))

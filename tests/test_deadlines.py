@@ -9,6 +9,7 @@ import torch
 
 import train_gpt
 from tests.helpers import CPU, TINY_RUN, tiny_args, tiny_student
+from tools import _runs
 
 
 class Failing(torch.nn.Module):
@@ -57,13 +58,13 @@ def train_a_few_steps(runtime, steps: int = 3, stop_in: float = math.inf, seed: 
 def test_a_graph_that_fails_to_build_trains_the_phase_eager(monkeypatch, capsys):
     monkeypatch.setattr(train_gpt, "maybe_compile", lambda module, args, runtime: Failing(module))
     model, stats = train_a_few_steps(CPU)
-    record = train_gpt.parse_log(capsys.readouterr().out)[train_gpt.COMPILE_RECORD]
+    record = _runs.parse_log(capsys.readouterr().out)[train_gpt.COMPILE_RECORD]
     assert record == {"phase": "teacher", "mode": "eager", "reason": "RuntimeError"}
     assert stats["steps"] == 3 and math.isfinite(stats["loss"])
     # A graph that builds is used, and its probe's gradients are dropped: the same training.
     monkeypatch.setattr(train_gpt, "maybe_compile", lambda module, args, runtime: Compiled(module))
     again, _ = train_a_few_steps(CPU)
-    assert train_gpt.parse_log(capsys.readouterr().out)[train_gpt.COMPILE_RECORD]["mode"] == (
+    assert _runs.parse_log(capsys.readouterr().out)[train_gpt.COMPILE_RECORD]["mode"] == (
         "compiled")
     for mine, theirs in zip(model.parameters(), again.parameters(), strict=True):
         torch.testing.assert_close(mine, theirs)
@@ -159,7 +160,7 @@ def test_a_packing_slower_than_its_estimate_still_ends_training_inside_the_limit
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     train_gpt.main()
-    records = train_gpt.parse_log((tmp_path / "logs" / "slow_pack.txt").read_text())
+    records = _runs.parse_log((tmp_path / "logs" / "slow_pack.txt").read_text())
     train_time = records[train_gpt.TRAIN_TIME_RECORD]
     assert train_time["within_limit"] == "1", train_time
     assert int(records[train_gpt.stage_record("pack")]["time_ms"]) > 0

@@ -7,6 +7,7 @@ import torch
 
 import train_gpt
 from tests.helpers import CPU, tiny_args, tiny_student, unit_byte_tables, write_artifact
+from tools import _runs
 
 
 @pytest.mark.parametrize("num_tokens, seq_len, stride", [
@@ -130,7 +131,7 @@ def test_an_evaluation_past_its_time_stops_learning_and_still_scores_every_targe
     full, _ = run_eval(tokens, **settings)
     capsys.readouterr()
     shed, totals = run_eval(tokens, **settings, max_wallclock_seconds=1e-6)
-    record = train_gpt.parse_log(capsys.readouterr().out)[train_gpt.SHED_RECORD]
+    record = _runs.parse_log(capsys.readouterr().out)[train_gpt.SHED_RECORD]
     assert record["after_chunk"] == "1" and int(record["chunks"]) > 3
     assert all(total.reduced(CPU)[2] == 199 for total in totals.values())
     second_end = int(train_gpt.sliding_windows(200, 32, 8).split(4)[1][-1, 2])
@@ -234,7 +235,7 @@ def test_evaluation_takes_the_dimensions_from_the_artifact(tmp_path, demo_data, 
     other = dataclasses.replace(settings, knn_key_dim=32, vocab_size=64, artifact_path=str(path),
                                 knn_lambda=0.5)
     train_gpt.evaluate_artifact(CPU, other, sha256="", teacher=None, shipped=None)
-    records = train_gpt.parse_log(capsys.readouterr().out)
+    records = _runs.parse_log(capsys.readouterr().out)
     assert float(records[train_gpt.SCORE_RECORD]["val_bpb"]) > 0
     assert records[train_gpt.stage_record("eval")]["tokens"] == "299"
 
@@ -260,7 +261,7 @@ def test_the_references_score_the_shipped_model_before_packing_on_a_copy(tmp_pat
     before = {name: tensor.clone() for name, tensor in student.state_dict().items()}
     teacher = train_gpt.GPT(student.config.encoder).eval().requires_grad_(False)
     train_gpt.evaluate_artifact(CPU, settings, sha256="", teacher=teacher, shipped=student)
-    records = train_gpt.parse_log(capsys.readouterr().out)
+    records = _runs.parse_log(capsys.readouterr().out)
     for record in (train_gpt.PREPACK_RECORD, train_gpt.TEACHER_RECORD):
         assert records[record]["tokens"] == "299"
     # int6 rows move the scores, but not far (a broken packing would).

@@ -7,6 +7,7 @@ import torch
 
 import train_gpt
 from tests.helpers import CPU, counted_contexts, tiny_args
+from tools import make_demo_data
 
 
 def witten_bell_reference(history: list[int], stream: list[int], lengths: list[int], vocab: int,
@@ -189,7 +190,7 @@ def test_the_context_memory_counts_running_text_and_says_which(tmp_path):
     """Counting reads the stream as running text: the pairs of every counted target, with its
     whole context across batch rows, exactly the pairs of the text counted at once."""
     tokens = torch.randint(0, 6, (500,), generator=torch.Generator().manual_seed(3))
-    train_gpt.write_shard(tmp_path / "fineweb_train_000000.bin", tokens.numpy())
+    make_demo_data.write_shard(tmp_path / "fineweb_train_000000.bin", tokens.numpy())
     args = tiny_args(vocab_size=6, eam_context_order=4, eam_context_min_length=1,
                      eam_context_min_count=1, eam_context_tokens=600, train_seq_len=8,
                      train_batch_tokens=64, grad_accum_world=1)

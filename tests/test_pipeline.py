@@ -6,6 +6,7 @@ import pytest
 
 import train_gpt
 from tests.helpers import PIPELINE_RUN_ID, REPO, TINY_RUN
+from tools import _runs
 
 
 def test_single_process_logs_every_stage_and_fits(pipeline_runs):
@@ -24,8 +25,8 @@ def test_single_process_logs_every_stage_and_fits(pipeline_runs):
     assert int(artifact["model_bytes"]) == artifact_file.stat().st_size
     assert artifact["path"] == artifact_file.name
     assert artifact["sha256"] == train_gpt.file_sha256(artifact_file)
-    assert records[train_gpt.SETTINGS_RECORD]["SEED"] == "1337"
-    assert artifact["quant_bits"] == records[train_gpt.SETTINGS_RECORD]["QUANT_BITS"]
+    assert records[_runs.SETTINGS_RECORD]["SEED"] == "1337"
+    assert artifact["quant_bits"] == records[_runs.SETTINGS_RECORD]["QUANT_BITS"]
     # The per-component report compresses the artifact a second time: after the training clock.
     text = (workdir / "logs" / f"{PIPELINE_RUN_ID}.txt").read_text()
     assert text.index(f"\n{train_gpt.TRAIN_TIME_RECORD} ") < text.index(
@@ -39,7 +40,7 @@ def test_same_seed_gives_byte_identical_artifacts(pipeline_runs):
 
 def test_two_ranks_end_with_identical_teacher_memory_and_student(pipeline_runs):
     _, logs = pipeline_runs
-    header = logs["ddp"][train_gpt.HEADER_RECORD]
+    header = logs["ddp"][_runs.HEADER_RECORD]
     assert header["world_size"] == "2"
     assert train_gpt.SCORE_RECORD in logs["ddp"]
     text = (pipeline_runs[0] / "logs" / "ddp.txt").read_text()
@@ -76,7 +77,7 @@ def test_the_baseline_ships_the_same_teacher_and_is_scored_the_same_way(pipeline
     def teacher_digest(name: str) -> str:
         text = (workdir / "logs" / f"{name}.txt").read_text()
         line = next(line for line in text.splitlines() if line.startswith("replicas teacher:"))
-        return train_gpt.parse_log(line)["replicas"]["digest"]
+        return _runs.parse_log(line)["replicas"]["digest"]
 
     assert teacher_digest("baseline") == teacher_digest(PIPELINE_RUN_ID)
     baseline, memory = logs["baseline"], logs[PIPELINE_RUN_ID]
@@ -113,7 +114,7 @@ def test_the_memory_is_built_and_shipped_alike_on_two_ranks(pipeline_runs):
     assert tensors["context_next_tokens"].numel() == pairs
     # The fit before distillation cut the memories, leaving room for the untrained decoder;
     # packing's fit is the record's last word.
-    fits = [train_gpt.parse_log(line)[train_gpt.FIT_RECORD] for line in text.splitlines()
+    fits = [_runs.parse_log(line)[train_gpt.FIT_RECORD] for line in text.splitlines()
             if line.startswith(train_gpt.FIT_RECORD)]
     assert [fit["at"] for fit in fits] == ["distill", "pack"]
     assert int(fits[0]["dropped_context_pairs"]) > 0 and int(fits[0]["reserve_bytes"]) > 0

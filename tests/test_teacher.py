@@ -8,6 +8,7 @@ import torch
 
 import train_gpt
 from tests.helpers import CPU, random_contexts, tiny_args, tiny_student
+from tools import _runs
 
 
 def gpt_config(args, num_layers: int = 2) -> train_gpt.GPTConfig:
@@ -148,7 +149,7 @@ def test_distillation_leaves_out_what_it_reads_of_the_counted_text(capsys, count
     train_gpt.distill(CPU, args, teacher, memories, RandomTokens(args.vocab_size),
                       run_started=time.perf_counter())
     line = capsys.readouterr().out.splitlines()[-1]
-    record = train_gpt.parse_log(line)[train_gpt.stage_record("distill")]
+    record = _runs.parse_log(line)[train_gpt.stage_record("distill")]
     assert float(record["left_out_share"]) == share
 
 

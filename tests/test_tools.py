@@ -155,7 +155,7 @@ def three_logs(directory: Path) -> list[Path]:
 
 def line_shapes(text: str) -> dict[str, set[str]]:
     """{line kind: its keys} (settings: their names) of a log, as parse_log reads it."""
-    return {kind: set(fields) for kind, fields in train_gpt.parse_log(text).items()}
+    return {kind: set(fields) for kind, fields in runs.parse_log(text).items()}
 
 
 def test_synthetic_logs_have_a_real_runs_lines_and_keys(pipeline_runs) -> None:
@@ -170,7 +170,7 @@ def test_synthetic_logs_have_a_real_runs_lines_and_keys(pipeline_runs) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Log reading (_runs, through train_gpt.parse_log)
+# Log reading (_runs, through runs.parse_log)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -179,8 +179,8 @@ def test_read_complete_log(tmp_path: Path) -> None:
     assert run.status == "ok" and run.ok
     assert run.records[train_gpt.stage_record("teacher")]["time_ms"] == "1234"
     assert run.records[train_gpt.ARTIFACT_RECORD]["total_bytes"] == "300"
-    assert run.records[train_gpt.HEADER_RECORD]["device_name"] == "x86_64"
-    assert run.records[train_gpt.SETTINGS_RECORD]["SEED"] == "1337"
+    assert run.records[runs.HEADER_RECORD]["device_name"] == "x86_64"
+    assert run.records[runs.SETTINGS_RECORD]["SEED"] == "1337"
     assert runs.number(run.records, runs.SCORE_RECORD, "val_bpb") == pytest.approx(1.14)
     assert runs.train_time_s(run.records) == pytest.approx((1234 + 200 + 566) / 1000)
     assert runs.eval_time_s(run.records) == pytest.approx(0.05)
@@ -193,7 +193,7 @@ def test_times_come_only_from_their_own_lines(tmp_path: Path) -> None:
     text = "".join(line for line in log_text().splitlines(keepends=True)
                    if not line.startswith((train_gpt.TRAIN_TIME_RECORD + " ",
                                            train_gpt.EVAL_TIME_RECORD + " ")))
-    records = train_gpt.parse_log(text)
+    records = runs.parse_log(text)
     assert runs.train_time_s(records) is None and runs.eval_time_s(records) is None
     assert runs.stage_times_ms(records)["teacher"] == 1234
 
@@ -1297,7 +1297,7 @@ def test_gpu_check_fails_a_broken_graph_a_recompile_and_a_slow_packing():
         "stage:eval time_ms:1 tokens:100 tokens_per_s:50000 knn:0 ttt_steps:1 memory_writes:1",
     ]
     text = "\n".join(lines)
-    run = runs.Run(label="g", log_path=None, records=train_gpt.parse_log(text), text=text)
+    run = runs.Run(label="g", log_path=None, records=runs.parse_log(text), text=text)
     rows = {row.check: row for row in gpu_check.check_table(run, True, 80 * 2**30)}
     assert not rows["compile teacher"].ok and not rows["compile distill"].ok
     assert not rows["packing"].ok  # 9 s against 4 x 2 s

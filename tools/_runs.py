@@ -1,7 +1,7 @@
 """What tools/seed_sweep.py and tools/ablate.py share: launching runs and reading their logs.
 
 Both tools start `train_gpt.py` with some environment variables (one process or torchrun), keep
-its output, and read its log back through `train_gpt.parse_log` (the one log parser); the record
+its output, and read its log back through `parse_log` (the one log parser); the record
 tools (_submission, check_record, make_record, plots) read logs through here too. Keeping it in
 one place means no two tools differ in how a run is started or checked before it starts, where
 its log is looked for, when a run counts as finished, or how a time is read from a log. Nothing
@@ -29,11 +29,11 @@ TRAIN_SCRIPT = Path(train_gpt.__file__).resolve()
 REPO_ROOT = TRAIN_SCRIPT.parent  # its README.md and requirements.txt go into a record folder
 # Directory (relative to the working directory of the run) where train_gpt.py writes RUN_ID.txt.
 TRAIN_LOG_DIR = Path("logs")
-# The log's line names are train_gpt's, written once beside parse_log.
+# The log's line names are train_gpt's, which writes them.
 STAGES, TRAIN_STAGES = train_gpt.STAGES, train_gpt.TRAIN_STAGES
 SCORE_RECORD, MEMORY_RECORD = train_gpt.SCORE_RECORD, train_gpt.MEMORY_RECORD
 TEACHER_RECORD, PREPACK_RECORD = train_gpt.TEACHER_RECORD, train_gpt.PREPACK_RECORD
-HEADER_RECORD, SETTINGS_RECORD = train_gpt.HEADER_RECORD, train_gpt.SETTINGS_RECORD
+HEADER_RECORD, SETTINGS_RECORD = "header", "settings"  # what parse_log names the header lines
 ARTIFACT_RECORD, COMPONENT_RECORD = train_gpt.ARTIFACT_RECORD, train_gpt.COMPONENT_RECORD
 FIT_RECORD, STEP_RECORDS = train_gpt.FIT_RECORD, train_gpt.STEP_RECORDS
 TRAIN_TIME_RECORD, EVAL_TIME_RECORD = train_gpt.TRAIN_TIME_RECORD, train_gpt.EVAL_TIME_RECORD
@@ -42,6 +42,29 @@ SHED_RECORD = train_gpt.SHED_RECORD
 # Settings that set the budget: an ablation variant changing them is not a like-for-like run.
 BUDGET_SETTINGS = ("MAX_WALLCLOCK_SECONDS", "TRAIN_RESERVE_FRAC", "TEACHER_TIME_FRAC",
                    "DISTILL_TIME_FRAC", "ITERATIONS", "DISTILL_ITERATIONS", "VAL_TOKENS")
+
+
+def parse_log(text: str) -> dict[str, dict[str, str]]:
+    """The log contract read back: {line kind: {key: value}}, the header lines as 'header', the
+    settings as 'settings'; a later line of a kind updates the earlier."""
+    records: dict[str, dict[str, str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "setting" and len(words) == 2 and "=" in words[1]:
+            name, _, value = words[1].partition("=")
+            records.setdefault(SETTINGS_RECORD, {})[name] = value
+            continue
+        kind, fields = words[0], words[1:]
+        if kind.startswith(("run_id:", "python:")):
+            kind, fields = HEADER_RECORD, words
+        record = records.setdefault(kind, {})
+        for word in fields:
+            key, separator, value = word.partition(":")
+            if separator:
+                record[key] = value
+    return records
 
 
 @dataclass
@@ -210,12 +233,12 @@ def run_training(label: str, command: Sequence[str], env: Mapping[str, str], log
 
 def read_run(label: str, log_path: Path | None, required: Sequence[str] = (SCORE_RECORD,),
              returncode: int | None = None) -> Run:
-    """Parse a log (train_gpt.parse_log) and decide: failed (non-zero exit), missing (no log),
+    """Parse a log (parse_log) and decide: failed (non-zero exit), missing (no log),
     incomplete (a required final record is absent) or ok."""
     run = Run(label=label, log_path=log_path, returncode=returncode)
     if log_path is not None and log_path.exists():
         run.text = log_path.read_text(encoding="utf-8", errors="replace")
-        run.records = train_gpt.parse_log(run.text)
+        run.records = parse_log(run.text)
     absent = [name for name in required if name not in run.records]
     if returncode not in (None, 0):
         run.status, run.detail = "failed", f"exit status {returncode}"
@@ -297,8 +320,8 @@ def number(records: Mapping[str, Mapping[str, str]], record: str, key: str) -> f
 
 
 def line_records(text: str, kind: str) -> list[dict[str, str]]:
-    """Every line of one kind in log order, each read by train_gpt.parse_log."""
-    return [train_gpt.parse_log(line)[kind] for line in text.splitlines()
+    """Every line of one kind in log order, each read by parse_log."""
+    return [parse_log(line)[kind] for line in text.splitlines()
             if line.split()[:1] == [kind]]
 
 

@@ -4,7 +4,7 @@ Deciding whether a change helps needs like-for-like runs: the same profile (the 
 budget and data), one setting changed at a time, and every number that matters side by side:
 the teacher's bpb, the model alone, the score (with the kNN store when it is on), the artifact
 size and where the time went. This tool runs the variants one after another (RUN_ID=ablate_NAME,
-each with its own artifact), reads their logs with train_gpt.parse_log, and prints a markdown
+each with its own artifact), reads their logs with _runs.parse_log, and prints a markdown
 table sorted by the score; `--collect-only` rebuilds the table from existing logs. Runs are
 launched and read back by tools/_runs.py, as tools.seed_sweep's are.
 

@@ -6,7 +6,7 @@ This tool makes both from text that every Python install already has: the
 standard library's docstrings and comments and the ``pydoc`` help topics. The
 output is byte-identical across runs on the same Python version, so smoke tests
 and demos are reproducible without any network access. The shards are written by
-train_gpt.write_shard, the inverse of the reader that training uses.
+write_shard, the inverse of the reader that training uses.
 
     python -m tools.make_demo_data          # from the repository root
 """
@@ -175,13 +175,23 @@ def tokenize_documents(processor: spm.SentencePieceProcessor, documents: list[st
     )
 
 
+def write_shard(path: Path, tokens: np.ndarray) -> None:
+    """The inverse of train_gpt.read_shard: the header, then uint16 tokens."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() > np.iinfo(np.uint16).max):
+        raise ValueError(f"{path}: token ids must fit uint16 (got {tokens.min()}..{tokens.max()})")
+    header = np.zeros(train_gpt.HEADER_WORDS, dtype="<i4")
+    header[:3] = train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, tokens.size
+    Path(path).write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+
+
 def write_split(out_dir: Path, split: str, tokens: np.ndarray, shard_tokens: int) -> dict[str, int]:
     """Write a split as numbered shards; returns ``{file name: token count}``."""
     shard_token_counts: dict[str, int] = {}
     for shard_index, start in enumerate(range(0, max(tokens.size, 1), shard_tokens)):
         shard_name = f"fineweb_{split}_{shard_index:06d}.bin"
         shard = tokens[start : start + shard_tokens]
-        train_gpt.write_shard(out_dir / shard_name, shard)
+        write_shard(out_dir / shard_name, shard)
         shard_token_counts[shard_name] = int(shard.size)
     return shard_token_counts
 

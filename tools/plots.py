@@ -1,7 +1,7 @@
 """Plots of a sweep's logs: training curves, per-seed scores, where the bytes and the time went.
 
 A reviewer (or the author, a week later) would rather look than read four logs side by side.
-Every number plotted here comes from train_gpt.py's logs through train_gpt.parse_log, the same
+Every number plotted here comes from train_gpt.py's logs through _runs.parse_log, the same
 reading that submission.json is built from. tools.make_record puts these PNGs in a pull request's
 folder; the project README shows them for the committed CPU evidence:
 

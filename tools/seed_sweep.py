@@ -3,7 +3,7 @@
 A Parameter Golf record needs more than one good number: three seeds, their mean val_bpb, and a
 one-sided t-test that the improvement over the current record is at least 0.005 nats at
 p < 0.01, plus a `submission.json` and the training logs. This tool produces all of it from the
-logs that train_gpt.py writes, read with train_gpt.parse_log, so the numbers in the submission are
+logs that train_gpt.py writes, read with _runs.parse_log, so the numbers in the submission are
 exactly the numbers in the logs. A run that failed or never reached its final score line is shown
 as such and left out of the statistics, never silently dropped. `submission.json` has the
 challenge's fields (tools/_submission.py); `python -m tools.make_record` turns the same logs into
