@@ -310,8 +310,8 @@ def settings_view(config_type: type, args: Hyperparameters, prefix: str = "", **
 
 
 def config_from_dict(config_type: type, values: object, source: str):
-    """The exact inverse of dataclasses.asdict: a missing or unknown key, or a value of another
-    type, is an error naming `source` and the key."""
+    """The exact inverse of dataclasses.asdict through JSON: a missing or unknown key, or a
+    value of another type, is an error naming `source` and the key."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: {config_type.__name__} is not an object: {values!r}")
     types = typing.get_type_hints(config_type)
@@ -429,7 +429,8 @@ LOG_DIR = Path("logs")
 
 def claim_run(args: Hyperparameters) -> tuple[Hyperparameters, Path]:
     """Create logs/RUN_ID.txt exclusively, so no run overwrites another's log or artifact: a
-    chosen RUN_ID whose log exists is refused, the default one moves on to RUN_ID_2, ..."""
+    chosen RUN_ID whose log exists is refused, the default one moves on to RUN_ID_2, ..., and a
+    derived artifact path follows it."""
     LOG_DIR.mkdir(exist_ok=True)
     fresh = args.run_id == default_run_id(args.profile, args.seed)
     derived = args.artifact_path == f"{args.run_id}.eam" and not args.eval_only
@@ -476,7 +477,6 @@ def stage_end(started: float, args: Hyperparameters, share: float) -> float:
     return started + share * args.max_wallclock_seconds * (1 - args.train_reserve_frac)
 
 
-
 def flash_attn_version() -> str:
     """The installed flash-attn's version for the header, or 'none'."""
     for module in ("flash_attn_interface", "flash_attn"):
@@ -506,7 +506,8 @@ def log_header(runtime: Runtime, args: Hyperparameters) -> None:
 # docs/design.md lists every line's fields.
 STAGES = ("teacher", "eam_write", "distill", "pack", "eval")
 TRAIN_STAGES = STAGES[:3]  # they read training data, so they share the training budget
-# The score lines per shipped model: (the model alone, the final score: with the kNN store).
+# The score lines per shipped model: (the model alone, the final score: with the kNN store where
+# it is on, else the same number).
 SCORE_RECORD, MEMORY_RECORD = "final_eam_knn_roundtrip_exact", "final_eam_roundtrip_exact"
 BASELINE_SCORE_RECORD = "final_baseline_knn_roundtrip_exact"
 BASELINE_RECORD = "final_baseline_roundtrip_exact"
@@ -714,8 +715,8 @@ class DistributedTokenLoader:
         return local[:-1].view(-1, seq_len), local[1:].view(-1, seq_len)
 
     def next_text(self, rank_tokens: int, history: int) -> tuple[torch.Tensor, int]:
-        """This rank's part of the next global slice as running text, with the `history` tokens
-        before it (-1 before the stream's start), and its first stream index."""
+        """This rank's part of the next rank_tokens x world tokens as running text, with the
+        `history` tokens before it (-1 before the stream's start), and its first stream index."""
         if history > STREAM_TAIL_TOKENS:
             raise ValueError(f"next_text: {history} tokens of history, at most "
                              f"{STREAM_TAIL_TOKENS} are kept")
@@ -902,7 +903,8 @@ def attention_works(attend: Callable, device: torch.device) -> bool:
 
 
 def choose_attention(runtime: Runtime) -> str:
-    """flash-attn 3, else 2, else SDPA: the first that imports and works on every rank."""
+    """flash-attn 3, else 2, else SDPA: the first that imports and works on every rank, bound
+    as ATTENTION['chosen']."""
     found = []
     if runtime.device.type == "cuda":
         for name, module in ATTENTION_MODULES.items():
@@ -1123,7 +1125,8 @@ def parameter_groups(model: nn.Module) -> dict[str, list[str]]:
 
 def build_optimizers(model: nn.Module, args: Hyperparameters,
                      lr_scale: float = 1.0) -> dict[str, torch.optim.Optimizer]:
-    """{"adam": tables and vectors, "muon": matrices} over the parameters that train."""
+    """{"adam": tables and vectors, "muon": matrices} over the parameters that train; an
+    optimizer with nothing to train is left out."""
     named = dict(model.named_parameters())
     groups = {group: [named[name] for name in names if named[name].requires_grad]
               for group, names in parameter_groups(model).items()}
@@ -1156,7 +1159,8 @@ def maybe_compile(module: nn.Module, args: Hyperparameters, runtime: Runtime) ->
 
 
 class EMA:
-    """Exponential moving average of the weights, ramped in as (1 + n) / (10 + n)."""
+    """Exponential moving average of the weights (its decay capped at (1 + n) / (10 + n) after n
+    updates); copy_to puts the averages in the model."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -1359,11 +1363,11 @@ def train_teacher(runtime: Runtime, args: Hyperparameters, loader: DistributedTo
 # -------------------------------------------------------------------------------------------------
 # 5. Memory
 #
-# Next-token counts of exact recent contexts: the empty one and those of the shipped lengths seen
-# in EAM_CONTEXT_TOKENS of training text, and of EAM_LEARNED_LENGTHS, longer (hashed) contexts
-# that only text already read fills (the scored text: its exact repeats). A read finds the
-# position's contexts by binary search and interpolates their counts Witten-Bell style, shortest
-# first, from the uniform distribution (Witten and Bell 1991; Chen and Goodman 1998):
+# Next-token counts of exact recent contexts: those of the shipped lengths (the empty one and
+# short ones) may ship, counted from EAM_CONTEXT_TOKENS of training text; distillation and the
+# evaluation count the text they have read at every length, the longer (hashed) EAM_LEARNED_LENGTHS
+# only so. A read finds the position's contexts by binary search and interpolates their counts
+# Witten-Bell style, shortest first, from the uniform distribution (Witten and Bell 1991):
 #     p_c = (counts_c + types_c p_shorter) / (total_c + types_c),
 # types being how many distinct tokens followed the context: a distribution over the whole
 # vocabulary. Every rank counts the same text, so every rank holds the same whole counts.
@@ -1407,7 +1411,8 @@ def context_codes(recent: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def recent_tokens(idx: torch.Tensor, count: int) -> torch.Tensor:
-    """idx [B, T] -> each position's last `count` tokens [B, T, count] (-1 before the row)."""
+    """idx [B, T] -> each position's last `count` tokens [B, T, count], its own last: the
+    prefix only (-1 before the row)."""
     padded = F.pad(idx, (count - 1, 0), value=-1)
     return padded.unfold(1, count, 1)
 
@@ -1668,7 +1673,8 @@ def memory_diagnostics(contexts: ContextTables, text: torch.Tensor, lengths: tup
 
 def write_memory(runtime: Runtime, args: Hyperparameters, loader: DistributedTokenLoader
                  ) -> tuple[ContextTables, CountedText]:
-    """The context memory counted from training text, and the text it counted."""
+    """The context memory counted from training text, and the text it counted; its diagnostics
+    on the next slice of text."""
     started = time.perf_counter()
     contexts, counted = count_contexts(runtime, args, loader)
     assert_replicas_identical(runtime, "memory", [getattr(contexts, name)
@@ -1763,7 +1769,8 @@ class KnnKeys(nn.Module):
 
 def centre_keys(runtime: Runtime, args: Hyperparameters, model: nn.Module,
                 loader: DistributedTokenLoader) -> None:
-    """The key centre: the features' mean over the next training batch, summed over ranks."""
+    """The key centre: the features' mean over the next global training batch, the same on
+    every rank."""
     _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
                                        runtime.world_size, args.grad_accum_world,
                                        "TRAIN_BATCH_TOKENS")
@@ -1863,9 +1870,9 @@ class MemoryLM(nn.Module):
 def distillation_loss(log_probs: torch.Tensor, targets: torch.Tensor,
                       teacher_logits: torch.Tensor, kl_weight: float, temperature: float,
                       model_log_probs: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy of log-probabilities [N, V] (the mixture) + kl_weight * T^2 *
-    KL(teacher || student) at temperature T (Hinton et al. 2015), the student being
-    model_log_probs when given (the model's part of the mixture), else log_probs."""
+    """Cross-entropy of normalized log-probabilities [N, V] (the mixture; not normalized again)
+    + kl_weight * T^2 * KL(teacher || student) at temperature T (Hinton et al. 2015), the
+    student being model_log_probs when given (the model's part of the mixture), else log_probs."""
     loss = F.nll_loss(log_probs, targets.reshape(-1))
     if kl_weight:
         student = log_probs if model_log_probs is None else model_log_probs
@@ -1891,8 +1898,8 @@ def init_student(args: Hyperparameters, teacher: GPT, contexts: ContextTables) -
 
 def fit_memories(runtime: Runtime, args: Hyperparameters, student: MemoryLM) -> float:
     """Fit the context pairs to the size limit as packing will, reserving the bytes the
-    zero-initialised tensors will take once trained; rank 0 fits, every rank keeps its pairs.
-    Returns the seconds one packing took, which sizes packing's reserve."""
+    zero-initialised tensors will take once trained; rank 0 fits, every rank keeps the pairs it
+    kept. Returns the seconds one packing took (on every rank), which sizes packing's reserve."""
     started = time.perf_counter()
     reserve = untrained_bytes(student, args.quant_bits)
     fitted: list = [0, 0.0]  # pairs kept, seconds of a packing
@@ -2339,7 +2346,7 @@ def untrained_bytes(model: MemoryLM, quant_bits: int) -> int:
     return width_bytes(model, quant_bits, zero)
 
 
-PACK_MARGIN = 2.0  # packing cuts twice its excess: the second packing fits
+PACK_MARGIN = 2.0  # packing cuts twice its excess, so one packing or a second should fit
 
 
 def log_fit(runtime: Runtime, at: str, model: MemoryLM, contexts: ContextTables,
@@ -2412,11 +2419,11 @@ def load_artifact(path: Path, device: torch.device, sha256: str = "") -> MemoryL
 # -------------------------------------------------------------------------------------------------
 # 8. Evaluation
 #
-# Sliding windows score each target exactly once with at least EVAL_SEQ_LEN - EVAL_STRIDE tokens
-# of context, in fixed chunks in global order shared by the ranks. Once a chunk is scored, and
-# not before, the learners take it in, identically on every rank: test-time training, the
-# memory's counts and the kNN store, mixed as p = (1 - lambda) p_model + lambda p_knn (kNN-LM,
-# Khandelwal et al. 2020) with lambda from the neighbours' similarities alone.
+# Sliding windows score each target exactly once, after the first window with at least
+# EVAL_SEQ_LEN - EVAL_STRIDE tokens of context, in fixed chunks in global order shared by the
+# ranks. Once a chunk is scored, and not before, the learners take it in, identically on every
+# rank: test-time training, the memory's counts and the kNN store, mixed as p = (1 - lambda)
+# p_model + lambda p_knn (kNN-LM, Khandelwal et al. 2020), lambda from similarities alone.
 # -------------------------------------------------------------------------------------------------
 
 
@@ -2442,7 +2449,8 @@ def knn_mix(model_log_probs: torch.Tensor, neighbour_sims: torch.Tensor,
 
 
 def knn_lambda(neighbour_sims: torch.Tensor, base_lambda: float) -> torch.Tensor:
-    """The mixture weight from the prefix only: base lambda x the best neighbour's similarity."""
+    """The mixture weight from the prefix only: base lambda x the best neighbour's similarity
+    (clamped to [0, 1]; 0 with no neighbour)."""
     best = neighbour_sims[:, 0].nan_to_num(neginf=0.0).clamp(0, 1)
     return base_lambda * best
 
@@ -2753,7 +2761,7 @@ def score_model(runtime: Runtime, args: Hyperparameters, model: MemoryLM | Trans
 def evaluate_artifact(runtime: Runtime, args: Hyperparameters, sha256: str,
                       teacher: GPT | None, shipped: MemoryLM | TransformerLM | None) -> None:
     """The submission's score, timed from reading the split; with TEACHER_REFERENCE, then the
-    teacher's and the shipped model's before packing (no kNN store), as diagnostics."""
+    shipped model before packing (no kNN store) and the teacher (memory model only)."""
     started = time.perf_counter()
     tokens = load_validation_tokens(args)
     kind, results = score_artifact(runtime, args, Path(args.artifact_path), tokens, sha256=sha256)
