@@ -751,6 +751,12 @@ def rank_batch_tokens(batch_tokens: int, seq_len: int, world_size: int, accum_wo
     return accum, rank_tokens
 
 
+def train_rank_tokens(runtime: Runtime, args: Hyperparameters) -> int:
+    """Tokens per rank and micro-step of a TRAIN_BATCH_TOKENS batch."""
+    return rank_batch_tokens(args.train_batch_tokens, args.train_seq_len, runtime.world_size,
+                             args.grad_accum_world, "TRAIN_BATCH_TOKENS")[1]
+
+
 @dataclass(frozen=True)
 class ByteTables:
     base_bytes: torch.Tensor  # [V] int32: UTF-8 bytes of the piece without its leading "▁"
@@ -1636,9 +1642,7 @@ def count_contexts(runtime: Runtime, args: Hyperparameters, loader: DistributedT
     if not lengths or args.eam_context_tokens == 0:
         return no_contexts(runtime.device), CountedText(first, first, loader.stream.corpus_tokens)
     history = max(max(lengths), 1)
-    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
-                                       runtime.world_size, args.grad_accum_world,
-                                       "TRAIN_BATCH_TOKENS")
+    rank_tokens = train_rank_tokens(runtime, args)
     parts = []
     while loader.stream.taken - first < args.eam_context_tokens:
         text, _ = loader.next_text(rank_tokens, history)
@@ -1680,9 +1684,7 @@ def write_memory(runtime: Runtime, args: Hyperparameters, loader: DistributedTok
     assert_replicas_identical(runtime, "memory", [getattr(contexts, name)
                                                   for name in CONTEXT_BUFFERS])
     lengths = shipped_lengths(args)
-    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
-                                       runtime.world_size, args.grad_accum_world,
-                                       "TRAIN_BATCH_TOKENS")
+    rank_tokens = train_rank_tokens(runtime, args)
     text, _ = loader.next_text(rank_tokens, max(max(lengths, default=0), 1))
     quality = memory_diagnostics(contexts, text, lengths, args.vocab_size)
     log_stage(runtime, "eam_write", elapsed_ms(started),
@@ -1771,9 +1773,7 @@ def centre_keys(runtime: Runtime, args: Hyperparameters, model: nn.Module,
                 loader: DistributedTokenLoader) -> None:
     """The key centre: the features' mean over the next global training batch, the same on
     every rank."""
-    _, rank_tokens = rank_batch_tokens(args.train_batch_tokens, args.train_seq_len,
-                                       runtime.world_size, args.grad_accum_world,
-                                       "TRAIN_BATCH_TOKENS")
+    rank_tokens = train_rank_tokens(runtime, args)
     x, _ = loader.next_batch(rank_tokens, args.train_seq_len)
     with torch.no_grad(), autocast(runtime):
         total = model.features(x).float().flatten(0, 1).sum(0)
@@ -2327,9 +2327,8 @@ SMALLEST_PACKED_SHARE = 0.7  # below what trained weights pack to: refuse only w
 def width_bytes(model: nn.Module, quant_bits: int, names: set[str] | None = None) -> int:
     """The bytes the weights (or those named) take at their packed widths before compression,
     with row scales and fp16 buffers; it reads shapes alone (the meta device will do)."""
-    tensors = dict(model.named_parameters()) | {
-        name: buffer for name, buffer in model.state_dict(keep_vars=True).items()
-        if name not in MEMORY_BUFFERS}
+    tensors = {name: tensor for name, tensor in model.state_dict(keep_vars=True).items()
+               if name not in MEMORY_BUFFERS}  # what pack_tensors packs as weights
     bits = packed_bits(model, quant_bits)
     total = 0
     for name, tensor in tensors.items():

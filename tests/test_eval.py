@@ -1,6 +1,4 @@
 import dataclasses
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -272,7 +270,7 @@ def test_the_references_score_the_shipped_model_before_packing_on_a_copy(tmp_pat
         assert torch.equal(tensor, before[name]), name
 
 
-def test_the_knn_keys_are_centred_on_the_features_mean_over_training_text():
+def test_the_knn_keys_are_centred_on_the_features_mean_over_training_text(tmp_path):
     """Uncentred, a model's features share one direction and every key is close to every other;
     centre_keys subtracts their mean over the next training batch, and the keys spread."""
     args, student = tiny_student(train_seq_len=32, train_batch_tokens=256, grad_accum_world=1)
@@ -291,6 +289,6 @@ def test_the_knn_keys_are_centred_on_the_features_mean_over_training_text():
     spread = [(keys @ keys.T).mean().item() for keys in (before, after)]
     assert spread[1] < spread[0] and abs(spread[1]) < 0.1
     # The centre ships in the artifact (a vector, fp16) and the loaded model's keys are the same.
-    path = write_artifact(Path(tempfile.mkdtemp()) / "centred.eam", args, student)
+    path = write_artifact(tmp_path / "centred.eam", args, student)
     loaded = train_gpt.load_artifact(path, CPU.device)
     torch.testing.assert_close(loaded.keys.centre, student.keys.centre, atol=1e-3, rtol=1e-3)

@@ -170,7 +170,7 @@ def test_synthetic_logs_have_a_real_runs_lines_and_keys(pipeline_runs) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Log reading (_runs, through runs.parse_log)
+# Log reading (_runs.parse_log)
 # ------------------------------------------------------------------------------------------------
 
 

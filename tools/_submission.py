@@ -470,13 +470,11 @@ def memory_text(result: SeedResult) -> str:
     learned = train_gpt.learned_lengths(args) if args else ()
     if shipped is None:
         return "no memory (EAM_CONTEXT_ORDER=0)"
-    longer = f"contexts of {', '.join(map(str, learned))} tokens" if learned else ""
+    longer = f"; contexts of {', '.join(map(str, learned))} tokens" if learned else ""
+    memory = f"a memory of next-token counts of exact contexts ({shipped}{longer}"
     if not args.eam_context_tokens:
-        return (f"a memory of next-token counts of exact contexts ({shipped}"
-                + (f"; {longer}" if longer else "") + "), none shipped: all counted only from "
-                "text already read")
-    return (f"a memory of next-token counts of exact contexts ({shipped}"
-            + (f"; {longer} counted only from text already read" if longer else "") + ")")
+        return memory + "), none shipped: all counted only from text already read"
+    return memory + (" counted only from text already read)" if learned else ")")
 
 
 def learners_text(result: SeedResult) -> str:
